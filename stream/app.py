@@ -1,0 +1,445 @@
+"""The Faust worker: agents on the event, item and forget topics.
+
+Offsets and state move together. The worker never lets Faust commit offsets
+on its own (every source topic is declared with ``acks=False``); it commits
+the offsets a checkpoint covers right after that checkpoint is on disk. So
+the committed offsets are never ahead of the newest checkpoint, a restart
+resumes where the restored state ends, and messages between the committed
+offsets and the checkpoint's are skipped by offset. Before Faust joins the
+group, the committed offsets are aligned with the restored checkpoint, which
+covers the fall-back to an older checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from faust.types import TP
+from faust.web import Request, Response, View
+
+from stream.checkpoint import CheckpointStore
+from stream.kafka import client_options, ssl_context
+from stream.metrics import WorkerMetrics
+from stream.privacy import load_pseudonymizer
+from stream.processor import BatchOutcome, Message, Processor
+from stream.settings import Settings
+from stream.sink import RedisSink
+from stream.topics import (
+    DEADLETTER_TOPIC,
+    EVENT_TOPICS,
+    FORGET_TOPIC,
+    ITEMS_TOPIC,
+    topic_partitions,
+)
+
+logger = logging.getLogger(__name__)
+
+_POPULAR_EVERY_S = 5.0
+
+
+class Worker:
+    """One worker process: the processor, its Redis sink, checkpoints and the Faust app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        pseudonymizer = load_pseudonymizer(settings)
+        self.processor = Processor(settings, pseudonymizer, self.metrics)
+        self.store = CheckpointStore(
+            settings.data_path / "checkpoints",
+            pseudonymizer.derive_key("checkpoint"),
+            keep=settings.checkpoints_kept,
+        )
+        self.sink: RedisSink | None = None
+        self.dirty: dict[str, str] = {}
+        self.dead_letters: list[tuple[bytes | None, bytes]] = []
+        self.assigned: set[TP] = set()
+        self.last_checkpoint = time.monotonic()
+        self._last_popular = 0.0
+        self._changed_since_checkpoint = False
+        self._lock: asyncio.Lock | None = None
+        self._sink_task: asyncio.Task[None] | None = None
+        self._refresh_wakeup: asyncio.Event | None = None
+        self._stopping = False
+        self.app = self._build_app()
+
+    # -- startup ------------------------------------------------------------
+
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint; return False when there is none."""
+        restored = self.store.restore()
+        if restored is None:
+            logger.info("no checkpoint in %s; starting from empty state", self.store.folder)
+            return False
+        state, path = restored
+        self.processor.load_state(state)
+        self.last_checkpoint = time.monotonic()
+        logger.info(
+            "checkpoint restored from %s: %d partitions, %d events applied so far",
+            path.name,
+            len(self.processor.offsets),
+            self.processor.counts.get("applied", 0),
+        )
+        return True
+
+    async def align_committed_offsets(self, timeout_s: float | None = None) -> None:
+        """Commit the restored offsets for the group before Faust joins it.
+
+        Without a checkpoint the group starts from the earliest retained
+        offsets, so the models are rebuilt from what Kafka still holds.
+        """
+        settings = self.settings
+        deadline = time.monotonic() + (
+            timeout_s if timeout_s is not None else 2 * settings.consumer_session_timeout_s + 30
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.app_id,
+            enable_auto_commit=False,
+            **client_options(settings),
+        )
+        layout = await topic_partitions(settings, self._source_topics())
+        tps = [TopicPartition(name, p) for name, parts in layout.items() for p in parts]
+        if not tps:
+            logger.warning("no source topic exists; create them with `fusionrec topics --create`")
+            return
+        await consumer.start()
+        try:
+            beginnings = await consumer.beginning_offsets(tps)
+            target = {
+                tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
+                for tp in tps
+            }
+            consumer.assign(tps)
+            committed = {tp: await consumer.committed(tp) for tp in tps}
+            changes = {tp: off for tp, off in target.items() if committed[tp] != off}
+            if not changes:
+                return
+            while True:
+                try:
+                    await consumer.commit(changes)
+                    break
+                except KafkaError as exc:
+                    # A member that died without leaving keeps the group busy
+                    # until its session times out.
+                    if time.monotonic() > deadline:
+                        raise
+                    logger.info("waiting for the consumer group to settle: %r", exc)
+                    await asyncio.sleep(1.0)
+            logger.info("aligned committed offsets of %d partitions to the state", len(changes))
+        finally:
+            await consumer.stop()
+
+    # -- event handling -----------------------------------------------------
+
+    async def on_event_batch(self, events: Sequence[Any]) -> None:
+        """Process one batch of Faust events from the event topics."""
+        async with self.lock:
+            outcome = self.processor.process_events(_messages(events))
+            self._take(outcome)
+
+    async def on_item_batch(self, events: Sequence[Any]) -> None:
+        """Apply item updates, then rewrite lists that hold an item now unavailable."""
+        async with self.lock:
+            outcome = self.processor.process_item_updates(_messages(events))
+            self._take(outcome)
+
+    async def on_forget_batch(self, events: Sequence[Any]) -> None:
+        """Erase users and delete their lists, then checkpoint so no file keeps them."""
+        async with self.lock:
+            outcome = self.processor.process_forget(_messages(events))
+            self._take(outcome)
+            for pseudonym in list(self.dirty):
+                if pseudonym in self.processor.forgotten:
+                    del self.dirty[pseudonym]
+            sink = self._require_sink()
+            for key in outcome.deleted_keys:
+                sink.delete(key)
+        if outcome.applied:
+            await self.checkpoint("forget", prune=True)
+
+    def _take(self, outcome: BatchOutcome) -> None:
+        self.dirty.update(outcome.dirty)
+        self.dead_letters.extend(outcome.dead_letters)
+        if outcome.applied or outcome.dead_letters:
+            self._changed_since_checkpoint = True
+        if self._refresh_wakeup is not None and (self.dirty or self.dead_letters):
+            self._refresh_wakeup.set()
+
+    async def refresher(self) -> None:
+        """Recompute dirty users' lists in batches and hand them to the sink."""
+        wakeup = self._refresh_wakeup = asyncio.Event()
+        while not self._stopping:
+            await wakeup.wait()
+            wakeup.clear()
+            await self._send_dead_letters()
+            while self.dirty and not self._stopping:
+                self.refresh_some(self.settings.refresh_batch)
+                await asyncio.sleep(0)
+
+    def refresh_some(self, limit: int | None = None) -> int:
+        """Refresh up to ``limit`` dirty users (all when None); return how many."""
+        if not self.dirty:
+            return 0
+        if limit is None or limit >= len(self.dirty):
+            chunk, self.dirty = self.dirty, {}
+        else:
+            keys = list(self.dirty)[:limit]
+            chunk = {key: self.dirty.pop(key) for key in keys}
+        sink = self._require_sink()
+        for key, payload in self.processor.refresh(chunk):
+            sink.put(key, payload)
+        return len(chunk)
+
+    async def _send_dead_letters(self) -> None:
+        if not self.dead_letters:
+            return
+        batch, self.dead_letters = self.dead_letters, []
+        topic = self.deadletter_topic
+        for key, value in batch:
+            await topic.send(key=key, value=value)
+
+    # -- periodic work and checkpoints --------------------------------------
+
+    async def tick(self) -> None:
+        """Refresh the popular list, gauges, and checkpoint when due."""
+        now = time.monotonic()
+        sink = self._require_sink()
+        if now - self._last_popular >= _POPULAR_EVERY_S:
+            self._last_popular = now
+            sink.put(self.processor.popular_key, self.processor.popular_list())
+        self.metrics.checkpoint_age.set(now - self.last_checkpoint)
+        stats = self.processor.engine.stats()
+        self.metrics.users.set(stats.get("n_users", 0))
+        self.metrics.items.set(stats.get("n_items", 0))
+        self._update_lag()
+        due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+        if due and self._changed_since_checkpoint:
+            await self.checkpoint("interval")
+
+    async def checkpoint(self, reason: str, *, prune: bool = False) -> None:
+        """Write a checkpoint and commit the offsets it covers.
+
+        Dirty lists are computed and dead letters sent first, so that a
+        restart from this checkpoint owes Redis and the dead-letter topic
+        nothing. With ``prune`` every older checkpoint is deleted, which a
+        forget request needs so that no file on disk keeps the user.
+        """
+        async with self.lock:
+            self.refresh_some()
+            await self._send_dead_letters()
+            await self.app.producer.flush()
+            state = self.processor.state()
+            offsets = dict(self.processor.offsets)
+            info = await asyncio.to_thread(self.store.write, state)
+            self._changed_since_checkpoint = False
+        if prune:
+            for _, path in self.store.paths()[1:]:
+                path.unlink(missing_ok=True)
+        self.last_checkpoint = time.monotonic()
+        self.metrics.checkpoint_seconds.observe(info.seconds)
+        self.metrics.checkpoint_age.set(0)
+        await self._commit(offsets)
+        logger.info(
+            "checkpoint written (%s): %s, %.1f MB in %.2f s",
+            reason,
+            info.path.name,
+            info.size_bytes / 1e6,
+            info.seconds,
+        )
+
+    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        assigned = {(tp.topic, tp.partition) for tp in self.assigned}
+        committable = {TP(t, p): off for (t, p), off in offsets.items() if (t, p) in assigned}
+        if not committable:
+            return
+        # NOTE: Faust has no public call that commits given offsets; its
+        # consumer's _commit is the one its own commit path ends in.
+        ok = await self.app.consumer._commit(committable)
+        if not ok:
+            self.metrics.errors.labels(kind="offset_commit").inc()
+            logger.warning("offset commit skipped: the group is rebalancing")
+
+    def _update_lag(self) -> None:
+        consumer = self.app.consumer
+        for tp in self.assigned:
+            try:
+                end = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - a partition without a fetch yet has no end offset
+                continue
+            if end is None:
+                continue
+            done = self.processor.offsets.get((tp.topic, tp.partition), 0)
+            self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                max(0, end - done)
+            )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Serializes batches with checkpoints, created on the running loop."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _require_sink(self) -> RedisSink:
+        if self.sink is None:
+            self.sink = RedisSink(self.settings, self.metrics)
+        return self.sink
+
+    async def start_sink(self) -> None:
+        """Start the background Redis writer."""
+        sink = self._require_sink()
+        if self._sink_task is None:
+            self._sink_task = asyncio.create_task(sink.run(), name="fusionrec-redis-sink")
+
+    async def shutdown(self) -> None:
+        """Finish the current batch, write pending lists, checkpoint, close Redis."""
+        if self._stopping:
+            return
+        logger.info("shutting down: writing pending lists and a final checkpoint")
+        await self.checkpoint("shutdown")
+        self._stopping = True
+        if self._refresh_wakeup is not None:
+            self._refresh_wakeup.set()
+        sink = self._require_sink()
+        await sink.close(timeout_s=10.0)
+        if self._sink_task is not None:
+            await asyncio.wait([self._sink_task], timeout=1.0)
+
+    def health(self) -> dict[str, Any]:
+        """Return liveness and readiness with the facts behind them."""
+        sink = self.sink
+        redis_ok = sink is not None and not sink.in_outage
+        ready = bool(self.assigned) and redis_ok and not self._stopping
+        return {
+            "live": True,
+            "ready": ready,
+            "partitions_assigned": len(self.assigned),
+            "redis_outage": bool(sink and sink.in_outage),
+            "lists_pending": len(sink.pending) if sink else 0,
+            "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
+        }
+
+    # -- the Faust app ------------------------------------------------------
+
+    def _source_topics(self) -> list[str]:
+        settings = self.settings
+        names = [settings.topic(name) for name in EVENT_TOPICS.values()]
+        return [*names, settings.topic(ITEMS_TOPIC), settings.topic(FORGET_TOPIC)]
+
+    def _build_app(self) -> faust.App:
+        settings = self.settings
+        app = faust.App(
+            settings.app_id,
+            broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap.split(",")],
+            broker_credentials=_credentials(settings),
+            topic_partitions=settings.partitions,
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=settings.consumer_session_timeout_s,
+            broker_heartbeat_interval=settings.consumer_heartbeat_s,
+            producer_acks=-1,
+            web_host=settings.web_host,
+            web_bind=settings.web_host,
+            web_port=settings.web_port,
+            web_in_thread=False,
+            autodiscover=False,
+            store="memory://",
+            datadir=str(settings.data_path / "faust"),
+            stream_wait_empty=False,
+        )
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw", "acks": False}
+        events = app.topic(*(settings.topic(n) for n in EVENT_TOPICS.values()), **raw)
+        items = app.topic(settings.topic(ITEMS_TOPIC), **raw)
+        forget = app.topic(settings.topic(FORGET_TOPIC), **raw)
+        self.deadletter_topic = app.topic(
+            settings.topic(DEADLETTER_TOPIC), key_serializer="raw", value_serializer="raw"
+        )
+        wait_s = settings.event_batch_wait_ms / 1000
+
+        @app.agent(events, name="fusionrec.events")
+        async def event_agent(stream: Any) -> None:
+            async for batch in stream.take_events(settings.event_batch, wait_s):
+                await self.on_event_batch(batch)
+
+        @app.agent(items, name="fusionrec.items")
+        async def item_agent(stream: Any) -> None:
+            async for batch in stream.take_events(500, wait_s):
+                await self.on_item_batch(batch)
+
+        @app.agent(forget, name="fusionrec.forget")
+        async def forget_agent(stream: Any) -> None:
+            async for batch in stream.take_events(100, wait_s):
+                await self.on_forget_batch(batch)
+
+        @app.task
+        async def start_background() -> None:
+            await self.start_sink()
+            asyncio.create_task(self.refresher(), name="fusionrec-refresher")
+
+        @app.timer(interval=1.0)
+        async def periodic() -> None:
+            await self.tick()
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+            self.assigned = set(assigned)
+            logger.info("partitions assigned: %d", len(assigned))
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+            logger.info("partitions revoked: %d", len(revoked))
+
+        @app.on_before_shutdown.connect
+        async def on_shutdown(sender: Any, **kwargs: Any) -> None:
+            await self.shutdown()
+
+        worker = self
+
+        @app.page("/metrics")
+        class MetricsView(View):
+            async def get(self, request: Request) -> Response:
+                return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
+
+        @app.page("/health")
+        class HealthView(View):
+            async def get(self, request: Request) -> Response:
+                report = worker.health()
+                return self.json(report, status=200 if report["ready"] else 503)
+
+        self._agents = (event_agent, item_agent, forget_agent, MetricsView, HealthView)
+        return app
+
+
+def _messages(events: Sequence[Any]) -> list[Message]:
+    out = []
+    for event in events:
+        message = event.message
+        out.append(
+            Message(message.topic, message.partition, message.offset, message.key, message.value)
+        )
+    return out
+
+
+def _credentials(settings: Settings) -> Any:
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = ssl_context(settings)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context)

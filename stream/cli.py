@@ -1,0 +1,157 @@
+"""The ``fusionrec`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import orjson
+
+from stream.settings import SETTINGS_DOC, Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+# Subcommands implemented in their own modules: name -> (module, help).
+_MODULE_COMMANDS = {
+    "replay": ("stream.replay", "produce the events of a file to Kafka in event-time order"),
+    "evaluate": ("stream.evaluate", "prequential evaluation of every model and fusion on a file"),
+    "bench": ("stream.bench", "measure throughput, freshness and memory against real services"),
+}
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr with timestamps, at ``level``."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from stream.app import Worker
+
+    settings = Settings.from_env()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(settings)
+    worker.restore()
+    loop.run_until_complete(worker.align_committed_offsets())
+
+    import faust
+
+    faust_worker = faust.Worker(
+        worker.app, loop=loop, loglevel=settings.log_level.upper(), override_logging=False
+    )
+    faust_worker.execute_from_commandline()
+    return 0
+
+
+def _recs(args: argparse.Namespace) -> int:
+    from stream.reader import read_list
+
+    settings = Settings.from_env()
+    value = asyncio.run(read_list(settings, args.user, popular=args.popular))
+    if value is None:
+        print(f"no list in Redis for user {args.user!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    print(f"{'rank':>4}  {'item_id':<24} {'score':>10}  sources")
+    for rank, entry in enumerate(value["items"], start=1):
+        sources = ",".join(entry["sources"])
+        print(f"{rank:>4}  {entry['item_id']:<24} {entry['score']:>10.4f}  {sources}")
+    print(f"computed_at={value['computed_at']} model_version={value['model_version']}")
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from stream.reader import request_forget
+
+    settings = Settings.from_env()
+    asyncio.run(request_forget(settings, args.user))
+    print("forget request sent; the worker erases the user within a second of reading it")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    for name, value in settings.masked().items():
+        doc = SETTINGS_DOC.get(name.removeprefix("FUSIONREC_").lower(), "")
+        print(f"{name}={value}    # {doc}")
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from stream.topics import main as topics_main
+
+    return topics_main(["--create"] if args.create else ["--list"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fusionrec",
+        description="Streaming recommender: Kafka events in, fused top-k lists in Redis out.",
+    )
+    parser.add_argument("--log-level", default=None, help="override FUSIONREC_LOG_LEVEL")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = commands.add_parser("worker", help="run the Faust worker")
+    worker.set_defaults(handler=_worker)
+
+    recs = commands.add_parser("recs", help="print a user's list from Redis")
+    recs.add_argument("user", nargs="?", default="", help="the shop's user id")
+    recs.add_argument("--popular", action="store_true", help="print recs:popular instead")
+    recs.add_argument("--json", action="store_true", help="print the stored JSON value")
+    recs.set_defaults(handler=_recs)
+
+    forget = commands.add_parser("forget", help="erase a user (sends a users.forget request)")
+    forget.add_argument("user", help="the shop's user id")
+    forget.set_defaults(handler=_forget)
+
+    show = commands.add_parser("settings", help="print the effective FUSIONREC_ settings")
+    show.set_defaults(handler=_settings)
+
+    topics = commands.add_parser("topics", help="list or create the Kafka topics")
+    topics.add_argument("--create", action="store_true", help="create missing topics")
+    topics.set_defaults(handler=_topics)
+
+    for name, (module_name, help_text) in _MODULE_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=_module_handler(module.run))
+    return parser
+
+
+def _module_handler(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fusionrec`` command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        level = args.log_level or Settings.from_env().log_level
+        configure_logging(level)
+        code: int = args.handler(args)
+    except SettingsError as exc:
+        print(f"fusionrec: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

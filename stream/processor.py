@@ -1,0 +1,382 @@
+"""The worker's logic between Kafka messages and Redis values, without I/O.
+
+`Processor` takes batches of raw messages, validates them, drops what must
+not be learned, feeds the rest to the models, and returns what has to be
+written: dead-letter records and refreshed lists. The Faust agents, the
+benchmark and the tests all drive the same object, so what is tested is what
+runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from models.engine import EngineConfig, Recommender
+from schemas import (
+    Event,
+    RecommendationList,
+    SchemaError,
+    decode_event,
+    decode_forget,
+    decode_item_update,
+)
+from stream.dedup import DedupWindow
+from stream.metrics import WorkerMetrics
+from stream.privacy import Pseudonymizer
+from stream.ratelimit import UserRateLimiter
+from stream.settings import Settings
+from stream.topics import EVENT_TOPICS, FORGET_TOPIC, ITEMS_TOPIC
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_PAYLOAD_PREVIEW = 2048
+# A user_id value in text that may be cut short, so the closing quote is optional.
+_USER_ID_IN_TEXT = re.compile(rb'("user_id"\s*:\s*")((?:[^"\\]|\\.)*)("|$)')
+
+
+@dataclass(slots=True)
+class Message:
+    """One Kafka record as the processor needs it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch produced: dead-letter records and users whose list changed."""
+
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    dirty: dict[str, str] = field(default_factory=dict)
+    deleted_keys: list[str] = field(default_factory=list)
+    applied: int = 0
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """Build the model configuration from the worker settings."""
+    options: dict[str, Any] = {
+        "k": settings.k,
+        "repeat_purchases": settings.repeat_purchases,
+        "seed": settings.seed,
+        "exploration": settings.exploration,
+        "max_per_category": settings.max_per_category or None,
+    }
+    if settings.fusion:
+        options["fusion"] = settings.fusion
+    weights = settings.parsed_weights()
+    if weights:
+        options["weights"] = weights
+    categories = [c.strip() for c in settings.rebuyable_categories.split(",") if c.strip()]
+    if categories:
+        options["rebuyable_categories"] = frozenset(categories)
+    return EngineConfig(**options)
+
+
+class Processor:
+    """Validate, de-duplicate, rate-limit and learn events; build lists for Redis."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pseudonymize: Pseudonymizer,
+        metrics: WorkerMetrics | None = None,
+        engine: Recommender | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.pseudonymize = pseudonymize
+        self.metrics = metrics or WorkerMetrics()
+        self.clock = clock
+        self.engine = engine or Recommender(engine_config(settings))
+        self.dedup = DedupWindow(int(settings.dedup_window_s * 1000), settings.dedup_max_entries)
+        self.limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
+        # Pseudonym to the event time of the forget request.
+        self.forgotten: dict[str, int] = {}
+        # Next offset to apply, by (topic, partition); lower offsets are already in the state.
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.counts: Counter[str] = Counter()
+        self._warned: Counter[str] = Counter()
+        self._event_topics = {settings.topic(name): kind for kind, name in EVENT_TOPICS.items()}
+
+    # -- events -------------------------------------------------------------
+
+    def process_events(self, messages: Iterable[Message]) -> BatchOutcome:
+        """Apply a batch of messages from the event topics, in order."""
+        outcome = BatchOutcome()
+        accepted: list[Event] = []
+        now_ms = int(self.clock() * 1000)
+        horizon_ms = now_ms + int(self.settings.max_future_skew_s * 1000)
+
+        for message in messages:
+            if not self._is_new(message):
+                self.metrics.dropped.labels(reason="already_checkpointed").inc()
+                continue
+            self.metrics.consumed.labels(topic=message.topic).inc()
+            try:
+                event = decode_event(
+                    message.value,
+                    topic_type=self._event_topics.get(message.topic),
+                    key=message.key,
+                    check_key=self.settings.check_key,
+                    max_bytes=self.settings.max_message_bytes,
+                )
+                if event.timestamp_ms > horizon_ms:
+                    ahead_s = (event.timestamp_ms - now_ms) / 1000
+                    msg = (
+                        f"timestamp is {ahead_s:.0f} s ahead of the worker clock; "
+                        f"the limit is {self.settings.max_future_skew_s:.0f} s"
+                    )
+                    raise SchemaError("timestamp_in_future", msg, "timestamp")
+            except SchemaError as exc:
+                outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
+                continue
+
+            pseudonym = self.pseudonymize(event.user_id)
+            forgotten_at = self.forgotten.get(pseudonym)
+            if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
+                self._drop("forgotten_user")
+                continue
+            if not self.dedup.add(event.event_id, pseudonym, event.timestamp_ms):
+                self.metrics.duplicates.inc()
+                self.counts["duplicate"] += 1
+                continue
+            if not self.limiter.allow(pseudonym, event.timestamp_ms):
+                self._drop("rate_limited")
+                continue
+
+            outcome.dirty[pseudonym] = event.user_id
+            event.user_id = pseudonym
+            accepted.append(event)
+
+        if accepted:
+            started = time.perf_counter()
+            self.engine.learn(accepted)
+            self.metrics.learn_seconds.observe(time.perf_counter() - started)
+            for event in accepted:
+                self.metrics.applied.labels(type=event.type).inc()
+            self.counts["applied"] += len(accepted)
+            outcome.applied = len(accepted)
+        return outcome
+
+    # -- item updates and forget requests -----------------------------------
+
+    def process_item_updates(self, messages: Iterable[Message]) -> BatchOutcome:
+        """Apply stock, price and category changes."""
+        outcome = BatchOutcome()
+        now_ms = int(self.clock() * 1000)
+        for message in messages:
+            if not self._is_new(message):
+                continue
+            try:
+                update = decode_item_update(
+                    message.value, max_bytes=self.settings.max_message_bytes
+                )
+                if message.key is not None and message.key != update.item_id.encode():
+                    msg = "message key differs from item_id; expected item_id as the Kafka key"
+                    raise SchemaError("key_mismatch", msg, "item_id")
+            except SchemaError as exc:
+                outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
+                continue
+            self.engine.update_item(update)
+            self.metrics.item_updates.inc()
+            outcome.applied += 1
+        return outcome
+
+    def process_forget(self, messages: Iterable[Message]) -> BatchOutcome:
+        """Erase users: models, de-duplication entries, rate buckets and Redis keys."""
+        outcome = BatchOutcome()
+        now_ms = int(self.clock() * 1000)
+        for message in messages:
+            if not self._is_new(message):
+                continue
+            try:
+                request = decode_forget(message.value, max_bytes=self.settings.max_message_bytes)
+            except SchemaError as exc:
+                outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
+                continue
+            pseudonym = self.forget(request.user_id, request.timestamp_ms)
+            outcome.deleted_keys.append(self.redis_key(request.user_id, pseudonym))
+            outcome.applied += 1
+        return outcome
+
+    def forget(self, user_id: str, timestamp_ms: int) -> str:
+        """Erase ``user_id`` from every part of the state; return its pseudonym."""
+        pseudonym = self.pseudonymize(user_id)
+        previous = self.forgotten.get(pseudonym, 0)
+        self.forgotten[pseudonym] = max(previous, timestamp_ms)
+        self.engine.forget_user(pseudonym)
+        self.dedup.forget_owner(pseudonym)
+        self.limiter.forget(pseudonym)
+        self.metrics.forgets.inc()
+        logger.info("forgot user %s", pseudonym)
+        return pseudonym
+
+    # -- lists --------------------------------------------------------------
+
+    def redis_key(self, user_id: str, pseudonym: str) -> str:
+        """Return the Redis key of a user's list."""
+        ident = pseudonym if self.settings.redis_key_by == "pseudonym" else user_id
+        return f"{self.settings.redis_key_prefix}user:{ident}"
+
+    @property
+    def popular_key(self) -> str:
+        """Redis key of the fallback list for users without one."""
+        return f"{self.settings.redis_key_prefix}popular"
+
+    def refresh(self, dirty: dict[str, str]) -> list[tuple[str, bytes]]:
+        """Recompute the lists of ``dirty`` users (pseudonym to user id) in batches."""
+        out: list[tuple[str, bytes]] = []
+        pseudonyms = list(dirty)
+        size = self.settings.refresh_batch
+        for start in range(0, len(pseudonyms), size):
+            chunk = pseudonyms[start : start + size]
+            started = time.perf_counter()
+            lists = self.engine.recommend(chunk, self.settings.k)
+            computed_at = int(self.clock() * 1000)
+            for pseudonym, items in zip(chunk, lists, strict=True):
+                value = RecommendationList(items, computed_at, self.engine.model_version)
+                out.append((self.redis_key(dirty[pseudonym], pseudonym), value.to_json()))
+            self.metrics.refresh_seconds.observe(time.perf_counter() - started)
+        return out
+
+    def popular_list(self) -> bytes:
+        """Build the value of ``recs:popular``."""
+        items = self.engine.popular(self.settings.k)
+        computed_at = int(self.clock() * 1000)
+        return RecommendationList(items, computed_at, self.engine.model_version).to_json()
+
+    # -- state --------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Return everything a restart needs, with pseudonyms only."""
+        return {
+            "version": STATE_VERSION,
+            "engine": self.engine,
+            "dedup": self.dedup,
+            "limiter": self.limiter,
+            "forgotten": dict(self.forgotten),
+            "offsets": dict(self.offsets),
+            "counts": dict(self.counts),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Replace the state with a restored checkpoint."""
+        if state.get("version") != STATE_VERSION:
+            msg = f"checkpoint state version {state.get('version')!r}; expected {STATE_VERSION}"
+            raise ValueError(msg)
+        self.engine = state["engine"]
+        self.dedup = state["dedup"]
+        self.limiter = state["limiter"]
+        # Forget requests newer than the checkpoint stay in force.
+        for pseudonym, stamp in state["forgotten"].items():
+            self.forgotten[pseudonym] = max(self.forgotten.get(pseudonym, 0), stamp)
+        self.offsets = dict(state["offsets"])
+        self.counts = Counter(state["counts"])
+        for pseudonym in self.forgotten:
+            self.engine.forget_user(pseudonym)
+            self.dedup.forget_owner(pseudonym)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _is_new(self, message: Message) -> bool:
+        tp = (message.topic, message.partition)
+        if message.offset < self.offsets.get(tp, 0):
+            return False
+        self.offsets[tp] = message.offset + 1
+        return True
+
+    def _drop(self, reason: str) -> None:
+        self.metrics.dropped.labels(reason=reason).inc()
+        self.counts[reason] += 1
+
+    def _dead_letter(
+        self, message: Message, error: SchemaError, now_ms: int
+    ) -> tuple[bytes | None, bytes]:
+        self.metrics.rejected.labels(topic=message.topic, reason=error.reason).inc()
+        self.counts[f"rejected:{error.reason}"] += 1
+        self._warned[error.reason] += 1
+        seen = self._warned[error.reason]
+        if seen == 1 or seen % 1000 == 0:
+            logger.warning(
+                "rejected message from %s[%d]@%d: %s (%s); %d of this kind so far",
+                message.topic,
+                message.partition,
+                message.offset,
+                error.reason,
+                error.detail,
+                seen,
+            )
+        record = {
+            "reason": error.reason,
+            "detail": error.detail,
+            "field": error.field,
+            "source": {
+                "topic": message.topic,
+                "partition": message.partition,
+                "offset": message.offset,
+            },
+            "received_at": now_ms,
+            "payload": self._redacted_payload(message.value),
+        }
+        key = None if message.key is None else self._redact_key(message)
+        return key, orjson.dumps(record)
+
+    def _redact_key(self, message: Message) -> bytes:
+        if message.topic == self.settings.topic(ITEMS_TOPIC):
+            return message.key or b""
+        text = (message.key or b"").decode("utf-8", "replace")
+        return self.pseudonymize(text).encode()
+
+    def _redacted_payload(self, raw: bytes) -> dict[str, Any] | str:
+        try:
+            obj = orjson.loads(raw) if len(raw) <= self.settings.max_message_bytes else None
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            if "user_id" in obj:
+                user_id = obj["user_id"]
+                obj["user_id"] = (
+                    self.pseudonymize(user_id) if isinstance(user_id, str) else "<redacted>"
+                )
+            text = orjson.dumps(obj)
+            if len(text) <= _PAYLOAD_PREVIEW:
+                return obj
+            raw = text
+        # Not an object, or too long to keep whole: keep a cut text with any
+        # user_id value that can be found replaced by its pseudonym.
+        cut = raw[:_PAYLOAD_PREVIEW]
+        redacted = _USER_ID_IN_TEXT.sub(
+            lambda m: (
+                m.group(1)
+                + self.pseudonymize(m.group(2).decode("utf-8", "replace")).encode()
+                + m.group(3)
+            ),
+            cut,
+        )
+        return redacted.decode("utf-8", "replace")
+
+
+def topic_kind(settings: Settings, topic: str) -> str:
+    """Return ``events``, ``items`` or ``forget`` for a topic name."""
+    if topic == settings.topic(ITEMS_TOPIC):
+        return "items"
+    if topic == settings.topic(FORGET_TOPIC):
+        return "forget"
+    return "events"
+
+
+def messages_from(records: Sequence[Any]) -> list[Message]:
+    """Convert aiokafka ``ConsumerRecord`` objects to `Message`."""
+    return [Message(r.topic, r.partition, r.offset, r.key, r.value) for r in records]

@@ -1,0 +1,250 @@
+"""Worker settings, read from ``FUSIONREC_`` environment variables.
+
+Every variable, its default and its unit is listed in `SETTINGS_DOC` and in
+the README's settings table; ``fusionrec settings`` prints the effective values
+with secrets masked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PREFIX = "FUSIONREC_"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration of a worker, replay or reader process."""
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    topic_prefix: str = ""
+    partitions: int = 8
+    app_id: str = "fusionrec"
+    consumer_session_timeout_s: float = 30.0
+    consumer_heartbeat_s: float = 3.0
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str = field(default="", repr=False)
+    redis_ssl_ca_certs: str = ""
+    redis_key_prefix: str = "recs:"
+    redis_key_by: str = "user_id"
+    ttl_s: int = 30 * 24 * 3600
+    redis_write_batch: int = 1000
+    redis_retry_max_s: float = 1.0
+
+    # Lists and models
+    k: int = 20
+    fusion: str = ""
+    weights: str = ""
+    repeat_purchases: str = "exclude"
+    rebuyable_categories: str = ""
+    max_per_category: int = 0
+    exploration: float = 0.0
+    seed: int = 0
+
+    # Batching
+    event_batch: int = 2000
+    event_batch_wait_ms: int = 50
+    refresh_batch: int = 256
+
+    # Input rules
+    max_message_bytes: int = 16_384
+    max_future_skew_s: float = 300.0
+    check_key: bool = True
+    dedup_window_s: float = 26 * 3600.0
+    dedup_max_entries: int = 2_000_000
+    user_rate_limit_per_s: float = 50.0
+    user_rate_burst: float = 2000.0
+
+    # State, privacy and operations
+    data_dir: str = "var"
+    checkpoint_interval_s: float = 30.0
+    checkpoints_kept: int = 3
+    pseudonym_key: str = field(default="", repr=False)
+    pseudonym_key_file: str = ""
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``FUSIONREC_*`` variables, rejecting unusable values."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            name = PREFIX + spec.name.upper()
+            if name not in env:
+                continue
+            values[spec.name] = _convert(name, env[name], spec.default)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise `SettingsError` on values that are out of range."""
+        positive = {
+            "partitions": self.partitions,
+            "k": self.k,
+            "ttl_s": self.ttl_s,
+            "redis_write_batch": self.redis_write_batch,
+            "event_batch": self.event_batch,
+            "refresh_batch": self.refresh_batch,
+            "max_message_bytes": self.max_message_bytes,
+            "checkpoint_interval_s": self.checkpoint_interval_s,
+            "checkpoints_kept": self.checkpoints_kept,
+            "dedup_max_entries": self.dedup_max_entries,
+            "user_rate_limit_per_s": self.user_rate_limit_per_s,
+            "user_rate_burst": self.user_rate_burst,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                msg = f"{PREFIX}{name.upper()} is {value}; expected a positive number"
+                raise SettingsError(msg)
+        if self.redis_key_by not in ("user_id", "pseudonym"):
+            msg = (
+                f"{PREFIX}REDIS_KEY_BY is {self.redis_key_by!r}; expected 'user_id' or 'pseudonym'"
+            )
+            raise SettingsError(msg)
+        if self.repeat_purchases not in ("exclude", "allow"):
+            msg = (
+                f"{PREFIX}REPEAT_PURCHASES is {self.repeat_purchases!r}; "
+                "expected 'exclude' or 'allow'"
+            )
+            raise SettingsError(msg)
+        if not 0.0 <= self.exploration < 1.0:
+            msg = f"{PREFIX}EXPLORATION is {self.exploration}; expected a share in [0, 1)"
+            raise SettingsError(msg)
+        if self.dedup_window_s < self.checkpoint_interval_s + 24 * 3600:
+            msg = (
+                f"{PREFIX}DEDUP_WINDOW_S is {self.dedup_window_s}; expected at least "
+                "the checkpoint interval plus 24 hours, so that a replay after a "
+                "restart is still de-duplicated"
+            )
+            raise SettingsError(msg)
+
+    def topic(self, name: str) -> str:
+        """Return the full name of topic ``name``, with the configured prefix."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def data_path(self) -> Path:
+        """Folder of checkpoints and other local state."""
+        return Path(self.data_dir)
+
+    def parsed_weights(self) -> dict[str, float]:
+        """Parse ``FUSIONREC_WEIGHTS`` (``name=weight,...``) into a mapping."""
+        weights: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.weights.split(","))):
+            name, sep, value = part.partition("=")
+            try:
+                if not sep:
+                    raise ValueError(part)
+                weights[name.strip()] = float(value)
+            except ValueError as exc:
+                msg = (
+                    f"{PREFIX}WEIGHTS entry {part!r} is invalid; "
+                    "expected name=number, for example mf=1.0,popularity=0.2"
+                )
+                raise SettingsError(msg) from exc
+        return weights
+
+    def masked(self) -> dict[str, Any]:
+        """Return every setting by variable name, with secrets replaced by ``***``."""
+        out: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name in _SECRETS and value:
+                value = "***"
+            out[PREFIX + spec.name.upper()] = value
+        return out
+
+
+_SECRETS = frozenset({"kafka_sasl_password", "redis_password", "pseudonym_key"})
+
+
+def _convert(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        kind = type(default).__name__
+        msg = f"{name} is {raw!r}; expected a value of type {kind}"
+        raise SettingsError(msg) from exc
+    return raw
+
+
+SETTINGS_DOC: dict[str, str] = {
+    "kafka_bootstrap": "Kafka bootstrap servers, comma-separated host:port.",
+    "kafka_security_protocol": "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.",
+    "kafka_sasl_mechanism": "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+    "kafka_sasl_username": "SASL user name.",
+    "kafka_sasl_password": "SASL password (secret, never logged).",
+    "kafka_ssl_cafile": "CA bundle that signs the broker certificates.",
+    "kafka_ssl_certfile": "Client certificate for mutual TLS.",
+    "kafka_ssl_keyfile": "Key of the client certificate.",
+    "topic_prefix": "Prefix put before every topic name, to share one cluster.",
+    "partitions": "Partition count of every topic that the project creates.",
+    "app_id": "Faust application id, which is also the Kafka consumer group.",
+    "consumer_session_timeout_s": "Kafka consumer session timeout, in seconds.",
+    "consumer_heartbeat_s": "Kafka consumer heartbeat interval, in seconds.",
+    "redis_url": "Redis URL; rediss:// turns on TLS.",
+    "redis_password": "Redis password (secret, never logged); overrides one in the URL.",
+    "redis_ssl_ca_certs": "CA bundle for a rediss:// server.",
+    "redis_key_prefix": "Prefix of the list keys: {prefix}user:{id} and {prefix}popular.",
+    "redis_key_by": "user_id (the shop's id, default) or pseudonym (the keyed HMAC).",
+    "ttl_s": "Expiry of every user list, in seconds, renewed on each rewrite.",
+    "redis_write_batch": "Lists written per Redis pipeline.",
+    "redis_retry_max_s": "Longest wait between Redis retries during an outage, in seconds.",
+    "k": "Length of each list.",
+    "fusion": "Fusion strategy: weighted, rrf or learned; empty means the model default.",
+    "weights": "Per-model weights for weighted fusion, as name=number,...",
+    "repeat_purchases": "exclude: purchased items leave the user's list; allow: they stay.",
+    "rebuyable_categories": "Comma-separated categories whose purchases stay in lists.",
+    "max_per_category": "Most items of one category in a list; 0 means no cap.",
+    "exploration": "Share of list slots given to exploration items, in [0, 1).",
+    "seed": "Random seed of the models.",
+    "event_batch": "Most events taken from Kafka per model update.",
+    "event_batch_wait_ms": "Longest wait for a batch to fill, in milliseconds.",
+    "refresh_batch": "Users whose lists are recomputed in one batched call.",
+    "max_message_bytes": "Messages larger than this go to the dead-letter topic.",
+    "max_future_skew_s": "Events stamped further ahead of the worker clock are rejected.",
+    "check_key": "Reject events whose Kafka key is not their user_id.",
+    "dedup_window_s": "Event time span over which event ids are remembered, in seconds.",
+    "dedup_max_entries": "Most event ids remembered, whatever their age.",
+    "user_rate_limit_per_s": "Sustained events per second of event time that one user may send.",
+    "user_rate_burst": "Events one user may send at once above the sustained rate.",
+    "data_dir": "Folder of checkpoints.",
+    "checkpoint_interval_s": "Seconds between checkpoints while events arrive.",
+    "checkpoints_kept": "Checkpoints kept on disk; older ones are deleted.",
+    "pseudonym_key": "Key of the HMAC that pseudonymizes user ids (secret).",
+    "pseudonym_key_file": "File holding that key, read when FUSIONREC_PSEUDONYM_KEY is unset.",
+    "web_host": "Address of the metrics and health endpoint.",
+    "web_port": "Port of the metrics and health endpoint.",
+    "log_level": "debug, info, warning or error.",
+}

@@ -1,0 +1,170 @@
+"""Write refreshed lists to Redis in pipelined batches, surviving outages.
+
+Lists wait in a pending map keyed by Redis key, so a user refreshed twice
+before a write is written once, with the newer list. ``SET key value EX ttl``
+replaces a value and its expiry in one atomic command. When a pipeline fails
+part-way, its connection is in an unknown state, so the pool is disconnected,
+the batch goes back into the pending map (unless a newer list arrived) and a
+new pipeline is built on a new connection after a backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from stream.metrics import WorkerMetrics
+from stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# A pending value of None deletes the key.
+Pending = dict[str, bytes | None]
+
+
+def redis_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
+    """Create an asyncio Redis client from the settings, without connecting."""
+    options: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        # Retries are the sink's job: it rebuilds pipelines on new connections.
+        "retry": Retry(NoBackoff(), 0),
+        "protocol": 3,
+    }
+    if settings.redis_password:
+        options["password"] = settings.redis_password
+    if settings.redis_ssl_ca_certs:
+        options["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+    options.update(overrides)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+class RedisSink:
+    """Coalesce and write lists; `run` keeps writing until `close`."""
+
+    def __init__(self, settings: Settings, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.client = redis_client(settings)
+        self.pending: Pending = {}
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._outage_started: float | None = None
+        self.outages = 0
+
+    def put(self, key: str, payload: bytes) -> None:
+        """Queue ``payload`` as the new value of ``key``."""
+        self.pending[key] = payload
+        self._idle.clear()
+        self._wakeup.set()
+
+    def delete(self, key: str) -> None:
+        """Queue the deletion of ``key``."""
+        self.pending[key] = None
+        self._idle.clear()
+        self._wakeup.set()
+
+    @property
+    def in_outage(self) -> bool:
+        """Whether the last write attempt failed."""
+        return self._outage_started is not None
+
+    async def run(self) -> None:
+        """Write pending lists until `close`, retrying with backoff during outages."""
+        backoff = 0.05
+        while not (self._closing and not self.pending):
+            if not self.pending:
+                self._idle.set()
+                self._wakeup.clear()
+                if self._closing:
+                    break
+                await self._wakeup.wait()
+                continue
+            try:
+                await self.flush_once()
+            except (RedisError, OSError) as exc:
+                self._begin_outage(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.redis_retry_max_s)
+                continue
+            backoff = 0.05
+            self._end_outage()
+        self._idle.set()
+
+    async def flush_once(self) -> int:
+        """Write one batch of pending entries; return how many were written."""
+        batch_size = self.settings.redis_write_batch
+        keys = []
+        for key in self.pending:
+            keys.append(key)
+            if len(keys) == batch_size:
+                break
+        batch = {key: self.pending.pop(key) for key in keys}
+        self.metrics.pending_lists.set(len(self.pending))
+        started = time.perf_counter()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, payload in batch.items():
+                    if payload is None:
+                        pipe.delete(key)
+                    else:
+                        pipe.set(key, payload, ex=self.settings.ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError, asyncio.CancelledError):
+            for key, payload in batch.items():
+                self.pending.setdefault(key, payload)
+            self.metrics.pending_lists.set(len(self.pending))
+            await self._discard_connections()
+            raise
+        self.metrics.redis_write_seconds.observe(time.perf_counter() - started)
+        self.metrics.lists_written.inc(sum(1 for p in batch.values() if p is not None))
+        return len(batch)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is pending; return False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is pending (up to ``timeout_s``), then close the client."""
+        self._closing = True
+        self._wakeup.set()
+        if not await self.wait_idle(timeout_s):
+            logger.error("closing with %d lists not written to Redis", len(self.pending))
+        await self.client.aclose()
+
+    async def _discard_connections(self) -> None:
+        try:
+            await self.client.connection_pool.disconnect(inuse_connections=True)
+        except (RedisError, OSError) as exc:
+            logger.debug("disconnecting the Redis pool failed: %r", exc)
+
+    def _begin_outage(self, exc: BaseException) -> None:
+        self.metrics.errors.labels(kind="redis_write").inc()
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            self.outages += 1
+            logger.warning(
+                "Redis outage begun: %s: %s; %d lists pending, retrying with backoff",
+                type(exc).__name__,
+                exc,
+                len(self.pending),
+            )
+
+    def _end_outage(self) -> None:
+        if self._outage_started is not None:
+            lasted = time.monotonic() - self._outage_started
+            self._outage_started = None
+            logger.warning("Redis outage ended after %.1f s", lasted)

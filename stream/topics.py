@@ -1,0 +1,88 @@
+"""Names of the Kafka topics and their explicit creation.
+
+Faust creates its internal topics with the app's partition count; source
+topics auto-created by a broker with another count make table writes fail, so
+every topic is created up front with the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from stream.kafka import client_options
+from stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EVENT_TOPICS = {"view": "events.view", "click": "events.click", "purchase": "events.purchase"}
+DEADLETTER_TOPIC = "events.deadletter"
+ITEMS_TOPIC = "items.updates"
+FORGET_TOPIC = "users.forget"
+ALL_TOPICS = (*EVENT_TOPICS.values(), DEADLETTER_TOPIC, ITEMS_TOPIC, FORGET_TOPIC)
+
+
+async def create_topics(settings: Settings, timeout_s: float = 60.0) -> list[str]:
+    """Create every topic of the project that does not exist yet; return those created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **client_options(settings)
+    )
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.topic(name) for name in ALL_TOPICS]
+        missing = [name for name in wanted if name not in existing]
+        if missing:
+            new = [NewTopic(name, settings.partitions, 1) for name in missing]
+            try:
+                await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
+            except TopicAlreadyExistsError:
+                logger.info("topics were created concurrently by another process")
+        for name in missing:
+            logger.info("created topic %s with %d partitions", name, settings.partitions)
+        return missing
+    finally:
+        await admin.close()
+
+
+async def topic_partitions(settings: Settings, names: list[str]) -> dict[str, list[int]]:
+    """Return the partition numbers of each existing topic in ``names``."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **client_options(settings)
+    )
+    await admin.start()
+    try:
+        described = await admin.describe_topics(names)
+    finally:
+        await admin.close()
+    out: dict[str, list[int]] = {}
+    for topic in described:
+        if topic["error_code"] == 0:
+            out[topic["topic"]] = sorted(p["partition"] for p in topic["partitions"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Create the project's topics: ``python -m stream.topics --create``."""
+    parser = argparse.ArgumentParser(prog="python -m stream.topics", description=main.__doc__)
+    parser.add_argument("--create", action="store_true", help="create missing topics")
+    parser.add_argument("--list", action="store_true", help="print the topic names")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    if args.list or not args.create:
+        for name in ALL_TOPICS:
+            print(settings.topic(name))
+    if args.create:
+        created = asyncio.run(create_topics(settings))
+        print(f"created {len(created)} topic(s); {len(ALL_TOPICS) - len(created)} existed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+import math
+import unicodedata
+
+import orjson
+import pytest
+from corpus import BAD_CASES, TRICKY_USER_IDS, event
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas import (
+    Event,
+    RecommendationList,
+    RecommendedItem,
+    SchemaError,
+    decode_event,
+    decode_forget,
+    decode_item_update,
+    load_schema,
+    validator,
+)
+from schemas.files import SCHEMA_FILES
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.name)
+def test_bad_event_rejected_with_reason(case):
+    with pytest.raises(SchemaError) as caught:
+        decode_event(case.value, topic_type=case.topic_type, key=case.key, check_key=True)
+    assert caught.value.reason == case.reason
+    assert caught.value.field == case.field
+    assert caught.value.detail
+
+
+def test_corpus_has_forty_cases():
+    assert len(BAD_CASES) >= 40
+    assert len({case.name for case in BAD_CASES}) == len(BAD_CASES)
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.name)
+def test_bad_event_detail_names_field(case):
+    with pytest.raises(SchemaError) as caught:
+        decode_event(case.value, topic_type=case.topic_type, key=case.key, check_key=True)
+    if case.field is not None and case.reason != "key_mismatch":
+        assert case.field in caught.value.detail
+
+
+def test_key_mismatch_detail_hides_key():
+    raw = orjson.dumps(event(user_id="alice"))
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw, key=b"mallory", check_key=True)
+    assert "mallory" not in caught.value.detail
+    assert "alice" not in caught.value.detail
+
+
+@pytest.mark.parametrize("user_id", TRICKY_USER_IDS)
+def test_tricky_user_id_kept_opaque(user_id):
+    raw = orjson.dumps(event(user_id=user_id))
+    decoded = decode_event(raw, key=user_id.encode(), check_key=True)
+    assert decoded.user_id == user_id
+
+
+def test_nfc_and_nfd_ids_stay_distinct():
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert unicodedata.normalize("NFC", nfd) == nfc
+    first = decode_event(orjson.dumps(event(user_id=nfc)))
+    second = decode_event(orjson.dumps(event(user_id=nfd)))
+    assert first.user_id != second.user_id
+
+
+def test_refund_is_accepted():
+    raw = orjson.dumps(event(type="purchase", quantity=-3, price=2.5))
+    decoded = decode_event(raw, topic_type="purchase")
+    assert decoded.is_refund
+    assert decoded.quantity == -3
+
+
+def test_free_item_is_accepted():
+    decoded = decode_event(orjson.dumps(event(type="purchase", price=0)))
+    assert decoded.price == 0.0
+
+
+def test_iso_timestamp_with_offset():
+    decoded = decode_event(orjson.dumps(event(timestamp="2017-11-26T09:00:00+08:00")))
+    assert decoded.timestamp_ms == 1_511_658_000_000
+
+
+def test_item_update_needs_a_change():
+    with pytest.raises(SchemaError) as caught:
+        decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000}')
+    assert caught.value.reason == "missing_field"
+
+
+def test_item_update_rejects_string_stock():
+    with pytest.raises(SchemaError) as caught:
+        decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000, "in_stock": "no"}')
+    assert caught.value.field == "in_stock"
+
+
+def test_forget_rejects_empty_user():
+    with pytest.raises(SchemaError) as caught:
+        decode_forget(b'{"user_id": "", "timestamp": 1700000000000}')
+    assert caught.value.reason == "empty_id"
+
+
+@pytest.mark.parametrize("name", SCHEMA_FILES)
+def test_schema_file_is_valid_json_schema(name):
+    schema = load_schema(name)
+    validator(name).check_schema(schema)
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.name)
+def test_json_schema_rejects_bad_objects(case):
+    try:
+        obj = orjson.loads(case.value)
+    except orjson.JSONDecodeError:
+        return
+    if case.reason in ("type_mismatch", "key_mismatch", "too_large"):
+        return
+    assert not validator("event.schema.json").is_valid(obj)
+
+
+ids = st.text(min_size=1, max_size=40)
+optional_text = st.none() | st.text(max_size=30)
+
+
+@st.composite
+def valid_events(draw):
+    obj = {
+        "event_id": draw(ids),
+        "type": draw(st.sampled_from(["view", "click", "purchase"])),
+        "user_id": draw(ids),
+        "item_id": draw(ids),
+        "timestamp": draw(st.integers(946_684_800_000, 4_102_444_800_000)),
+    }
+    for name in ("session_id", "currency", "category"):
+        value = draw(optional_text)
+        if value is not None:
+            obj[name] = value[:16] if name == "currency" else value
+    quantity = draw(st.none() | st.integers(-1000, 1000).filter(lambda q: q != 0))
+    if quantity is not None:
+        obj["quantity"] = quantity
+    price = draw(st.none() | st.floats(0, 1e6, allow_nan=False))
+    if price is not None:
+        obj["price"] = price
+    return obj
+
+
+@settings(max_examples=300, deadline=None)
+@given(valid_events())
+def test_round_trip_of_valid_events(obj):
+    raw = orjson.dumps(obj)
+    decoded = decode_event(raw)
+    assert validator("event.schema.json").is_valid(obj)
+    again = decode_event(orjson.dumps(decoded.to_json()))
+    assert again == decoded
+
+
+field_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**13), 10**13),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=300),
+    st.lists(st.integers(-1000, 1000), max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    valid_events(),
+    st.sampled_from(sorted(load_schema("event.schema.json")["properties"])),
+    field_values,
+)
+def test_decoder_agrees_with_json_schema(obj, name, value):
+    # A stray field value must be rejected by both or accepted by both.
+    obj = dict(obj)
+    if value is None:
+        obj.pop(name, None)
+    else:
+        obj[name] = value
+    schema_ok = validator("event.schema.json").is_valid(obj)
+    try:
+        decode_event(orjson.dumps(obj))
+        decoder_ok = True
+    except SchemaError:
+        decoder_ok = False
+    assert decoder_ok == schema_ok, (name, value)
+
+
+def test_recommendation_list_rejects_nan():
+    recs = RecommendationList([RecommendedItem("i", math.nan, ("mf",))], 0, "v")
+    with pytest.raises(ValueError, match="finite"):
+        recs.to_json()
+
+
+def test_recommendation_list_matches_schema():
+    recs = RecommendationList([RecommendedItem("i", 1.5, ("mf", "popular"))], 1, "v1")
+    assert validator("recommendations.schema.json").is_valid(orjson.loads(recs.to_json()))
+
+
+def test_event_to_json_omits_absent_fields():
+    assert "price" not in Event("e", "view", "u", "i", 1_700_000_000_000).to_json()
