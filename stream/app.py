@@ -50,6 +50,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
+        (settings.data_path / "faust").mkdir(parents=True, exist_ok=True)
         pseudonymizer = load_pseudonymizer(settings)
         self.processor = Processor(settings, pseudonymizer, self.metrics)
         self.store = CheckpointStore(

@@ -1,0 +1,158 @@
+"""The worker against the real broker and Redis: events in, lists out, rejects aside."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from corpus import BAD_CASES, TRICKY_USER_IDS, event, future_case
+from kafka_io import produce_events, produce_raw, read_topic
+
+from schemas import Event, validator
+from stream.runner import WorkerProcess, wait_for_lists
+from stream.sink import redis_client
+from stream.synthetic import generate_events
+from stream.topics import DEADLETTER_TOPIC, EVENT_TOPICS
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_events_become_lists_in_redis(run_settings, tmp_path):
+    events = list(generate_events(3000, n_users=200, n_items=500, seed=3))
+    users = {e.user_id for e in events}
+
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=120))
+        metrics = worker.metrics()
+        code = worker.terminate()
+
+    assert code == 0
+    assert len(lists) == len(users)
+    check = validator("recommendations.schema.json")
+    for value in lists.values():
+        assert check.is_valid(value)
+        assert 0 < len(value["items"]) <= run_settings.k
+        item_ids = [entry["item_id"] for entry in value["items"]]
+        assert len(item_ids) == len(set(item_ids))
+    assert _metric(metrics, "fusionrec_events_applied_total") == len(events)
+
+
+def test_popular_list_is_written(run_settings, tmp_path):
+    events = list(generate_events(500, n_users=50, n_items=100, seed=4))
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, {events[-1].user_id}, timeout_s=60))
+        value = asyncio.run(_get_popular(run_settings, timeout_s=30))
+        assert worker.terminate() == 0
+    assert validator("recommendations.schema.json").is_valid(value)
+    assert len(value["items"]) == run_settings.k
+
+
+async def _get_popular(settings, timeout_s):
+    client = redis_client(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            raw = await client.get(f"{settings.redis_key_prefix}popular")
+            if raw is not None:
+                value = orjson.loads(raw)
+                if value["items"]:
+                    return value
+            await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+    pytest.fail("recs:popular was not written")
+
+
+def test_bad_input_goes_to_deadletter(run_settings, tmp_path):
+    now_ms = int(time.time() * 1000)
+    cases = [*BAD_CASES, future_case(now_ms)]
+    good = [
+        Event(f"good-{n}", "view", f"user-{n % 7}", f"item-{n % 11}", now_ms - 60_000 + n)
+        for n in range(len(cases))
+    ]
+    records = []
+    for case, valid in zip(cases, good, strict=True):
+        records.append((EVENT_TOPICS[case.topic_type], case.key, case.value))
+        records.append(("events.view", valid.user_id.encode(), orjson.dumps(valid.to_json())))
+
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_raw(run_settings, records))
+        asyncio.run(wait_for_lists(run_settings, {e.user_id for e in good}, timeout_s=90))
+        dead = asyncio.run(read_topic(run_settings, DEADLETTER_TOPIC, len(cases)))
+        deadline = time.monotonic() + 30
+        metrics = worker.metrics()
+        while _metric(metrics, "fusionrec_events_applied_total") < len(good):
+            assert time.monotonic() < deadline, "valid events around bad ones were not applied"
+            time.sleep(0.5)
+            metrics = worker.metrics()
+        log = worker.log_text()
+        assert worker.terminate() == 0
+
+    assert len(dead) == len(cases)
+    check = validator("deadletter.schema.json")
+    reasons = {}
+    for record in dead:
+        value = orjson.loads(record.value)
+        assert check.is_valid(value), value
+        assert value["source"]["topic"].startswith(run_settings.topic_prefix)
+        reasons[value["reason"]] = reasons.get(value["reason"], 0) + 1
+    expected = {}
+    for case in cases:
+        expected[case.reason] = expected.get(case.reason, 0) + 1
+    assert reasons == expected
+    assert _metric(metrics, "fusionrec_messages_rejected_total") == len(cases)
+    assert _metric(metrics, "fusionrec_events_applied_total") == len(good)
+    for reason, count in expected.items():
+        assert _metric(metrics, "fusionrec_messages_rejected_total", reason=reason) == count
+    everything = b"".join(record.value for record in dead)
+    assert b'"user_id":"u1"' not in everything
+    assert b'"user_id": "u1"' not in everything
+    unknown = [orjson.loads(r.value) for r in dead if b"unknown_field" in r.value]
+    assert unknown[0]["field"] == "password"
+    assert unknown[0]["payload"]["user_id"] != "u1"
+    assert '"u1"' not in log
+
+
+def test_tricky_ids_get_distinct_keys(run_settings, tmp_path):
+    now_ms = int(time.time() * 1000) - 60_000
+    events = [
+        Event(f"tricky-{n}", "view", user, f"item-{n}", now_ms + n)
+        for n, user in enumerate(TRICKY_USER_IDS)
+    ]
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        lists = asyncio.run(wait_for_lists(run_settings, TRICKY_USER_IDS, timeout_s=90))
+        assert worker.terminate() == 0
+    assert len(lists) == len(TRICKY_USER_IDS)
+    keys = asyncio.run(_user_keys(run_settings))
+    assert len(keys) == len(TRICKY_USER_IDS)
+    for value in lists.values():
+        assert value["items"]
+
+
+async def _user_keys(settings):
+    client = redis_client(settings)
+    try:
+        return [k async for k in client.scan_iter(f"{settings.redis_key_prefix}user:*")]
+    finally:
+        await client.aclose()
+
+
+def test_event_helper_builds_valid_event():
+    assert validator("event.schema.json").is_valid(event())
