@@ -1,0 +1,348 @@
+"""Produce the events of a file to Kafka in event-time order.
+
+``fusionrec replay PATH --format taobao|online-retail|jsonl`` reads a plain or
+gzip file with `stream.sources.read_events`, which maps rows to events, skips
+and counts invalid rows and sorts the events by event time. Each event is sent
+as JSON to ``events.{type}`` with the UTF-8 bytes of its user_id as the key,
+so that all events of a user land on one partition in order. ``--dry-run``
+reads and validates without connecting to Kafka. The summary counts rows read,
+events produced and rows skipped by reason; ``--json`` prints it as one JSON
+object on stdout.
+
+The Kafka message timestamp is the time of sending, not the event time,
+because the broker's time-based retention would delete old event times, such
+as those of a 2017 data set, at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, UnsupportedVersionError
+from tqdm import tqdm
+
+from schemas import Event
+from stream.kafka import client_options
+from stream.settings import Settings
+from stream.sources import FORMATS, LoadResult, SourceError, read_events
+from stream.topics import EVENT_TOPICS
+
+logger = logging.getLogger(__name__)
+
+# Deliveries awaited at once; bounds the memory of pending futures.
+MAX_IN_FLIGHT = 20_000
+CONNECT_TIMEOUT_S = 30.0
+
+
+class ReplayError(RuntimeError):
+    """The events cannot be produced: no broker, a missing topic, or failed deliveries."""
+
+
+class TokenBucket:
+    """Limit a rate of events per second, allowing a burst of ``burst`` events.
+
+    `take` returns how long to wait before the next event may be sent, so the
+    caller decides how to sleep. ``clock`` returns seconds and is replaceable
+    in tests.
+
+    >>> now = [0.0]
+    >>> bucket = TokenBucket(rate_per_s=2.0, burst=1.0, clock=lambda: now[0])
+    >>> bucket.take(), bucket.take()
+    (0.0, 0.5)
+    >>> now[0] = 10.0
+    >>> bucket.take()
+    0.0
+    """
+
+    def __init__(
+        self, rate_per_s: float, burst: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not rate_per_s > 0:
+            msg = f"rate is {rate_per_s} events per second; expected a positive number"
+            raise ValueError(msg)
+        if burst < 1:
+            msg = f"burst is {burst} events; expected at least 1"
+            raise ValueError(msg)
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+
+    def take(self) -> float:
+        """Take one token and return the seconds to wait until it is available."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_s)
+        self._last = now
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return 0.0
+        return -self._tokens / self.rate_per_s
+
+
+@dataclass
+class ReplaySummary:
+    """Counts of one replay, printed at the end."""
+
+    path: str
+    fmt: str
+    dry_run: bool
+    rows_read: int = 0
+    events: int = 0
+    selected: int = 0
+    produced: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    by_topic: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the summary as one JSON-ready object with nested counts."""
+        return {
+            "path": self.path,
+            "format": self.fmt,
+            "dry_run": self.dry_run,
+            "rows_read": self.rows_read,
+            "events": self.events,
+            "selected": self.selected,
+            "produced": self.produced,
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_total": sum(self.skipped.values()),
+            "failed": dict(sorted(self.failed.items())),
+            "by_topic": dict(sorted(self.by_topic.items())),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+    def to_text(self) -> str:
+        """Return the summary as lines for a terminal."""
+        lines = [
+            f"rows read   {self.rows_read}",
+            f"events      {self.events} valid, {self.selected} selected",
+            f"produced    {self.produced}" + (" (dry run)" if self.dry_run else ""),
+        ]
+        for topic, count in sorted(self.by_topic.items()):
+            lines.append(f"  {topic:<22} {count}")
+        lines.append(f"skipped     {sum(self.skipped.values())}")
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"  {reason:<22} {count}")
+        if self.failed:
+            lines.append(f"failed      {sum(self.failed.values())}")
+            for error, count in sorted(self.failed.items()):
+                lines.append(f"  {error:<22} {count}")
+        lines.append(f"elapsed     {self.elapsed_s:.1f} s")
+        return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``fusionrec replay`` to ``parser``."""
+    parser.add_argument("path", help="file to replay, plain or gzip (name ending in .gz)")
+    parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="file format")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="EVENTS_PER_S",
+        help="maximum events sent per second (default: as fast as the broker accepts)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="read and validate the file without producing"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="produce only the first N events"
+    )
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        metavar="HOST:PORT[,...]",
+        help="Kafka brokers (default: FUSIONREC_KAFKA_BOOTSTRAP, then 127.0.0.1:9092)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fusionrec replay``; return 0 on success, 1 on failed deliveries, 2 on bad input."""
+    if args.limit is not None and args.limit < 0:
+        print(f"fusionrec replay: --limit is {args.limit}; expected 0 or more", file=sys.stderr)
+        return 2
+    if args.rate is not None and not args.rate > 0:
+        print(
+            f"fusionrec replay: --rate is {args.rate}; expected a positive number", file=sys.stderr
+        )
+        return 2
+    settings = Settings.from_env()
+    bootstrap = args.bootstrap_servers or settings.kafka_bootstrap
+
+    started = time.monotonic()
+    try:
+        loaded = read_events(args.path, args.fmt)
+    except (SourceError, OSError, UnicodeDecodeError) as exc:
+        print(f"fusionrec replay: cannot read {args.path}: {exc}", file=sys.stderr)
+        return 2
+    summary = _summary_of(args, loaded)
+    events = loaded.events if args.limit is None else loaded.events[: args.limit]
+    summary.selected = len(events)
+
+    if args.dry_run:
+        for event in events:
+            summary.by_topic[settings.topic(EVENT_TOPICS[event.type])] += 1
+    else:
+        try:
+            asyncio.run(
+                produce_events(
+                    events,
+                    settings,
+                    bootstrap,
+                    summary,
+                    rate_per_s=args.rate,
+                    progress=not args.no_progress,
+                )
+            )
+        except ReplayError as exc:
+            print(f"fusionrec replay: {exc}", file=sys.stderr)
+            summary.elapsed_s = time.monotonic() - started
+            _print_summary(summary, as_json=args.json)
+            return 1
+    summary.elapsed_s = time.monotonic() - started
+    _print_summary(summary, as_json=args.json)
+    return 1 if summary.failed else 0
+
+
+async def produce_events(
+    events: Sequence[Event],
+    settings: Settings,
+    bootstrap: str,
+    summary: ReplaySummary,
+    *,
+    rate_per_s: float | None = None,
+    progress: bool = True,
+) -> None:
+    """Send ``events`` in order to their topics and count deliveries in ``summary``.
+
+    Raises
+    ------
+    ReplayError
+        If the broker cannot be reached or an event topic does not exist.
+
+    """
+    producer = await _start_producer(settings, bootstrap)
+    try:
+        await _check_topics(producer, settings, bootstrap)
+        bucket = TokenBucket(rate_per_s, burst=max(1.0, rate_per_s / 10)) if rate_per_s else None
+        in_flight: list[tuple[asyncio.Future[Any], str]] = []
+        with tqdm(
+            total=len(events), unit="ev", file=sys.stderr, disable=not progress, smoothing=0.1
+        ) as bar:
+            for event in events:
+                if bucket is not None:
+                    wait_s = bucket.take()
+                    if wait_s > 0:
+                        await asyncio.sleep(wait_s)
+                topic = settings.topic(EVENT_TOPICS[event.type])
+                future = await producer.send(
+                    topic,
+                    orjson.dumps(event.to_json()),
+                    key=event.user_id.encode("utf-8"),
+                )
+                in_flight.append((future, topic))
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    await _collect(in_flight, summary, bar)
+            await producer.flush()
+            await _collect(in_flight, summary, bar)
+    finally:
+        await producer.stop()
+
+
+async def _start_producer(settings: Settings, bootstrap: str) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "acks": "all",
+        "linger_ms": 20,
+        "max_batch_size": 256 * 1024,
+        "client_id": "fusionrec-replay",
+        **client_options(settings),
+    }
+    for idempotent in (True, False):
+        producer = AIOKafkaProducer(enable_idempotence=idempotent, **options)
+        try:
+            await asyncio.wait_for(producer.start(), CONNECT_TIMEOUT_S)
+        except UnsupportedVersionError:
+            await producer.stop()
+            logger.warning("broker does not support idempotent producers; sending without")
+            continue
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await producer.stop()
+            msg = (
+                f"cannot connect to Kafka at {bootstrap}: {exc!r}; start the broker "
+                "(make services-up) or set --bootstrap-servers / FUSIONREC_KAFKA_BOOTSTRAP"
+            )
+            raise ReplayError(msg) from exc
+        logger.info("producing to %s (idempotent=%s)", bootstrap, idempotent)
+        return producer
+    msg = f"cannot start a producer for Kafka at {bootstrap}"
+    raise ReplayError(msg)
+
+
+async def _check_topics(producer: AIOKafkaProducer, settings: Settings, bootstrap: str) -> None:
+    # The broker does not create topics on first use, and a send to a missing
+    # topic would wait for the request timeout on every event.
+    metadata = await producer.client.fetch_all_metadata()
+    wanted = [settings.topic(name) for name in EVENT_TOPICS.values()]
+    missing = sorted(set(wanted) - set(metadata.topics()))
+    if missing:
+        msg = (
+            f"topic(s) {', '.join(missing)} do not exist on {bootstrap}; "
+            "create them with `fusionrec topics --create`"
+        )
+        raise ReplayError(msg)
+
+
+async def _collect(
+    in_flight: list[tuple[asyncio.Future[Any], str]], summary: ReplaySummary, bar: tqdm
+) -> None:
+    results = await asyncio.gather(*(future for future, _ in in_flight), return_exceptions=True)
+    first_error: BaseException | None = None
+    for (_, topic), result in zip(in_flight, results, strict=True):
+        if isinstance(result, BaseException):
+            summary.failed[type(result).__name__] += 1
+            first_error = first_error or result
+        else:
+            summary.produced += 1
+            summary.by_topic[topic] += 1
+    if first_error is not None:
+        logger.error(
+            "%d deliveries failed so far; first error: %r",
+            sum(summary.failed.values()),
+            first_error,
+        )
+    bar.update(len(in_flight))
+    in_flight.clear()
+
+
+def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:
+    return ReplaySummary(
+        path=str(args.path),
+        fmt=args.fmt,
+        dry_run=args.dry_run,
+        rows_read=loaded.rows_read,
+        events=len(loaded.events),
+        skipped=Counter(loaded.skipped),
+    )
+
+
+def _print_summary(summary: ReplaySummary, *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(summary.to_json()) + b"\n")
+        sys.stdout.flush()
+    else:
+        print(summary.to_text())
