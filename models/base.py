@@ -1,0 +1,269 @@
+"""The model Protocol and the item-side state that every model shares.
+
+Models address items by their row in an `ItemCatalog`, an integer that the
+engine assigns on first sight, so that scores live in numpy arrays. User ids
+stay opaque strings: models use them only as dictionary keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import Event
+
+logger = logging.getLogger(__name__)
+
+GenericT = TypeVar("GenericT", bound=np.generic)
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+NO_CATEGORY = -1
+# Scaled decayed scores are rescaled once their multiplier passes 2**60, far
+# below the float64 limit of about 2**1023, so no stored value can overflow.
+_MAX_DECAY_EXPONENT = 60.0
+
+
+class ModelError(ValueError):
+    """Base class of the errors that models raise on invalid input."""
+
+
+def _grow(array: npt.NDArray[GenericT], size: int, fill: object) -> npt.NDArray[GenericT]:
+    if size <= len(array):
+        return array
+    capacity = max(size, 2 * len(array), 16)
+    grown = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+class ItemCatalog:
+    """Item ids, categories, stock and price, indexed by a dense integer row.
+
+    >>> catalog = ItemCatalog()
+    >>> catalog.add("i1", category="c1")
+    0
+    >>> catalog.add("i2"), catalog.add("i1")
+    (1, 0)
+    >>> catalog.category_name(0), catalog.category_name(1)
+    ('c1', None)
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.category_names: list[str] = []
+        self.category_index: dict[str, int] = {}
+        self._categories = np.full(0, NO_CATEGORY, dtype=np.int64)
+        self._in_stock = np.ones(0, dtype=bool)
+        self._prices = np.full(0, np.nan, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def categories(self) -> IntArray:
+        """Category row of each item, `NO_CATEGORY` where unknown."""
+        return self._categories[: len(self.ids)]
+
+    @property
+    def in_stock(self) -> npt.NDArray[np.bool_]:
+        """Stock flag of each item; items are in stock until an update says otherwise."""
+        return self._in_stock[: len(self.ids)]
+
+    @property
+    def prices(self) -> FloatArray:
+        """Last known unit price of each item, NaN where unknown."""
+        return self._prices[: len(self.ids)]
+
+    def add(self, item_id: str, category: str | None = None, price: float | None = None) -> int:
+        """Return the row of ``item_id``, adding it first if it is new.
+
+        A non-empty ``category`` or a ``price`` given here replaces the stored one.
+        """
+        row = self.index.get(item_id)
+        if row is None:
+            row = len(self.ids)
+            self.ids.append(item_id)
+            self.index[item_id] = row
+            size = row + 1
+            self._categories = _grow(self._categories, size, NO_CATEGORY)
+            self._in_stock = _grow(self._in_stock, size, True)
+            self._prices = _grow(self._prices, size, np.nan)
+        if category:
+            self._categories[row] = self.category_row(category)
+        if price is not None:
+            self._prices[row] = price
+        return row
+
+    def category_row(self, category: str) -> int:
+        """Return the row of ``category``, adding it first if it is new."""
+        row = self.category_index.get(category)
+        if row is None:
+            row = len(self.category_names)
+            self.category_names.append(category)
+            self.category_index[category] = row
+        return row
+
+    def category_name(self, row: int) -> str | None:
+        """Return the category name of item ``row``, or ``None`` when unknown."""
+        category = int(self._categories[row])
+        return None if category == NO_CATEGORY else self.category_names[category]
+
+    def set_stock(self, row: int, in_stock: bool) -> None:
+        """Set the stock flag of item ``row``."""
+        self._in_stock[row] = in_stock
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """A batch of events with the arrays that models learn from.
+
+    Attributes
+    ----------
+    events
+        The events, in the order they are applied.
+    items
+        Catalog row of each event's item.
+    weights
+        Type weight of each event, negative for a refund (it undoes a
+        purchase's popularity and is never a positive example).
+    times
+        Event time in epoch milliseconds.
+    categories
+        Category row of each event's item after the event was applied.
+
+    """
+
+    events: Sequence[Event]
+    items: IntArray
+    weights: FloatArray
+    times: IntArray
+    categories: IntArray
+
+    @property
+    def positive(self) -> npt.NDArray[np.bool_]:
+        """Mask of the events that are positive examples (every event but refunds)."""
+        return self.weights > 0
+
+
+@runtime_checkable
+class Model(Protocol):
+    """The verbs that every model of the fusion implements.
+
+    ``score`` returns only the candidates that the model has an opinion on,
+    so fusion never mistakes "no opinion" for a score of zero.
+    """
+
+    name: str
+
+    def learn(self, batch: EventBatch) -> None:
+        """Apply a batch of events, in order."""
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return up to ``n`` item rows that the model ranks highest for the user."""
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return ``(items, scores)`` for the given item rows that the model can score."""
+
+    def forget_user(self, user_id: str) -> None:
+        """Remove every trace of the user."""
+
+    def state_bytes(self) -> int:
+        """Return an estimate of the memory that the model's state takes."""
+
+
+class DecayedScores:
+    """Per-item scores that halve every ``half_life_ms`` of event time.
+
+    Scores are stored multiplied by ``2 ** ((t - reference) / half_life)``, so
+    adding at time t costs one multiply and old entries never need touching;
+    all entries are rescaled together once the multiplier grows large.
+
+    >>> scores = DecayedScores(half_life_ms=1000)
+    >>> scores.add(np.array([0, 1]), np.array([1.0, 1.0]), np.array([0, 1000]))
+    >>> [round(float(x), 3) for x in scores.values_at(1000)]
+    [0.5, 1.0]
+    """
+
+    def __init__(self, half_life_ms: float) -> None:
+        if not half_life_ms > 0:
+            msg = f"half_life_ms is {half_life_ms}; expected a positive number of milliseconds"
+            raise ModelError(msg)
+        self.half_life_ms = float(half_life_ms)
+        self.reference_ms: int | None = None
+        self._values = np.zeros(0, dtype=np.float64)
+        self._size = 0
+        self.version = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def raw(self) -> FloatArray:
+        """Return the scaled scores, comparable with each other but not over time."""
+        return self._values[: self._size]
+
+    def values_at(self, time_ms: int) -> FloatArray:
+        """Return the scores as they stand at ``time_ms``."""
+        if self.reference_ms is None:
+            return self.raw().copy()
+        factor = 2.0 ** ((self.reference_ms - time_ms) / self.half_life_ms)
+        return np.asarray(self.raw() * factor, dtype=np.float64)
+
+    def ensure_size(self, size: int) -> None:
+        """Make room for item rows below ``size``."""
+        if size > len(self._values):
+            grown = np.zeros(max(size, 2 * len(self._values), 16), dtype=np.float64)
+            grown[: len(self._values)] = self._values
+            self._values = grown
+        self._size = max(self._size, size)
+
+    def add(self, items: IntArray, weights: FloatArray, times: IntArray) -> None:
+        """Add ``weights`` to ``items`` at ``times``; no score drops below zero."""
+        if len(items) == 0:
+            return
+        if self.reference_ms is None:
+            self.reference_ms = int(times[0])
+        self.ensure_size(int(items.max()) + 1)
+        exponent = (times.astype(np.float64) - self.reference_ms) / self.half_life_ms
+        if exponent.max() > _MAX_DECAY_EXPONENT:
+            self._rescale(int(times.max()))
+            exponent = (times.astype(np.float64) - self.reference_ms) / self.half_life_ms
+        np.add.at(self._values, items, weights * np.exp2(exponent))
+        if (weights < 0).any():
+            touched = items[weights < 0]
+            self._values[touched] = np.maximum(self._values[touched], 0.0)
+        self.version += 1
+
+    def _rescale(self, time_ms: int) -> None:
+        assert self.reference_ms is not None
+        self._values *= 2.0 ** ((self.reference_ms - time_ms) / self.half_life_ms)
+        self.reference_ms = time_ms
+        logger.debug("rescaled decayed scores to reference %d", time_ms)
+
+
+def top_n(scores: FloatArray, n: int, rows: IntArray | None = None) -> IntArray:
+    """Return the rows of the ``n`` highest positive scores, best first, ties by row.
+
+    >>> top_n(np.array([0.1, 0.0, 0.3, 0.3]), 2).tolist()
+    [2, 3]
+    """
+    if rows is None:
+        rows = np.arange(len(scores), dtype=np.int64)
+    positive = scores > 0
+    if not positive.all():
+        rows = rows[positive]
+        scores = scores[positive]
+    if n < len(scores):
+        keep = np.argpartition(-scores, n - 1)[:n]
+        threshold = scores[keep].min()
+        keep = np.flatnonzero(scores >= threshold)
+        rows = rows[keep]
+        scores = scores[keep]
+    order = np.lexsort((rows, -scores))[:n]
+    return rows[order].astype(np.int64, copy=False)

@@ -1,0 +1,171 @@
+"""Time-decayed item co-visitation: "also viewed / also bought" neighbours."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from models.base import EventBatch, FloatArray, IntArray, ModelError
+
+logger = logging.getLogger(__name__)
+
+_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
+_MAX_DECAY_EXPONENT = 60.0
+
+
+class CoVisitationModel:
+    """Pairs of items that one user touched close together, decayed over event time.
+
+    When a user touches item j, every item i among their last ``window_items``
+    items touched within ``window_ms`` gains ``weight / gap`` towards j (gap 1
+    is the item just before) and ``backward`` times that from j towards i, so
+    that the order in which shoppers move through a basket or a session counts.
+    A user is scored from their last ``window_items`` items, nearer ones
+    weighing more (``1 / (1 + position)``), each neighbour row normalized by
+    its total so that hub items do not drown the rest.
+
+    >>> from schemas import Event
+    >>> from models.engine import Recommender
+    >>> engine = Recommender()
+    >>> engine.learn([Event("e1", "view", "u1", "a", 0), Event("e2", "view", "u1", "b", 1000),
+    ...               Event("e3", "view", "u2", "a", 2000)])
+    >>> [engine.catalog.ids[row] for row in engine.models["covisit"].candidates("u2", 5)]
+    ['b']
+    """
+
+    def __init__(
+        self,
+        window_items: int = 5,
+        window_ms: int = 3_600_000,
+        half_life_ms: float = 30 * 86_400_000,
+        backward: float = 0.5,
+        max_neighbors: int = 200,
+    ) -> None:
+        if window_items < 1:
+            msg = f"window_items is {window_items}; expected at least 1"
+            raise ModelError(msg)
+        self.name = "covisit"
+        self.window_items = window_items
+        self.window_ms = window_ms
+        self.half_life_ms = float(half_life_ms)
+        self.backward = backward
+        self.max_neighbors = max_neighbors
+        self.reference_ms: int | None = None
+        self._rows: dict[int, dict[int, float]] = {}
+        self._totals: dict[int, float] = {}
+        self._recent: dict[str, list[tuple[int, int]]] = {}
+        self._memo_key: tuple[str, int] | None = None
+        self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
+        self._version = 0
+
+    def learn(self, batch: EventBatch) -> None:
+        """Add the pairs that each event forms with the user's recent items."""
+        self._version += 1
+        items = batch.items.tolist()
+        weights = batch.weights.tolist()
+        times = batch.times.tolist()
+        for event, item, weight, time_ms in zip(batch.events, items, weights, times, strict=True):
+            if weight <= 0:
+                continue
+            if self.reference_ms is None:
+                self.reference_ms = time_ms
+            exponent = (time_ms - self.reference_ms) / self.half_life_ms
+            if exponent > _MAX_DECAY_EXPONENT:
+                self._rescale(time_ms)
+                exponent = 0.0
+            scale = weight * math.exp2(exponent)
+            recent = self._recent.setdefault(event.user_id, [])
+            gap = 0
+            for previous, previous_ms in reversed(recent):
+                gap += 1
+                if previous == item or time_ms - previous_ms > self.window_ms:
+                    continue
+                self._add(previous, item, scale / gap)
+                self._add(item, previous, self.backward * scale / gap)
+            for position, (previous, _) in enumerate(recent):
+                if previous == item:
+                    del recent[position]
+                    break
+            recent.append((item, time_ms))
+            del recent[: -self.window_items]
+
+    def _add(self, source: int, target: int, amount: float) -> None:
+        row = self._rows.get(source)
+        if row is None:
+            row = self._rows[source] = {}
+        row[target] = row.get(target, 0.0) + amount
+        self._totals[source] = self._totals.get(source, 0.0) + amount
+        if len(row) > 2 * self.max_neighbors:
+            kept = sorted(row.items(), key=lambda pair: (-pair[1], pair[0]))[: self.max_neighbors]
+            self._rows[source] = dict(kept)
+            self._totals[source] = sum(value for _, value in kept)
+
+    def _rescale(self, time_ms: int) -> None:
+        assert self.reference_ms is not None
+        factor = math.exp2((self.reference_ms - time_ms) / self.half_life_ms)
+        for row in self._rows.values():
+            for target in row:
+                row[target] *= factor
+        for source in self._totals:
+            self._totals[source] *= factor
+        self.reference_ms = time_ms
+
+    def user_items(self, user_id: str) -> list[int]:
+        """Return the user's last items, newest first."""
+        return [item for item, _ in reversed(self._recent.get(user_id, ()))]
+
+    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
+        key = (user_id, self._version)
+        if self._memo_key == key:
+            return self._memo
+        totals: dict[int, float] = {}
+        for position, source in enumerate(self.user_items(user_id)):
+            row = self._rows.get(source)
+            if not row:
+                continue
+            factor = 1.0 / ((1 + position) * self._totals[source])
+            for target, value in row.items():
+                totals[target] = totals.get(target, 0.0) + factor * value
+        if totals:
+            rows = np.fromiter(totals.keys(), dtype=np.int64, count=len(totals))
+            scores = np.fromiter(totals.values(), dtype=np.float64, count=len(totals))
+            order = np.argsort(rows)
+            result = (rows[order], scores[order])
+        else:
+            result = (_EMPTY_ROWS, _EMPTY_SCORES)
+        self._memo_key = key
+        self._memo = result
+        return result
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return the strongest neighbours of the user's recent items."""
+        rows, scores = self._user_scores(user_id)
+        if len(rows) <= n:
+            return rows[np.lexsort((rows, -scores))]
+        keep = np.lexsort((rows, -scores))[:n]
+        return rows[keep]
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return the neighbour scores of the given items."""
+        rows, scores = self._user_scores(user_id)
+        if len(rows) == 0 or len(items) == 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        positions = np.searchsorted(rows, items)
+        positions = np.minimum(positions, len(rows) - 1)
+        found = rows[positions] == items
+        return items[found], scores[positions[found]]
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop the user's recent items; pair counts hold no user id."""
+        self._recent.pop(user_id, None)
+        self._memo_key = None
+        self._version += 1
+
+    def state_bytes(self) -> int:
+        """Return an estimate: about 100 bytes per stored pair and per recent item."""
+        pairs = sum(len(row) for row in self._rows.values())
+        recent = sum(len(items) for items in self._recent.values())
+        return 100 * (pairs + recent + len(self._rows))

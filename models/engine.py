@@ -1,0 +1,631 @@
+"""The recommender that the worker and the evaluation drive: models, fusion, filters, top-k."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from models.base import (
+    NO_CATEGORY,
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ItemCatalog,
+    Model,
+    ModelError,
+)
+from models.context import ContextModel
+from models.covisit import CoVisitationModel
+from models.fusion import (
+    FUSION_STRATEGIES,
+    BoolMatrix,
+    LearnedFusion,
+    normalize,
+    ranks,
+    rrf_fusion,
+    weighted_fusion,
+)
+from models.history import RecentItemsModel
+from models.mf import ImplicitMF
+from models.popularity import CategoryModel, PopularityModel
+from schemas import EVENT_TYPES, Event, ItemUpdate, RecommendedItem
+
+logger = logging.getLogger(__name__)
+
+VERSION = "fusionrec-0.1"
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+MODEL_NAMES = ("popular", "trending", "category", "covisit", "recent", "mf", "context")
+DEFAULT_WEIGHTS: dict[str, float] = {
+    "popular": 0.05,
+    "trending": 0.05,
+    "category": 0.5,
+    "covisit": 1.0,
+    "recent": 1.0,
+    "mf": 0.2,
+    "context": 0.2,
+}
+DEFAULT_CANDIDATES: dict[str, int] = {
+    "popular": 30,
+    "trending": 30,
+    "category": 30,
+    "covisit": 100,
+    "recent": 50,
+    "mf": 100,
+    "context": 0,
+}
+
+
+def _default_type_weights() -> dict[str, float]:
+    return {"view": 1.0, "click": 2.0, "purchase": 4.0}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every tunable of the recommender; the defaults are the product's default configuration.
+
+    >>> EngineConfig().k
+    20
+    >>> EngineConfig(fusion="rrf").fusion
+    'rrf'
+    """
+
+    k: int = 20
+    fusion: str = "weighted"
+    weights: dict[str, float] | None = None
+    repeat_purchases: str = "exclude"
+    rebuyable_categories: frozenset[str] | None = None
+    max_per_category: int | None = None
+    exploration: float = 0.0
+    seed: int = 0
+    type_weights: dict[str, float] = field(default_factory=_default_type_weights)
+    popularity_half_life_ms: float = DAY_MS
+    trending_half_life_ms: float = 3 * HOUR_MS
+    recent_half_life_ms: float = 3 * DAY_MS
+    recent_max_items: int = 200
+    category_recent: int = 3
+    category_decay: float = 0.5
+    covisit_window_items: int = 5
+    covisit_window_ms: int = HOUR_MS
+    covisit_half_life_ms: float = 30 * DAY_MS
+    covisit_backward: float = 0.5
+    covisit_max_neighbors: int = 200
+    mf_factors: int = 32
+    mf_learning_rate: float = 0.05
+    mf_l2: float = 0.01
+    mf_negatives: int = 3
+    mf_sampling_power: float = 0.75
+    context_learning_rate: float = 0.05
+    context_max_users: int = 100_000
+    fusion_learning_rate: float = 0.05
+    fusion_memory_users: int = 10_000
+    cold_events: int = 5
+    candidates: dict[str, int] | None = None
+
+    def model_weights(self) -> dict[str, float]:
+        """Return the fusion weight of every model, defaults filled in."""
+        weights = dict(DEFAULT_WEIGHTS)
+        if self.weights:
+            weights.update(self.weights)
+        return weights
+
+    def candidate_counts(self) -> dict[str, int]:
+        """Return how many candidates each model proposes, defaults filled in."""
+        counts = dict(DEFAULT_CANDIDATES)
+        if self.candidates:
+            counts.update(self.candidates)
+        return counts
+
+    def validate(self) -> None:
+        """Raise `ModelError` naming the first field with an invalid value."""
+        if self.k < 1:
+            msg = f"k is {self.k}; expected at least 1"
+            raise ModelError(msg)
+        if self.fusion not in FUSION_STRATEGIES:
+            msg = f"fusion is {self.fusion!r}; expected one of {', '.join(FUSION_STRATEGIES)}"
+            raise ModelError(msg)
+        if self.repeat_purchases not in ("exclude", "allow"):
+            msg = f"repeat_purchases is {self.repeat_purchases!r}; expected 'exclude' or 'allow'"
+            raise ModelError(msg)
+        unknown = set(self.weights or {}) - set(MODEL_NAMES)
+        if unknown:
+            msg = f"weights name unknown models {sorted(unknown)}; expected some of {MODEL_NAMES}"
+            raise ModelError(msg)
+        for name, weight in self.model_weights().items():
+            if not math.isfinite(weight) or weight < 0:
+                msg = f"weight of {name} is {weight}; expected a finite number >= 0"
+                raise ModelError(msg)
+        if not 0.0 <= self.exploration < 1.0:
+            msg = f"exploration is {self.exploration}; expected a share in [0, 1)"
+            raise ModelError(msg)
+        if self.max_per_category is not None and self.max_per_category < 1:
+            msg = f"max_per_category is {self.max_per_category}; expected at least 1 or None"
+            raise ModelError(msg)
+        missing = set(EVENT_TYPES) - set(self.type_weights)
+        if missing or any(not w > 0 for w in self.type_weights.values()):
+            msg = (
+                f"type_weights is {self.type_weights}; "
+                f"expected a weight > 0 for each of {EVENT_TYPES}"
+            )
+            raise ModelError(msg)
+
+
+@dataclass(slots=True)
+class CandidateScores:
+    """One user's candidates with every model's normalized score.
+
+    Attributes
+    ----------
+    items
+        Catalog rows of the candidates, ascending.
+    normalized
+        Scores of shape ``(n_models, n_candidates)``, in `MODEL_NAMES` order.
+    mask
+        Which model has an opinion on which candidate.
+    cold
+        Whether the user counts as cold for learned fusion.
+
+    """
+
+    user_id: str
+    items: IntArray
+    normalized: FloatArray
+    mask: BoolMatrix
+    cold: bool
+
+
+@dataclass(slots=True)
+class _UserState:
+    history: list[int] = field(default_factory=list)
+    purchased: dict[int, int] = field(default_factory=dict)
+    last_category: int = NO_CATEGORY
+
+
+@dataclass(slots=True)
+class _Served:
+    items: IntArray
+    features: FloatArray
+    cold: bool
+
+
+class Recommender:
+    """Online models fused into one top-k list per user.
+
+    Learning is batched and in event order; every event reaches every model.
+    Lists leave out items that are out of stock and, unless the policy allows
+    repeat purchases, the items the user bought. Results are deterministic
+    for a fixed seed and event order, and the object pickles whole.
+
+    >>> engine = Recommender(EngineConfig(k=2))
+    >>> engine.learn([Event("e1", "view", "u1", "a", 0), Event("e2", "view", "u1", "b", 1000),
+    ...               Event("e3", "view", "u2", "a", 2000)])
+    >>> [entry.item_id for entry in engine.recommend(["u2"])[0]]
+    ['a', 'b']
+    >>> engine.recommend(["u2"])[0][1].sources[:1]
+    ('covisit',)
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config if config is not None else EngineConfig()
+        config.validate()
+        self.model_version = f"{VERSION}/{config.fusion}"
+        self.catalog = ItemCatalog()
+        popular = PopularityModel("popular", config.popularity_half_life_ms)
+        self.models: dict[str, Model] = {
+            "popular": popular,
+            "trending": PopularityModel("trending", config.trending_half_life_ms),
+            "category": CategoryModel(
+                self.catalog, popular, config.category_recent, config.category_decay
+            ),
+            "covisit": CoVisitationModel(
+                window_items=config.covisit_window_items,
+                window_ms=config.covisit_window_ms,
+                half_life_ms=config.covisit_half_life_ms,
+                backward=config.covisit_backward,
+                max_neighbors=config.covisit_max_neighbors,
+            ),
+            "recent": RecentItemsModel(config.recent_half_life_ms, config.recent_max_items),
+            "mf": ImplicitMF(
+                factors=config.mf_factors,
+                learning_rate=config.mf_learning_rate,
+                l2=config.mf_l2,
+                negatives=config.mf_negatives,
+                sampling_power=config.mf_sampling_power,
+                seed=config.seed,
+            ),
+            "context": ContextModel(
+                self.catalog,
+                learning_rate=config.context_learning_rate,
+                max_users=config.context_max_users,
+                seed=config.seed + 1,
+            ),
+        }
+        weights = config.model_weights()
+        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self.candidate_counts = config.candidate_counts()
+        self.fusion = LearnedFusion(
+            MODEL_NAMES, self.weights, learning_rate=config.fusion_learning_rate
+        )
+        self._rebuyable = {
+            self.catalog.category_row(name) for name in config.rebuyable_categories or ()
+        }
+        self._users: dict[str, _UserState] = {}
+        self._served: OrderedDict[str, _Served] = OrderedDict()
+        self._rng = np.random.default_rng(config.seed + 2)
+
+    # Learning
+
+    def learn(self, events: Sequence[Event]) -> None:
+        """Apply a batch of events in the given order to every model."""
+        if not events:
+            return
+        batch = self._batch(events)
+        self._learn_fusion(batch)
+        for model in self.models.values():
+            model.learn(batch)
+        self._update_users(batch)
+
+    def _batch(self, events: Sequence[Event]) -> EventBatch:
+        type_weights = self.config.type_weights
+        purchase_weight = type_weights["purchase"]
+        items = np.empty(len(events), dtype=np.int64)
+        weights = np.empty(len(events), dtype=np.float64)
+        times = np.empty(len(events), dtype=np.int64)
+        for index, event in enumerate(events):
+            weight = type_weights.get(event.type)
+            if weight is None:
+                msg = f"event type is {event.type!r}; expected one of {', '.join(EVENT_TYPES)}"
+                raise ModelError(msg)
+            items[index] = self.catalog.add(event.item_id, event.category, event.price)
+            weights[index] = -purchase_weight if event.is_refund else weight
+            times[index] = event.timestamp_ms
+        categories = self.catalog.categories[items]
+        return EventBatch(events, items, weights, times, categories)
+
+    def _update_users(self, batch: EventBatch) -> None:
+        items = batch.items.tolist()
+        categories = batch.categories.tolist()
+        for event, item, category in zip(batch.events, items, categories, strict=True):
+            state = self._users.get(event.user_id)
+            if state is None:
+                state = self._users[event.user_id] = _UserState()
+            state.history.append(item)
+            if category != NO_CATEGORY:
+                state.last_category = category
+            if event.type == "purchase":
+                units = state.purchased.get(item, 0) + (-1 if event.is_refund else 1)
+                if units > 0:
+                    state.purchased[item] = units
+                else:
+                    state.purchased.pop(item, None)
+
+    def _learn_fusion(self, batch: EventBatch) -> None:
+        if not self._served:
+            return
+        for event, item in zip(batch.events, batch.items.tolist(), strict=True):
+            served = self._served.pop(event.user_id, None)
+            if served is None or event.is_refund:
+                continue
+            position = int(np.searchsorted(served.items, item))
+            if position >= len(served.items) or served.items[position] != item:
+                continue
+            scores = self.fusion.score(served.features, served.cold)
+            order = np.argsort(-scores, kind="stable")
+            negatives = [int(p) for p in order[: self.fusion.max_negatives + 1] if p != position]
+            self.fusion.update(served.features, position, negatives, served.cold)
+
+    # Item updates and erasure
+
+    def update_item(self, update: ItemUpdate) -> None:
+        """Apply a change of stock, price or category; it shows at the next `recommend`."""
+        row = self.catalog.add(update.item_id, update.category, update.price)
+        if update.in_stock is not None:
+            self.catalog.set_stock(row, update.in_stock)
+        category_model = self.models["category"]
+        assert isinstance(category_model, CategoryModel)
+        category_model.refresh_items(np.array([row], dtype=np.int64))
+
+    def forget_user(self, user_id: str) -> None:
+        """Remove every trace of the user from the engine and every model."""
+        self._users.pop(user_id, None)
+        self._served.pop(user_id, None)
+        for model in self.models.values():
+            model.forget_user(user_id)
+
+    def has_user(self, user_id: str) -> bool:
+        """Return whether the engine holds any event of the user."""
+        return user_id in self._users
+
+    def user_history(self, user_id: str) -> list[str]:
+        """Return the item ids of the user's events, in the order learned."""
+        state = self._users.get(user_id)
+        if state is None:
+            return []
+        ids = self.catalog.ids
+        return [ids[row] for row in state.history]
+
+    def user_item_rows(self, user_id: str) -> list[int]:
+        """Return the catalog rows of the user's events, in the order learned."""
+        state = self._users.get(user_id)
+        return [] if state is None else list(state.history)
+
+    def stats(self) -> dict[str, Any]:
+        """Return counts and the estimated bytes of state per model."""
+        return {
+            "n_users": len(self._users),
+            "n_items": len(self.catalog),
+            "bytes": {name: model.state_bytes() for name, model in self.models.items()},
+            "fusion_updates": {
+                "cold": self.fusion.updates[True],
+                "warm": self.fusion.updates[False],
+            },
+        }
+
+    # Ranking
+
+    def is_cold(self, user_id: str) -> bool:
+        """Return whether the user has fewer events than ``cold_events``."""
+        state = self._users.get(user_id)
+        return state is None or len(state.history) < self.config.cold_events
+
+    def _blocked(self, user_id: str, items: IntArray) -> IntArray:
+        keep = self.catalog.in_stock[items]
+        state = self._users.get(user_id)
+        if self.config.repeat_purchases == "exclude" and state is not None and state.purchased:
+            purchased = state.purchased
+            bought = np.array([row in purchased for row in items.tolist()], dtype=bool)
+            if self._rebuyable and bought.any():
+                categories = self.catalog.categories[items]
+                rebuyable = np.array([c in self._rebuyable for c in categories.tolist()])
+                bought &= ~rebuyable
+            keep &= ~bought
+        return items[keep]
+
+    def candidate_scores(
+        self, user_id: str, exclude: Collection[int] = (), remember: bool = True
+    ) -> CandidateScores:
+        """Collect candidates from every model and score them with every model.
+
+        ``exclude`` lists catalog rows to leave out beside the filters.
+        ``remember`` keeps the features so that learned fusion can learn from
+        the user's next event.
+        """
+        parts = [
+            self.models[name].candidates(user_id, count)
+            for name, count in self.candidate_counts.items()
+            if count > 0
+        ]
+        items = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        items = self._blocked(user_id, items)
+        if exclude:
+            drop = np.fromiter(exclude, dtype=np.int64, count=len(exclude))
+            items = items[~np.isin(items, drop)]
+        scores = np.zeros((len(MODEL_NAMES), len(items)), dtype=np.float64)
+        mask = np.zeros((len(MODEL_NAMES), len(items)), dtype=bool)
+        for row, name in enumerate(MODEL_NAMES):
+            scored, values = self.models[name].score(user_id, items)
+            if len(scored) == 0:
+                continue
+            finite = np.isfinite(values)
+            positions = np.searchsorted(items, scored[finite])
+            scores[row, positions] = values[finite]
+            mask[row, positions] = True
+        result = CandidateScores(
+            user_id, items, normalize(scores, mask), mask, self.is_cold(user_id)
+        )
+        if remember and len(items):
+            self._remember(result)
+        return result
+
+    def _remember(self, scored: CandidateScores) -> None:
+        features = self.fusion.features(scored.normalized, scored.mask)
+        self._served[scored.user_id] = _Served(scored.items, features, scored.cold)
+        self._served.move_to_end(scored.user_id)
+        if len(self._served) > self.config.fusion_memory_users:
+            self._served.popitem(last=False)
+
+    def fused(self, scored: CandidateScores, strategy: str) -> FloatArray:
+        """Return one fused score per candidate under ``strategy``, or one model's name."""
+        if strategy == "weighted":
+            return weighted_fusion(scored.normalized, scored.mask, self.weights)
+        if strategy == "rrf":
+            rank_matrix = ranks(scored.normalized, scored.mask)
+            return rrf_fusion(rank_matrix, scored.mask, self.weights)
+        if strategy == "learned":
+            features = self.fusion.features(scored.normalized, scored.mask)
+            return self.fusion.score(features, scored.cold)
+        if strategy in MODEL_NAMES:
+            row = MODEL_NAMES.index(strategy)
+            return np.where(scored.mask[row], scored.normalized[row], -np.inf)
+        msg = f"strategy is {strategy!r}; expected one of {FUSION_STRATEGIES + MODEL_NAMES}"
+        raise ModelError(msg)
+
+    def top_rows(
+        self,
+        scored: CandidateScores,
+        scores: FloatArray,
+        k: int,
+        allowed: npt.NDArray[np.bool_] | None = None,
+        pad_exclude: Collection[int] = (),
+    ) -> tuple[list[int], list[float]]:
+        """Return the best ``k`` candidate rows by ``scores``, then padding from popularity.
+
+        Candidates with a score of minus infinity are left out. ``allowed``
+        is an optional boolean mask over the candidates; padding skips every
+        candidate that was not taken and the rows in ``pad_exclude``. Padding
+        items get scores just below the last ranked one.
+        """
+        valid = np.isfinite(scores)
+        if allowed is not None:
+            valid &= allowed
+        chosen = np.flatnonzero(valid)
+        order = chosen[np.lexsort((scored.items[chosen], -scores[chosen]))]
+        rows: list[int] = []
+        values: list[float] = []
+        cap = self.config.max_per_category
+        per_category: dict[int, int] = {}
+        categories = self.catalog.categories
+        for position in order.tolist():
+            row = int(scored.items[position])
+            if cap is not None:
+                category = int(categories[row])
+                if category != NO_CATEGORY:
+                    if per_category.get(category, 0) >= cap:
+                        continue
+                    per_category[category] = per_category.get(category, 0) + 1
+            rows.append(row)
+            values.append(float(scores[position]))
+            if len(rows) == k:
+                break
+        if len(rows) < k:
+            self._pad(scored, rows, values, k, per_category, pad_exclude)
+        return rows, values
+
+    def _pad(
+        self,
+        scored: CandidateScores,
+        rows: list[int],
+        values: list[float],
+        k: int,
+        per_category: dict[int, int],
+        pad_exclude: Collection[int] = (),
+    ) -> None:
+        taken = set(rows)
+        scored_rows = set(scored.items.tolist())
+        excluded_candidates = scored_rows - taken
+        floor = values[-1] if values else 0.0
+        want = 4 * k + len(taken) + len(pad_exclude)
+        popular = self.models["popular"].candidates(scored.user_id, want)
+        popular = self._blocked(scored.user_id, popular)
+        cap = self.config.max_per_category
+        categories = self.catalog.categories
+        for row in popular.tolist():
+            if row in taken or row in excluded_candidates or row in pad_exclude:
+                continue
+            if cap is not None:
+                category = int(categories[row])
+                if category != NO_CATEGORY:
+                    if per_category.get(category, 0) >= cap:
+                        continue
+                    per_category[category] = per_category.get(category, 0) + 1
+            floor = math.nextafter(floor, -math.inf) if values else floor - 1e-9
+            rows.append(row)
+            values.append(floor)
+            taken.add(row)
+            if len(rows) == k:
+                return
+
+    def recommend(
+        self, user_ids: Sequence[str], k: int | None = None
+    ) -> list[list[RecommendedItem]]:
+        """Return each user's top-k list, best first, with the models behind each item.
+
+        Unknown users get trending items; cold users get the fusion with the
+        cold weights, where trending and category popularity lead.
+        """
+        k = self.config.k if k is None else k
+        if k < 1:
+            msg = f"k is {k}; expected at least 1"
+            raise ModelError(msg)
+        return [self._recommend_one(user_id, k) for user_id in user_ids]
+
+    def _recommend_one(self, user_id: str, k: int) -> list[RecommendedItem]:
+        if user_id not in self._users:
+            return self._trending(user_id, k)
+        scored = self.candidate_scores(user_id)
+        scores = self.fused(scored, self.config.fusion)
+        n_explore = int(k * self.config.exploration)
+        rows, values = self.top_rows(scored, scores, k - n_explore)
+        sources = self._sources(scored, rows)
+        if n_explore:
+            self._explore(scored, rows, values, sources, n_explore)
+        ids = self.catalog.ids
+        return [
+            RecommendedItem(ids[row], value, source)
+            for row, value, source in zip(rows, values, sources, strict=True)
+        ]
+
+    def _sources(self, scored: CandidateScores, rows: list[int]) -> list[tuple[str, ...]]:
+        out: list[tuple[str, ...]] = []
+        for row in rows:
+            position = int(np.searchsorted(scored.items, row))
+            if position < len(scored.items) and scored.items[position] == row:
+                opinions = scored.mask[:, position]
+                named = [MODEL_NAMES[m] for m in np.flatnonzero(opinions).tolist()]
+                weights = self.weights[opinions]
+                named_sorted = [
+                    name
+                    for _, name in sorted(
+                        zip(-weights * scored.normalized[opinions, position], named, strict=True)
+                    )
+                ]
+                out.append(tuple(named_sorted))
+            else:
+                out.append(("popular",))
+        return out
+
+    def _explore(
+        self,
+        scored: CandidateScores,
+        rows: list[int],
+        values: list[float],
+        sources: list[tuple[str, ...]],
+        n_explore: int,
+    ) -> None:
+        pool = self.models["trending"].candidates(scored.user_id, 10 * n_explore + len(rows))
+        pool = self._blocked(scored.user_id, pool)
+        taken = set(rows)
+        fresh = [row for row in pool.tolist() if row not in taken]
+        if not fresh:
+            return
+        picks = self._rng.choice(len(fresh), size=min(n_explore, len(fresh)), replace=False)
+        floor = values[-1] if values else 0.0
+        for pick in sorted(picks.tolist()):
+            floor = math.nextafter(floor, -math.inf)
+            rows.append(fresh[pick])
+            values.append(floor)
+            sources.append(("explore",))
+
+    def _trending(self, user_id: str, k: int) -> list[RecommendedItem]:
+        trending = self.models["trending"]
+        rows = self._blocked(user_id, trending.candidates(user_id, 4 * k))[:k]
+        scored_rows, scores = trending.score(user_id, rows)
+        out = _normalized_entries(self.catalog.ids, scored_rows, scores, ("trending",))
+        if len(out) < k:
+            taken = {entry.item_id for entry in out}
+            for entry in self.popular(4 * k):
+                if entry.item_id not in taken and len(out) < k:
+                    floor = out[-1].score if out else 1.0
+                    out.append(
+                        RecommendedItem(entry.item_id, math.nextafter(floor, -1.0), ("popular",))
+                    )
+        return out
+
+    def popular(self, k: int | None = None) -> list[RecommendedItem]:
+        """Return the most popular items in stock, scores scaled to the leader's."""
+        k = self.config.k if k is None else k
+        model = self.models["popular"]
+        rows = model.candidates("", 2 * k + 16)
+        rows = rows[self.catalog.in_stock[rows]][:k]
+        scored_rows, scores = model.score("", rows)
+        return _normalized_entries(self.catalog.ids, scored_rows, scores, ("popular",))
+
+
+def _normalized_entries(
+    ids: list[str], rows: IntArray, scores: FloatArray, sources: tuple[str, ...]
+) -> list[RecommendedItem]:
+    if len(rows) == 0:
+        return []
+    order = np.lexsort((rows, -scores))
+    leader = float(scores[order[0]])
+    return [
+        RecommendedItem(ids[int(rows[i])], float(scores[i]) / leader, sources)
+        for i in order.tolist()
+    ]

@@ -1,0 +1,213 @@
+"""Online implicit matrix factorization in numpy."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import numpy.typing as npt
+
+from models.base import EventBatch, FloatArray, IntArray, ModelError
+
+logger = logging.getLogger(__name__)
+
+_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
+Float32Array = npt.NDArray[np.float32]
+
+
+class ImplicitMF:
+    """Logistic matrix factorization learned online from implicit feedback.
+
+    Each event is a positive example weighted by its type weight; each brings
+    ``negatives`` items drawn with probability proportional to
+    ``(count + 1) ** sampling_power``, so popular items are the usual
+    negatives. One SGD step with L2 runs over a whole batch at once. User and
+    item tables are float32 and grow as ids arrive; vectors are drawn from a
+    generator seeded with ``seed``, so a fixed event order gives fixed tables.
+    Users with no vector get no scores: scoring never creates one.
+
+    >>> from schemas import Event
+    >>> from models.engine import Recommender
+    >>> engine = Recommender()
+    >>> engine.learn([Event("e1", "view", "u1", "a", 0)])
+    >>> items, scores = engine.models["mf"].score("u1", np.array([0]))
+    >>> items.tolist(), bool(np.isfinite(scores).all())
+    ([0], True)
+    >>> engine.models["mf"].score("nobody", np.array([0]))[0].tolist()
+    []
+    """
+
+    def __init__(
+        self,
+        factors: int = 32,
+        learning_rate: float = 0.05,
+        l2: float = 0.01,
+        negatives: int = 3,
+        sampling_power: float = 0.75,
+        init_scale: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if factors < 1:
+            msg = f"factors is {factors}; expected at least 1"
+            raise ModelError(msg)
+        if negatives < 0:
+            msg = f"negatives is {negatives}; expected 0 or more"
+            raise ModelError(msg)
+        self.name = "mf"
+        self.factors = factors
+        self.learning_rate = learning_rate
+        self.l2 = l2
+        self.negatives = negatives
+        self.sampling_power = sampling_power
+        self.init_scale = init_scale
+        self._rng = np.random.default_rng(seed)
+        self.user_rows: dict[str, int] = {}
+        self._free_rows: list[int] = []
+        self._user_factors: Float32Array = np.zeros((0, factors), dtype=np.float32)
+        self._item_factors: Float32Array = np.zeros((0, factors), dtype=np.float32)
+        self._n_items = 0
+        self._counts = np.zeros(0, dtype=np.float64)
+        self._sampling_cdf: FloatArray | None = None
+        self._events_since_cdf = 0
+
+    @property
+    def n_items(self) -> int:
+        """Number of item rows with a vector."""
+        return self._n_items
+
+    def item_factors(self) -> Float32Array:
+        """Return the item table, one row per catalog item seen so far."""
+        return self._item_factors[: self._n_items]
+
+    def user_vector(self, user_id: str) -> Float32Array | None:
+        """Return the user's vector, or ``None`` when the user has none."""
+        row = self.user_rows.get(user_id)
+        return None if row is None else self._user_factors[row]
+
+    def _random_rows(self, count: int) -> Float32Array:
+        values = self._rng.normal(0.0, self.init_scale, size=(count, self.factors))
+        return values.astype(np.float32)
+
+    def _ensure_items(self, size: int) -> None:
+        if size <= self._n_items:
+            return
+        if size > len(self._item_factors):
+            grown = np.zeros((max(size, 2 * len(self._item_factors), 16), self.factors), np.float32)
+            grown[: self._n_items] = self._item_factors[: self._n_items]
+            self._item_factors = grown
+            counts = np.zeros(len(grown), dtype=np.float64)
+            counts[: len(self._counts)] = self._counts
+            self._counts = counts
+        self._item_factors[self._n_items : size] = self._random_rows(size - self._n_items)
+        self._n_items = size
+
+    def _user_row(self, user_id: str) -> int:
+        row = self.user_rows.get(user_id)
+        if row is not None:
+            return row
+        if self._free_rows:
+            row = self._free_rows.pop()
+        else:
+            row = len(self.user_rows)
+            if row >= len(self._user_factors):
+                capacity = max(row + 1, 2 * len(self._user_factors), 16)
+                grown = np.zeros((capacity, self.factors), dtype=np.float32)
+                grown[: len(self._user_factors)] = self._user_factors
+                self._user_factors = grown
+        self._user_factors[row] = self._random_rows(1)[0]
+        self.user_rows[user_id] = row
+        return row
+
+    def _sample_negatives(self, count: int) -> IntArray:
+        # The sampling distribution is rebuilt after a tenth of the catalog's
+        # size in events (at least 1,000), because a rebuild scans every item.
+        stale = self._events_since_cdf >= max(1000, self._n_items // 10)
+        if self._sampling_cdf is None or stale:
+            self._events_since_cdf = 0
+            mass = (self._counts[: self._n_items] + 1.0) ** self.sampling_power
+            cdf = np.cumsum(mass)
+            self._sampling_cdf = cdf / cdf[-1]
+        draws = self._rng.random(count)
+        rows = np.searchsorted(self._sampling_cdf, draws, side="right")
+        return np.minimum(rows, self._n_items - 1).astype(np.int64)
+
+    def learn(self, batch: EventBatch) -> None:
+        """Take one SGD step over the batch's positive events and their sampled negatives."""
+        positive = np.flatnonzero(batch.positive)
+        if len(positive) == 0:
+            return
+        items = batch.items[positive]
+        weights = batch.weights[positive].astype(np.float32)
+        self._ensure_items(int(items.max()) + 1)
+        users = np.array(
+            [self._user_row(batch.events[p].user_id) for p in positive.tolist()], dtype=np.int64
+        )
+        negatives = self._sample_negatives(len(items) * self.negatives).reshape(
+            len(items), self.negatives
+        )
+        self._step(users, items, weights, negatives)
+        np.add.at(self._counts, items, 1.0)
+        self._events_since_cdf += len(items)
+
+    def _step(
+        self, users: IntArray, items: IntArray, weights: Float32Array, negatives: IntArray
+    ) -> None:
+        user_vectors = self._user_factors[users]
+        item_vectors = self._item_factors[items]
+        negative_vectors = self._item_factors[negatives]
+
+        positive_scores = np.einsum("bf,bf->b", user_vectors, item_vectors)
+        negative_scores = np.einsum("bf,bnf->bn", user_vectors, negative_vectors)
+        positive_grad = weights * (1.0 / (1.0 + np.exp(-positive_scores)) - 1.0)
+        negative_grad = 1.0 / (1.0 + np.exp(-negative_scores))
+
+        user_grad = positive_grad[:, None] * item_vectors
+        user_grad += np.einsum("bn,bnf->bf", negative_grad, negative_vectors)
+        user_grad += self.l2 * user_vectors
+        item_grad = positive_grad[:, None] * user_vectors + self.l2 * item_vectors
+        negative_item_grad = negative_grad[:, :, None] * user_vectors[:, None, :]
+        negative_item_grad += self.l2 * negative_vectors
+
+        rate = np.float32(self.learning_rate)
+        np.add.at(self._user_factors, users, -rate * user_grad)
+        np.add.at(self._item_factors, items, -rate * item_grad)
+        np.add.at(
+            self._item_factors,
+            negatives.reshape(-1),
+            -rate * negative_item_grad.reshape(-1, self.factors),
+        )
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return the ``n`` items with the highest dot product, over the whole catalog."""
+        vector = self.user_vector(user_id)
+        if vector is None or self._n_items == 0 or n <= 0:
+            return _EMPTY_ROWS
+        scores = self._item_factors[: self._n_items] @ vector
+        if n < len(scores):
+            leading = np.argpartition(-scores, n - 1)[:n]
+        else:
+            leading = np.arange(len(scores))
+        order = np.lexsort((leading, -scores[leading]))
+        return leading[order].astype(np.int64)
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return the dot products of the user's vector with the given item vectors."""
+        vector = self.user_vector(user_id)
+        if vector is None:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        known = items[items < self._n_items]
+        scores = (self._item_factors[known] @ vector).astype(np.float64)
+        return known, scores
+
+    def forget_user(self, user_id: str) -> None:
+        """Erase the user's vector and free its row."""
+        row = self.user_rows.pop(user_id, None)
+        if row is not None:
+            self._user_factors[row] = 0.0
+            self._free_rows.append(row)
+
+    def state_bytes(self) -> int:
+        """Return the size of both tables, the counts and the user index."""
+        tables = self._user_factors.nbytes + self._item_factors.nbytes + self._counts.nbytes
+        return int(tables + 100 * len(self.user_rows))

@@ -1,0 +1,227 @@
+"""Decayed popularity, trending and per-category popularity."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+
+from models.base import (
+    NO_CATEGORY,
+    DecayedScores,
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ItemCatalog,
+    top_n,
+)
+
+logger = logging.getLogger(__name__)
+
+_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
+
+
+class PopularityModel:
+    """Item popularity by type weight, halving every ``half_life_ms`` of event time.
+
+    The same score serves every user. Refunds subtract their purchase's
+    weight, and no score drops below zero. A cache of the leading items keeps
+    ``candidates`` from scanning the whole catalog after every event.
+
+    >>> from schemas import Event
+    >>> from models.engine import Recommender
+    >>> engine = Recommender()
+    >>> engine.learn([Event("e1", "view", "u1", "i1", 0), Event("e2", "purchase", "u2", "i2", 0)])
+    >>> [engine.catalog.ids[row] for row in engine.models["popular"].candidates("u1", 2)]
+    ['i2', 'i1']
+    """
+
+    def __init__(self, name: str, half_life_ms: float) -> None:
+        self.name = name
+        self.scores = DecayedScores(half_life_ms)
+        self._cache = _EMPTY_ROWS
+        self._cache_n = 0
+        self._threshold = np.inf
+        self._reference: int | None = None
+
+    def learn(self, batch: EventBatch) -> None:
+        """Add each event's type weight to its item."""
+        self.scores.add(batch.items, batch.weights, batch.times)
+        if self.scores.reference_ms != self._reference or (batch.weights < 0).any():
+            self._cache_n = 0
+            return
+        if self._cache_n == 0:
+            return
+        raw = self.scores.raw()
+        risen = batch.items[raw[batch.items] >= self._threshold]
+        if len(risen):
+            self._cache = np.union1d(self._cache, risen)
+            if len(self._cache) > 8 * self._cache_n:
+                self._cache_n = 0
+
+    def _leading(self, n: int) -> IntArray:
+        if self._cache_n < n:
+            raw = self.scores.raw()
+            self._cache_n = max(n, 16)
+            self._cache = np.sort(top_n(raw, 4 * self._cache_n))
+            full = len(self._cache) >= 4 * self._cache_n
+            self._threshold = float(raw[self._cache].min()) if full else 0.0
+            self._reference = self.scores.reference_ms
+        return self._cache
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return the ``n`` most popular items, best first."""
+        cache = self._leading(n)
+        return top_n(self.scores.raw()[cache], n, cache)
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return the popularity of the items that have any."""
+        raw = self.scores.raw()
+        known = items[items < len(raw)]
+        values = raw[known]
+        keep = values > 0
+        return known[keep], values[keep]
+
+    def forget_user(self, user_id: str) -> None:
+        """Keep the counts: they hold no per-user state."""
+
+    def state_bytes(self) -> int:
+        """Return the size of the score array and the cache."""
+        return int(self.scores.raw().nbytes + self._cache.nbytes)
+
+
+class CategoryModel:
+    """Popular items of the user's most recent categories, newest category first.
+
+    An item in the user's newest category scores its popularity share within
+    that category; the share in the next categories is multiplied by
+    ``category_decay`` once per step back.
+    It has no opinion on users or items without a category.
+
+    >>> from schemas import Event
+    >>> from models.engine import Recommender
+    >>> engine = Recommender()
+    >>> engine.learn([Event("e1", "view", "u1", "i1", 0, category="c1"),
+    ...               Event("e2", "view", "u2", "i2", 0, category="c1")])
+    >>> sorted(engine.catalog.ids[row] for row in engine.models["category"].candidates("u2", 5))
+    ['i1', 'i2']
+    """
+
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        popularity: PopularityModel,
+        n_categories: int = 3,
+        category_decay: float = 0.5,
+    ) -> None:
+        self.name = "category"
+        self.catalog = catalog
+        self.popularity = popularity
+        self.n_categories = n_categories
+        self.category_decay = category_decay
+        self._members: dict[int, list[int]] = {}
+        self._member_arrays: dict[int, IntArray] = {}
+        self._item_category = np.full(0, NO_CATEGORY, dtype=np.int64)
+        self._recent: dict[str, list[int]] = {}
+
+    def learn(self, batch: EventBatch) -> None:
+        """Index new items by category and move each user's categories forward."""
+        self.refresh_items(batch.items)
+        for event, category in zip(batch.events, batch.categories.tolist(), strict=True):
+            if category == NO_CATEGORY:
+                continue
+            recent = self._recent.get(event.user_id)
+            if recent is None:
+                self._recent[event.user_id] = [category]
+                continue
+            if recent and recent[0] == category:
+                continue
+            if category in recent:
+                recent.remove(category)
+            recent.insert(0, category)
+            del recent[self.n_categories :]
+
+    def refresh_items(self, items: IntArray) -> None:
+        """Move the given items to their current catalog category."""
+        size = len(self.catalog)
+        if size > len(self._item_category):
+            grown = np.full(max(size, 2 * len(self._item_category)), NO_CATEGORY, dtype=np.int64)
+            grown[: len(self._item_category)] = self._item_category
+            self._item_category = grown
+        current = self.catalog.categories[items]
+        changed = np.flatnonzero(current != self._item_category[items])
+        for position in changed.tolist():
+            row = int(items[position])
+            old = int(self._item_category[row])
+            new = int(current[position])
+            if old == new:
+                continue
+            if old != NO_CATEGORY:
+                self._members[old].remove(row)
+                self._member_arrays.pop(old, None)
+            if new != NO_CATEGORY:
+                self._members.setdefault(new, []).append(row)
+                self._member_arrays.pop(new, None)
+            self._item_category[row] = new
+
+    def user_categories(self, user_id: str) -> list[int]:
+        """Return the user's most recent category rows, newest first."""
+        return list(self._recent.get(user_id, ()))
+
+    def _members_of(self, category: int) -> IntArray:
+        rows = self._member_arrays.get(category)
+        if rows is None:
+            rows = np.array(self._members.get(category, ()), dtype=np.int64)
+            self._member_arrays[category] = rows
+        return rows
+
+    def top_of(self, category: int, n: int) -> IntArray:
+        """Return the ``n`` most popular items of one category, best first."""
+        rows = self._members_of(category)
+        if len(rows) == 0:
+            return _EMPTY_ROWS
+        return top_n(self.popularity.scores.raw()[rows], n, rows)
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return the leading items of the user's recent categories."""
+        recent = self._recent.get(user_id)
+        if not recent:
+            return _EMPTY_ROWS
+        parts = [self.top_of(category, n) for category in recent]
+        return np.concatenate(parts)
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Score items of the user's recent categories by popularity share."""
+        recent = self._recent.get(user_id)
+        if not recent:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        raw = self.popularity.scores.raw()
+        categories = self._item_category[items]
+        out_items: list[IntArray] = []
+        out_scores: list[FloatArray] = []
+        for position, category in enumerate(recent):
+            chosen = items[categories == category]
+            if len(chosen) == 0:
+                continue
+            leader = self.top_of(category, 1)
+            best = float(raw[leader[0]]) if len(leader) else 0.0
+            if best <= 0:
+                continue
+            out_items.append(chosen)
+            factor = self.category_decay**position / best
+            out_scores.append(np.maximum(raw[chosen], 0.0) * factor)
+        if not out_items:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        return np.concatenate(out_items), np.concatenate(out_scores)
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop the user's recent categories."""
+        self._recent.pop(user_id, None)
+
+    def state_bytes(self) -> int:
+        """Return an estimate of the category index and the per-user lists."""
+        per_user = sum(sys.getsizeof(v) + 28 * len(v) for v in self._recent.values())
+        index = 8 * len(self._item_category) + 36 * int(sum(map(len, self._members.values())))
+        return per_user + index

@@ -1,0 +1,145 @@
+"""The prequential protocol and its metrics, on tiny hand-computed streams."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from models.engine import EngineConfig
+from models.evaluation import RankMetrics, evaluate, wilson_interval
+from schemas import Event
+
+T0 = 1_700_000_000_000
+
+
+def _view(n: int, user: str, item: str, kind: str = "view") -> Event:
+    return Event(f"e{n}", kind, user, item, T0 + n * 1000)
+
+
+def test_rank_metrics_hand_computed() -> None:
+    metrics = RankMetrics()
+    for rank in (1, 2, None, 4):
+        metrics.add(rank)
+    assert metrics.hits == 3
+    assert metrics.n == 4
+    assert metrics.hr == pytest.approx(0.75)
+    assert metrics.ndcg == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(5)) / 4)
+    assert metrics.mrr == pytest.approx((1 + 0.5 + 0.25) / 4)
+
+
+def test_rank_metrics_empty_is_zero() -> None:
+    metrics = RankMetrics()
+    assert metrics.hr == 0.0
+    assert metrics.to_json()["hr_ci95"] == [0.0, 0.0]
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0
+    assert high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(10, 10)
+    assert low == pytest.approx(0.7225, abs=1e-4)
+    assert high == pytest.approx(1.0)
+
+
+def test_json_keys_match_contract() -> None:
+    result = RankMetrics()
+    result.add(2)
+    shown = result.to_json()
+    assert {"hr@10", "ndcg@10", "mrr@10", "hits", "n"} <= set(shown)
+
+
+def test_first_event_of_user_not_evaluated() -> None:
+    stream = [_view(0, "a", "x"), _view(1, "b", "x"), _view(2, "c", "y")]
+    result = evaluate(stream, strategies=["popular"])
+    assert result.results["popular"].all_events.n == 0
+
+
+def test_every_step_samples_global_index() -> None:
+    stream = [_view(n, "u", f"i{n % 3}") for n in range(10)]
+    result = evaluate(stream, strategies=["popular"], every=3)
+    # Indices 3, 6 and 9 are multiples of 3 with history; index 0 has none.
+    assert result.results["popular"].all_events.n == 3
+
+
+def test_recent_items_hand_computed() -> None:
+    # u alternates a, b: from index 2 on the item is in u's history, so the
+    # own-items model hits every time; index 1 (b) is new to u and misses.
+    stream = [_view(n, "u", "ab"[n % 2]) for n in range(6)]
+    result = evaluate(stream, EngineConfig(repeat_purchases="allow"), strategies=["recent"])
+    recent = result.results["recent"]
+    assert recent.all_events.n == 5
+    assert recent.all_events.hits == 4
+    assert recent.new_to_user.n == 1
+
+
+def test_new_to_user_leaves_history_out() -> None:
+    # After u saw x, the new-to-user list for y must not contain x, so the
+    # popularity list (x first, then y) puts y first.
+    stream = [
+        _view(0, "v", "x"),
+        _view(1, "v", "x"),
+        _view(2, "w", "y"),
+        _view(3, "u", "x"),
+        _view(4, "u", "y"),
+    ]
+    result = evaluate(stream, strategies=["popular"])
+    popular = result.results["popular"]
+    assert popular.new_to_user.n == 1
+    assert popular.new_to_user.hits == 1
+    assert popular.new_to_user.mrr == pytest.approx(1.0)
+
+
+def test_rank_recorded_for_ndcg() -> None:
+    # Index 1 (v on x): x is the only item, rank 1. Index 4 (u on y): x has
+    # two views, and z's single view is newer than y's, so y ranks third.
+    stream = [
+        _view(0, "v", "x"),
+        _view(1, "v", "x"),
+        _view(2, "w", "y"),
+        _view(3, "u", "z"),
+        _view(4, "u", "y"),
+    ]
+    result = evaluate(stream, strategies=["popular"])
+    popular = result.results["popular"]
+    assert popular.all_events.hits == 2
+    assert popular.all_events.mrr_sum == pytest.approx(1 + 1 / 3)
+
+
+def test_purchase_policy_applies_to_all_events() -> None:
+    stream = [_view(0, "u", "x", "purchase"), _view(1, "u", "x", "purchase")]
+    excluded = evaluate(stream, EngineConfig(repeat_purchases="exclude"), strategies=["recent"])
+    allowed = evaluate(stream, EngineConfig(repeat_purchases="allow"), strategies=["recent"])
+    assert excluded.results["recent"].all_events.hits == 0
+    assert allowed.results["recent"].all_events.hits == 1
+
+
+def test_by_type_and_coverage() -> None:
+    stream = [_view(0, "u", "x"), _view(1, "u", "x", "click"), _view(2, "u", "y", "purchase")]
+    result = evaluate(stream, EngineConfig(repeat_purchases="allow"), strategies=["recent"])
+    shown = result.to_json()["results"]["recent"]
+    assert shown["kind"] == "model"
+    assert shown["by_type"]["click"]["hits"] == 1
+    assert shown["by_type"]["purchase"]["hits"] == 0
+    assert 0.0 < shown["coverage"] <= 1.0
+
+
+def test_unknown_strategy_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown strategy 'best'"):
+        evaluate([], strategies=["best"])
+
+
+def test_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="every is 0"):
+        evaluate([], every=0)
+
+
+def test_timeline_buckets_count_hits() -> None:
+    stream = [_view(n, "u", "x") for n in range(8)]
+    result = evaluate(
+        stream, EngineConfig(repeat_purchases="allow"), strategies=["recent"], buckets=2
+    )
+    starts, rates = result.timeline("recent")
+    assert starts == [0, 4]
+    assert rates == [1.0, 1.0]

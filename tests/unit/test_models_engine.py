@@ -1,0 +1,264 @@
+"""Behaviour of the Recommender: policies, filters, erasure, determinism."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import unicodedata
+
+import numpy as np
+import pytest
+
+from models.base import DecayedScores, ModelError, top_n
+from models.engine import EngineConfig, Recommender
+from schemas import Event, ItemUpdate
+
+T0 = 1_700_000_000_000
+
+
+def _event(n: int, user: str, item: str, kind: str = "view", **extra: object) -> Event:
+    return Event(f"e{n}", kind, user, item, T0 + n * 1000, **extra)  # type: ignore[arg-type]
+
+
+def _ids(engine: Recommender, user: str, k: int | None = None) -> list[str]:
+    return [entry.item_id for entry in engine.recommend([user], k)[0]]
+
+
+def _shop() -> list[Event]:
+    events = []
+    for n in range(40):
+        events.append(_event(n, f"u{n % 5}", f"i{n % 8}", ("view", "click")[n % 2]))
+    return events
+
+
+def test_config_rejects_unknown_fusion() -> None:
+    with pytest.raises(ModelError, match="fusion is 'best'"):
+        Recommender(EngineConfig(fusion="best"))
+
+
+def test_config_rejects_unknown_weight_name() -> None:
+    with pytest.raises(ModelError, match="unknown models"):
+        Recommender(EngineConfig(weights={"nope": 1.0}))
+
+
+def test_config_rejects_negative_weight() -> None:
+    with pytest.raises(ModelError, match="weight of mf is -1.0"):
+        Recommender(EngineConfig(weights={"mf": -1.0}))
+
+
+def test_unknown_event_type_rejected() -> None:
+    with pytest.raises(ModelError, match="event type is 'cart'"):
+        Recommender().learn([_event(0, "u", "i", "cart")])
+
+
+def test_model_version_names_fusion() -> None:
+    assert Recommender(EngineConfig(fusion="rrf")).model_version == "fusionrec-0.1/rrf"
+
+
+def test_refund_undoes_purchase_popularity() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", "purchase", quantity=1)])
+    engine.learn([_event(1, "u1", "a", "purchase", quantity=-1)])
+    engine.learn([_event(2, "u1", "a", "purchase", quantity=-1)])
+    popularity = engine.models["popular"].score("", np.array([0]))
+    assert len(popularity[0]) == 0
+    assert engine.popular() == []
+
+
+def test_refund_is_never_positive_for_mf() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", "purchase", quantity=-2)])
+    assert engine.models["mf"].score("u1", np.array([0]))[0].tolist() == []
+
+
+def test_purchased_items_excluded_by_default() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase")])
+    assert "i3" not in _ids(engine, "u1")
+    assert "i3" in _ids(engine, "u2")
+
+
+def test_purchased_items_allowed_by_policy() -> None:
+    engine = Recommender(EngineConfig(repeat_purchases="allow"))
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase")])
+    assert "i3" in _ids(engine, "u1")
+
+
+def test_rebuyable_category_keeps_purchases() -> None:
+    engine = Recommender(EngineConfig(rebuyable_categories=frozenset({"food"})))
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase", category="food")])
+    engine.learn([_event(101, "u1", "i4", "purchase", category="toys")])
+    ids = _ids(engine, "u1")
+    assert "i3" in ids
+    assert "i4" not in ids
+
+
+def test_refunded_item_no_longer_excluded() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase", quantity=1)])
+    engine.learn([_event(101, "u1", "i3", "purchase", quantity=-1)])
+    assert "i3" in _ids(engine, "u1")
+
+
+def test_out_of_stock_item_leaves_lists() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    assert "i2" in _ids(engine, "u2")
+    engine.update_item(ItemUpdate("i2", T0, in_stock=False))
+    assert "i2" not in _ids(engine, "u2")
+    assert "i2" not in [entry.item_id for entry in engine.popular()]
+    engine.update_item(ItemUpdate("i2", T0, in_stock=True))
+    assert "i2" in _ids(engine, "u2")
+
+
+def test_category_cap_limits_each_category() -> None:
+    engine = Recommender(EngineConfig(max_per_category=1))
+    events = [_event(n, "u1", f"i{n}", category=f"c{n % 2}") for n in range(10)]
+    events.append(_event(20, "u2", "i0"))
+    engine.learn(events)
+    ids = _ids(engine, "u2", 5)
+    categories = [engine.catalog.category_name(engine.catalog.index[i]) for i in ids]
+    assert len(categories) == len(set(categories))
+
+
+def test_category_update_moves_item() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", category="c1"), _event(1, "u2", "b", category="c1")])
+    engine.update_item(ItemUpdate("a", T0, category="c2"))
+    candidates = engine.models["category"].candidates("u2", 5)
+    assert [engine.catalog.ids[row] for row in candidates] == ["b"]
+
+
+def test_unknown_user_gets_trending() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    entries = engine.recommend(["stranger"], 3)[0]
+    assert len(entries) == 3
+    assert all(entry.sources in (("trending",), ("popular",)) for entry in entries)
+    assert not engine.has_user("stranger")
+
+
+def test_lists_fill_k_from_popularity() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    assert len(_ids(engine, "u1", 8)) == 8
+
+
+def test_sources_name_models() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    names = {"popular", "trending", "category", "covisit", "recent", "mf", "context"}
+    for entry in engine.recommend(["u1"])[0]:
+        assert entry.sources
+        assert set(entry.sources) <= names
+
+
+def test_scores_sorted_and_finite() -> None:
+    for fusion in ("weighted", "rrf", "learned"):
+        engine = Recommender(EngineConfig(fusion=fusion))
+        engine.learn(_shop())
+        scores = [entry.score for entry in engine.recommend(["u1"])[0]]
+        assert all(math.isfinite(score) for score in scores)
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_exploration_takes_its_share() -> None:
+    engine = Recommender(EngineConfig(exploration=0.25, k=4))
+    engine.learn([_event(n, f"u{n}", f"i{n}") for n in range(30)])
+    entries = engine.recommend(["u1"])[0]
+    assert [entry.sources for entry in entries].count(("explore",)) == 1
+    assert len({entry.item_id for entry in entries}) == len(entries)
+
+
+def test_forget_user_removes_every_trace() -> None:
+    engine = Recommender(EngineConfig(fusion="learned"))
+    engine.learn(_shop())
+    engine.recommend(["u1"])
+    engine.forget_user("u1")
+    assert not engine.has_user("u1")
+    assert engine.user_history("u1") == []
+    assert "u1" not in engine._served
+    for name, model in engine.models.items():
+        if name not in ("popular", "trending"):
+            assert len(model.candidates("u1", 10)) == 0
+
+
+def test_user_history_in_learned_order() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u", "b"), _event(1, "u", "a"), _event(2, "u", "b")])
+    assert engine.user_history("u") == ["b", "a", "b"]
+
+
+def test_ids_are_opaque() -> None:
+    composed = unicodedata.normalize("NFC", "caf\u00e9")
+    decomposed = unicodedata.normalize("NFD", "caf\u00e9")
+    engine = Recommender()
+    engine.learn([_event(0, "a:b", composed), _event(1, "a b", decomposed)])
+    assert engine.has_user("a:b")
+    assert not engine.has_user("a")
+    assert engine.user_history("a:b") == [composed]
+    assert engine.user_history("a b") == [decomposed]
+    assert len(engine.catalog) == 2
+
+
+def test_restore_from_pickle_matches_uninterrupted_run() -> None:
+    events = _shop() + [_event(50 + n, f"u{n % 3}", f"j{n % 6}", "purchase") for n in range(30)]
+    for fusion in ("weighted", "rrf", "learned"):
+        config = EngineConfig(fusion=fusion, seed=3)
+        straight = Recommender(config)
+        interrupted = Recommender(config)
+        for start in range(0, len(events), 10):
+            straight.learn(events[start : start + 10])
+            straight.recommend(["u0", "u1"])
+        for start in range(0, len(events), 10):
+            interrupted.learn(events[start : start + 10])
+            interrupted.recommend(["u0", "u1"])
+            interrupted = pickle.loads(pickle.dumps(interrupted))
+        users = ["u0", "u1", "u2", "u3", "nobody"]
+        assert straight.recommend(users) == interrupted.recommend(users)
+
+
+def test_stats_count_users_and_items() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    stats = engine.stats()
+    assert stats["n_users"] == 5
+    assert stats["n_items"] == 8
+    assert set(stats["bytes"]) == set(engine.models)
+    assert all(value >= 0 for value in stats["bytes"].values())
+
+
+def test_learned_fusion_updates_from_next_event() -> None:
+    engine = Recommender(EngineConfig(fusion="learned"))
+    engine.learn(_shop())
+    engine.recommend(["u1"])
+    engine.learn([_event(200, "u1", "i2")])
+    assert engine.stats()["fusion_updates"]["warm"] == 1
+
+
+def test_decayed_scores_halve_per_half_life() -> None:
+    scores = DecayedScores(half_life_ms=10)
+    scores.add(np.array([0]), np.array([8.0]), np.array([0]))
+    assert scores.values_at(30)[0] == pytest.approx(1.0)
+
+
+def test_decayed_scores_rescale_without_overflow() -> None:
+    scores = DecayedScores(half_life_ms=1)
+    scores.add(np.array([0]), np.array([1.0]), np.array([0]))
+    scores.add(np.array([1]), np.array([1.0]), np.array([5000]))
+    assert np.isfinite(scores.raw()).all()
+    assert scores.values_at(5000)[1] == pytest.approx(1.0)
+
+
+def test_decayed_scores_never_negative() -> None:
+    scores = DecayedScores(half_life_ms=1000)
+    scores.add(np.array([0, 0]), np.array([1.0, -5.0]), np.array([0, 0]))
+    assert scores.raw()[0] == 0.0
+
+
+def test_top_n_breaks_ties_by_row() -> None:
+    assert top_n(np.array([1.0, 2.0, 2.0, 0.5]), 3).tolist() == [1, 2, 0]
