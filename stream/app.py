@@ -23,12 +23,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.types import TP
 from faust.web import Request, Response, View
+from redis.exceptions import RedisError
 
+from schemas import RecommendationList
 from stream.checkpoint import CheckpointStore
 from stream.kafka import client_options, ssl_context
 from stream.metrics import WorkerMetrics
 from stream.privacy import load_pseudonymizer
 from stream.processor import BatchOutcome, Message, Processor
+from stream.served import ServedLists
 from stream.settings import Settings
 from stream.sink import RedisSink
 from stream.topics import (
@@ -59,7 +62,11 @@ class Worker:
             keep=settings.checkpoints_kept,
         )
         self.sink: RedisSink | None = None
+        # Users whose list must be recomputed: pseudonym to the shop's user id.
         self.dirty: dict[str, str] = {}
+        # Users whose list was cut short by sold-out items: pseudonym to Redis key.
+        self._short: dict[str, str] = {}
+        self.served = ServedLists(settings.k + settings.spare_items)
         self.dead_letters: list[tuple[bytes | None, bytes]] = []
         self.assigned: set[TP] = set()
         self.last_checkpoint = time.monotonic()
@@ -67,6 +74,7 @@ class Worker:
         self._changed_since_checkpoint = False
         self._lock: asyncio.Lock | None = None
         self._sink_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[Any]] = []
         self._refresh_wakeup: asyncio.Event | None = None
         self._stopping = False
         self.app = self._build_app()
@@ -147,24 +155,124 @@ class Worker:
             self._take(outcome)
 
     async def on_item_batch(self, events: Sequence[Any]) -> None:
-        """Apply item updates, then rewrite lists that hold an item now unavailable."""
+        """Apply item updates, then rewrite at once every list that holds a sold-out item."""
         async with self.lock:
             outcome = self.processor.process_item_updates(_messages(events))
             self._take(outcome)
+            if outcome.unavailable:
+                self.rewrite_without(outcome.unavailable)
+
+    def rewrite_without(self, item_rows: Sequence[int]) -> int:
+        """Rewrite the served lists that hold any of ``item_rows``; return how many."""
+        engine = self.processor.engine
+        catalog = engine.catalog
+        started = time.perf_counter()
+        rewritten = self.served.rewrite(
+            item_rows,
+            catalog.in_stock,
+            catalog.ids,
+            self.settings.k,
+            int(time.time() * 1000),
+            engine.model_version,
+        )
+        sink = self._require_sink()
+        for entry in rewritten:
+            sink.put(entry.key, entry.payload)
+            if entry.short:
+                self.dirty[entry.pseudonym] = ""
+                self._short[entry.pseudonym] = entry.key
+        if rewritten:
+            logger.info(
+                "rewrote %d lists without %d sold-out items in %.3f s",
+                len(rewritten),
+                len(item_rows),
+                time.perf_counter() - started,
+            )
+        return len(rewritten)
 
     async def on_forget_batch(self, events: Sequence[Any]) -> None:
         """Erase users and delete their lists, then checkpoint so no file keeps them."""
         async with self.lock:
             outcome = self.processor.process_forget(_messages(events))
             self._take(outcome)
-            for pseudonym in list(self.dirty):
-                if pseudonym in self.processor.forgotten:
-                    del self.dirty[pseudonym]
             sink = self._require_sink()
-            for key in outcome.deleted_keys:
+            for pseudonym, key in outcome.forgotten:
+                self.dirty.pop(pseudonym, None)
+                self._short.pop(pseudonym, None)
+                self.served.forget(pseudonym)
                 sink.delete(key)
-        if outcome.applied:
+        if outcome.forgotten:
+            await self._record_forgotten(outcome.forgotten)
             await self.checkpoint("forget", prune=True)
+
+    async def _record_forgotten(self, forgotten: list[tuple[str, str]]) -> None:
+        # Kept in Redis as well, so that a fall-back to a checkpoint older
+        # than the request, after the topic dropped it, still erases the user.
+        sink = self._require_sink()
+        mapping = {p: self.processor.forgotten[p] for p, _ in forgotten}
+        try:
+            await sink.client.hset(self.forgotten_key, mapping=mapping)
+        except (RedisError, OSError) as exc:
+            self.metrics.errors.labels(kind="redis_forget_registry").inc()
+            logger.warning("forget registry not written to Redis (%r); the checkpoint has it", exc)
+
+    async def load_forgotten(self) -> int:
+        """Merge the forget registry kept in Redis into the state; return its size."""
+        sink = self._require_sink()
+        try:
+            registry = await sink.client.hgetall(self.forgotten_key)
+        except (RedisError, OSError) as exc:
+            logger.warning("forget registry not read from Redis (%r); using the checkpoint's", exc)
+            return 0
+        for raw_pseudonym, raw_stamp in registry.items():
+            pseudonym = _text(raw_pseudonym)
+            stamp = int(raw_stamp)
+            if self.processor.forgotten.get(pseudonym, -1) < stamp:
+                self.processor.forget_pseudonym(pseudonym, stamp)
+        return len(registry)
+
+    @property
+    def forgotten_key(self) -> str:
+        """Redis hash of forgotten pseudonyms and the time of each request."""
+        return f"{self.settings.redis_key_prefix}forgotten"
+
+    async def rebuild_served(self) -> int:
+        """Load the lists in Redis into the served index, after a restart; return how many."""
+        sink = self._require_sink()
+        prefix = f"{self.settings.redis_key_prefix}user:"
+        pseudonymize = self.processor.pseudonymize
+        by_pseudonym = self.settings.redis_key_by == "pseudonym"
+        loaded = 0
+        batch: list[str] = []
+
+        async def load(keys: list[str]) -> int:
+            values = await sink.client.mget(keys)
+            count = 0
+            catalog = self.processor.engine.catalog
+            for key, raw in zip(keys, values, strict=True):
+                if raw is None:
+                    continue
+                ident = key[len(prefix) :]
+                pseudonym = ident if by_pseudonym else pseudonymize(ident)
+                if pseudonym in self.served or pseudonym in self.processor.forgotten:
+                    continue
+                value = RecommendationList.from_json(raw)
+                self.served.record(pseudonym, key, value.items, catalog.index.get)
+                count += 1
+            return count
+
+        try:
+            async for raw_key in sink.client.scan_iter(f"{prefix}*", count=1000):
+                batch.append(_text(raw_key))
+                if len(batch) == 1000:
+                    loaded += await load(batch)
+                    batch = []
+            if batch:
+                loaded += await load(batch)
+        except (RedisError, OSError) as exc:
+            logger.warning("served lists not rebuilt from Redis: %r", exc)
+        logger.info("served-list index rebuilt from Redis: %d lists", loaded)
+        return loaded
 
     def _take(self, outcome: BatchOutcome) -> None:
         self.dirty.update(outcome.dirty)
@@ -194,9 +302,21 @@ class Worker:
         else:
             keys = list(self.dirty)[:limit]
             chunk = {key: self.dirty.pop(key) for key in keys}
+        # Lists cut short by a sold-out item have no user id at hand (the
+        # user sent no event), so they are recomputed under their known key.
+        plain: dict[str, str] = {}
+        short: dict[str, str] = {}
+        for pseudonym, user_id in chunk.items():
+            key = self._short.pop(pseudonym, None)
+            if user_id:
+                plain[pseudonym] = user_id
+            elif key is not None:
+                short[pseudonym] = key
         sink = self._require_sink()
-        for key, payload in self.processor.refresh(chunk):
-            sink.put(key, payload)
+        item_row = self.processor.engine.catalog.index.get
+        for entry in self.processor.refresh(plain, keys=short):
+            self.served.record(entry.pseudonym, entry.key, entry.items, item_row)
+            sink.put(entry.key, entry.payload)
         return len(chunk)
 
     async def _send_dead_letters(self) -> None:
@@ -385,7 +505,13 @@ class Worker:
         @app.task
         async def start_background() -> None:
             await self.start_sink()
-            asyncio.create_task(self.refresher(), name="fusionrec-refresher")
+            await self.load_forgotten()
+            self._background.append(
+                asyncio.create_task(self.refresher(), name="fusionrec-refresher")
+            )
+            self._background.append(
+                asyncio.create_task(self.rebuild_served(), name="fusionrec-served-index")
+            )
 
         @app.timer(interval=1.0)
         async def periodic() -> None:
@@ -429,6 +555,10 @@ def _messages(events: Sequence[Any]) -> list[Message]:
             Message(message.topic, message.partition, message.offset, message.key, message.value)
         )
     return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _credentials(settings: Settings) -> Any:

@@ -23,6 +23,7 @@ from models.engine import EngineConfig, Recommender
 from schemas import (
     Event,
     RecommendationList,
+    RecommendedItem,
     SchemaError,
     decode_event,
     decode_forget,
@@ -60,8 +61,21 @@ class BatchOutcome:
 
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     dirty: dict[str, str] = field(default_factory=dict)
-    deleted_keys: list[str] = field(default_factory=list)
+    # Forget requests: (pseudonym, Redis key) of each erased user.
+    forgotten: list[tuple[str, str]] = field(default_factory=list)
+    # Catalog rows of items that went out of stock in this batch.
+    unavailable: list[int] = field(default_factory=list)
     applied: int = 0
+
+
+@dataclass(slots=True)
+class Refreshed:
+    """A recomputed list: the full ranked entries and the JSON value of its top k."""
+
+    pseudonym: str
+    key: str
+    items: list[RecommendedItem]
+    payload: bytes
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -164,8 +178,10 @@ class Processor:
             started = time.perf_counter()
             self.engine.learn(accepted)
             self.metrics.learn_seconds.observe(time.perf_counter() - started)
-            for event in accepted:
-                self.metrics.applied.labels(type=event.type).inc()
+            by_type = Counter(event.type for event in accepted)
+            for event_type, count in by_type.items():
+                self.metrics.applied.labels(type=event_type).inc(count)
+                self.counts[f"applied:{event_type}"] += count
             self.counts["applied"] += len(accepted)
             outcome.applied = len(accepted)
         return outcome
@@ -190,6 +206,10 @@ class Processor:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
                 continue
             self.engine.update_item(update)
+            if update.in_stock is False:
+                row = self.engine.catalog.index.get(update.item_id)
+                if row is not None:
+                    outcome.unavailable.append(row)
             self.metrics.item_updates.inc()
             outcome.applied += 1
         return outcome
@@ -207,21 +227,27 @@ class Processor:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
                 continue
             pseudonym = self.forget(request.user_id, request.timestamp_ms)
-            outcome.deleted_keys.append(self.redis_key(request.user_id, pseudonym))
+            outcome.forgotten.append((pseudonym, self.redis_key(request.user_id, pseudonym)))
             outcome.applied += 1
         return outcome
 
     def forget(self, user_id: str, timestamp_ms: int) -> str:
         """Erase ``user_id`` from every part of the state; return its pseudonym."""
         pseudonym = self.pseudonymize(user_id)
+        self.forget_pseudonym(pseudonym, timestamp_ms)
+        return pseudonym
+
+    def forget_pseudonym(self, pseudonym: str, timestamp_ms: int) -> None:
+        """Erase the user behind ``pseudonym``; their events up to ``timestamp_ms`` are dropped."""
         previous = self.forgotten.get(pseudonym, 0)
         self.forgotten[pseudonym] = max(previous, timestamp_ms)
         self.engine.forget_user(pseudonym)
         self.dedup.forget_owner(pseudonym)
         self.limiter.forget(pseudonym)
         self.metrics.forgets.inc()
-        logger.info("forgot user %s", pseudonym)
-        return pseudonym
+        # The log keeps no id at all, not even the pseudonym, so that an
+        # erased user leaves no trace in it.
+        logger.info("forgot a user: %d forget requests applied so far", len(self.forgotten))
 
     # -- lists --------------------------------------------------------------
 
@@ -235,19 +261,33 @@ class Processor:
         """Redis key of the fallback list for users without one."""
         return f"{self.settings.redis_key_prefix}popular"
 
-    def refresh(self, dirty: dict[str, str]) -> list[tuple[str, bytes]]:
-        """Recompute the lists of ``dirty`` users (pseudonym to user id) in batches."""
-        out: list[tuple[str, bytes]] = []
-        pseudonyms = list(dirty)
+    def refresh(self, dirty: dict[str, str], keys: dict[str, str] | None = None) -> list[Refreshed]:
+        """Recompute the lists of ``dirty`` users (pseudonym to user id) in batches.
+
+        ``keys`` gives the Redis key of users whose user id is not at hand
+        (pseudonym to key). Each list is ranked ``spare_items`` deeper than k,
+        so that an item going out of stock can be replaced without
+        recomputing the list.
+        """
+        out: list[Refreshed] = []
+        known_keys = keys or {}
+        pseudonyms = [*dirty, *(p for p in known_keys if p not in dirty)]
         size = self.settings.refresh_batch
+        k = self.settings.k
+        depth = k + self.settings.spare_items
         for start in range(0, len(pseudonyms), size):
             chunk = pseudonyms[start : start + size]
             started = time.perf_counter()
-            lists = self.engine.recommend(chunk, self.settings.k)
+            lists = self.engine.recommend(chunk, depth)
             computed_at = int(self.clock() * 1000)
             for pseudonym, items in zip(chunk, lists, strict=True):
-                value = RecommendationList(items, computed_at, self.engine.model_version)
-                out.append((self.redis_key(dirty[pseudonym], pseudonym), value.to_json()))
+                value = RecommendationList(items[:k], computed_at, self.engine.model_version)
+                user_id = dirty.get(pseudonym)
+                if user_id is None:
+                    key = known_keys[pseudonym]
+                else:
+                    key = self.redis_key(user_id, pseudonym)
+                out.append(Refreshed(pseudonym, key, items, value.to_json()))
             self.metrics.refresh_seconds.observe(time.perf_counter() - started)
         return out
 

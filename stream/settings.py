@@ -63,6 +63,7 @@ class Settings:
     event_batch: int = 2000
     event_batch_wait_ms: int = 50
     refresh_batch: int = 256
+    spare_items: int = 10
 
     # Input rules
     max_message_bytes: int = 16_384
@@ -232,6 +233,7 @@ SETTINGS_DOC: dict[str, str] = {
     "event_batch": "Most events taken from Kafka per model update.",
     "event_batch_wait_ms": "Longest wait for a batch to fill, in milliseconds.",
     "refresh_batch": "Users whose lists are recomputed in one batched call.",
+    "spare_items": "Items ranked below the cut of each list, to replace sold-out items at once.",
     "max_message_bytes": "Messages larger than this go to the dead-letter topic.",
     "max_future_skew_s": "Events stamped further ahead of the worker clock are rejected.",
     "check_key": "Reject events whose Kafka key is not their user_id.",

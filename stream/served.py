@@ -1,0 +1,165 @@
+"""The lists last written to Redis, kept to rewrite them when items become unavailable.
+
+When an item goes out of stock, every list that holds it must change at
+once, including lists of users who are not active. Recomputing thousands of
+lists would take seconds, so each user's last list is kept here with a few
+spare items below the cut: the unavailable item is dropped, the next spare
+moves up, and the list is written again without asking the models.
+
+Rows are numpy arrays of item rows (``int32``), scores (``float32``) and an
+index into a table of source tuples (``int16``), so a lookup of every list
+that holds an item is one vectorized scan. The Redis key of each user is kept
+in memory only: it may contain the shop's user id, which must not rest in a
+checkpoint. After a restart the index is rebuilt from the lists in Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas import RecommendationList, RecommendedItem
+
+_EMPTY = -1
+
+
+@dataclass(slots=True)
+class Rewritten:
+    """A list rebuilt without unavailable items."""
+
+    pseudonym: str
+    key: str
+    payload: bytes
+    short: bool
+
+
+class ServedLists:
+    """Item rows of the last list of every user, with ``depth`` entries each."""
+
+    def __init__(self, depth: int, capacity: int = 1024) -> None:
+        self.depth = depth
+        self._rows: dict[str, int] = {}
+        self._pseudonyms: list[str | None] = []
+        self._keys: list[str | None] = []
+        self._free: list[int] = []
+        self._items = np.full((capacity, depth), _EMPTY, dtype=np.int32)
+        self._scores = np.zeros((capacity, depth), dtype=np.float32)
+        self._sources = np.zeros((capacity, depth), dtype=np.int16)
+        self._source_table: list[tuple[str, ...]] = []
+        self._source_index: dict[tuple[str, ...], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, pseudonym: object) -> bool:
+        return pseudonym in self._rows
+
+    def record(
+        self,
+        pseudonym: str,
+        key: str,
+        items: Sequence[RecommendedItem],
+        item_row: Callable[[str], int | None],
+    ) -> None:
+        """Remember the list written for ``pseudonym`` under ``key``."""
+        row = self._rows.get(pseudonym)
+        if row is None:
+            row = self._allocate()
+            self._rows[pseudonym] = row
+        self._pseudonyms[row] = pseudonym
+        self._keys[row] = key
+        self._items[row] = _EMPTY
+        position = 0
+        for entry in items[: self.depth]:
+            item = item_row(entry.item_id)
+            if item is None:
+                continue
+            self._items[row, position] = item
+            self._scores[row, position] = entry.score
+            self._sources[row, position] = self._source_id(entry.sources)
+            position += 1
+
+    def forget(self, pseudonym: str) -> None:
+        """Drop the list of ``pseudonym``."""
+        row = self._rows.pop(pseudonym, None)
+        if row is not None:
+            self._items[row] = _EMPTY
+            self._keys[row] = None
+            self._pseudonyms[row] = None
+            self._free.append(row)
+
+    def holders(self, item_rows: Sequence[int]) -> npt.NDArray[np.int64]:
+        """Return the rows whose list holds any of ``item_rows``."""
+        used = len(self._keys)
+        if not used or not item_rows:
+            return np.zeros(0, dtype=np.int64)
+        hits = np.isin(self._items[:used], np.asarray(item_rows, dtype=np.int32)).any(axis=1)
+        return np.flatnonzero(hits)
+
+    def rewrite(
+        self,
+        unavailable: Sequence[int],
+        in_stock: npt.NDArray[np.bool_],
+        item_ids: Sequence[str],
+        k: int,
+        computed_at: int,
+        model_version: str,
+    ) -> list[Rewritten]:
+        """Rebuild every list that holds an item of ``unavailable``.
+
+        Entries whose item is out of stock by ``in_stock`` are dropped and
+        the spares below move up. A rebuilt list shorter than ``k`` is marked
+        ``short`` so that the caller recomputes it with the models.
+        """
+        out = []
+        for row in self.holders(unavailable):
+            pseudonym, key = self._pseudonyms[row], self._keys[row]
+            if pseudonym is None or key is None:
+                continue
+            items = self._items[row]
+            valid = items != _EMPTY
+            keep = valid & in_stock[np.where(valid, items, 0)]
+            kept = np.flatnonzero(keep)
+            self._items[row] = _EMPTY
+            self._items[row, : len(kept)] = items[kept]
+            self._scores[row, : len(kept)] = self._scores[row, kept]
+            self._sources[row, : len(kept)] = self._sources[row, kept]
+            entries = [
+                RecommendedItem(
+                    item_ids[int(self._items[row, i])],
+                    float(self._scores[row, i]),
+                    self._source_table[int(self._sources[row, i])],
+                )
+                for i in range(min(k, len(kept)))
+            ]
+            payload = RecommendationList(entries, computed_at, model_version).to_json()
+            out.append(Rewritten(pseudonym, key, payload, short=len(kept) < k))
+        return out
+
+    def _allocate(self) -> int:
+        if self._free:
+            return self._free.pop()
+        row = len(self._keys)
+        if row == len(self._items):
+            self._grow(2 * row)
+        self._keys.append(None)
+        self._pseudonyms.append(None)
+        return row
+
+    def _grow(self, capacity: int) -> None:
+        for name, fill in (("_items", _EMPTY), ("_scores", 0), ("_sources", 0)):
+            old = getattr(self, name)
+            grown = np.full((capacity, self.depth), fill, dtype=old.dtype)
+            grown[: len(old)] = old
+            setattr(self, name, grown)
+
+    def _source_id(self, sources: tuple[str, ...]) -> int:
+        index = self._source_index.get(sources)
+        if index is None:
+            index = len(self._source_table)
+            self._source_table.append(sources)
+            self._source_index[sources] = index
+        return index
