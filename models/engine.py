@@ -339,6 +339,10 @@ class Recommender:
         for model in self.models.values():
             model.forget_user(user_id)
 
+    def user_ids(self) -> list[str]:
+        """Return the id of every user the engine holds state for."""
+        return list(self._users)
+
     def has_user(self, user_id: str) -> bool:
         """Return whether the engine holds any event of the user."""
         return user_id in self._users

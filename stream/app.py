@@ -209,7 +209,8 @@ class Worker:
         # Kept in Redis as well, so that a fall-back to a checkpoint older
         # than the request, after the topic dropped it, still erases the user.
         sink = self._require_sink()
-        mapping = {p: self.processor.forgotten[p] for p, _ in forgotten}
+        tokens = [self.processor.forget_token(pseudonym) for pseudonym, _ in forgotten]
+        mapping = {token: self.processor.forgotten[token] for token in tokens}
         try:
             await sink.client.hset(self.forgotten_key, mapping=mapping)
         except (RedisError, OSError) as exc:
@@ -224,16 +225,15 @@ class Worker:
         except (RedisError, OSError) as exc:
             logger.warning("forget registry not read from Redis (%r); using the checkpoint's", exc)
             return 0
-        for raw_pseudonym, raw_stamp in registry.items():
-            pseudonym = _text(raw_pseudonym)
-            stamp = int(raw_stamp)
-            if self.processor.forgotten.get(pseudonym, -1) < stamp:
-                self.processor.forget_pseudonym(pseudonym, stamp)
+        merged = {_text(token): int(stamp) for token, stamp in registry.items()}
+        erased = self.processor.merge_forgotten(merged)
+        if erased:
+            logger.info("erased %d users named by the forget registry in Redis", erased)
         return len(registry)
 
     @property
     def forgotten_key(self) -> str:
-        """Redis hash of forgotten pseudonyms and the time of each request."""
+        """Redis hash of forget tokens and the event time of each request."""
         return f"{self.settings.redis_key_prefix}forgotten"
 
     async def rebuild_served(self) -> int:
@@ -254,7 +254,7 @@ class Worker:
                     continue
                 ident = key[len(prefix) :]
                 pseudonym = ident if by_pseudonym else pseudonymize(ident)
-                if pseudonym in self.served or pseudonym in self.processor.forgotten:
+                if pseudonym in self.served:
                     continue
                 value = RecommendationList.from_json(raw)
                 self.served.record(pseudonym, key, value.items, catalog.index.get)
@@ -505,7 +505,6 @@ class Worker:
         @app.task
         async def start_background() -> None:
             await self.start_sink()
-            await self.load_forgotten()
             self._background.append(
                 asyncio.create_task(self.refresher(), name="fusionrec-refresher")
             )

@@ -40,7 +40,10 @@ def _worker(args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     worker = Worker(settings)
     worker.restore()
+    # Both run before Faust joins the group, so that no event is consumed
+    # from misaligned offsets or learned for a user who asked to be forgotten.
     loop.run_until_complete(worker.align_committed_offsets())
+    loop.run_until_complete(worker.load_forgotten())
 
     import faust
 

@@ -49,6 +49,10 @@ class DedupWindow:
         self._evict()
         return True
 
+    def owners(self) -> set[str]:
+        """Return every owner with an id in the window."""
+        return set(self._owners.values())
+
     def forget_owner(self, owner: str) -> int:
         """Remove every id recorded for ``owner``; return how many were removed."""
         doomed = [key for key, who in self._owners.items() if who == owner]

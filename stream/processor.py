@@ -9,6 +9,7 @@ runs.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -116,8 +117,12 @@ class Processor:
         self.engine = engine or Recommender(engine_config(settings))
         self.dedup = DedupWindow(int(settings.dedup_window_s * 1000), settings.dedup_max_entries)
         self.limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
-        # Pseudonym to the event time of the forget request.
+        # Forget token to the event time of the forget request. A token is a
+        # keyed hash of the pseudonym under a separate key, so the registry
+        # finds a forgotten user's later events while neither the user id
+        # nor the pseudonym appears anywhere in the state.
         self.forgotten: dict[str, int] = {}
+        self._forget_key = pseudonymize.derive_key("forget")
         # Next offset to apply, by (topic, partition); lower offsets are already in the state.
         self.offsets: dict[tuple[str, int], int] = {}
         self.counts: Counter[str] = Counter()
@@ -158,10 +163,11 @@ class Processor:
                 continue
 
             pseudonym = self.pseudonymize(event.user_id)
-            forgotten_at = self.forgotten.get(pseudonym)
-            if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
-                self._drop("forgotten_user")
-                continue
+            if self.forgotten:
+                forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
+                if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
+                    self._drop("forgotten_user")
+                    continue
             if not self.dedup.add(event.event_id, pseudonym, event.timestamp_ms):
                 self.metrics.duplicates.inc()
                 self.counts["duplicate"] += 1
@@ -234,20 +240,44 @@ class Processor:
     def forget(self, user_id: str, timestamp_ms: int) -> str:
         """Erase ``user_id`` from every part of the state; return its pseudonym."""
         pseudonym = self.pseudonymize(user_id)
-        self.forget_pseudonym(pseudonym, timestamp_ms)
-        return pseudonym
-
-    def forget_pseudonym(self, pseudonym: str, timestamp_ms: int) -> None:
-        """Erase the user behind ``pseudonym``; their events up to ``timestamp_ms`` are dropped."""
-        previous = self.forgotten.get(pseudonym, 0)
-        self.forgotten[pseudonym] = max(previous, timestamp_ms)
-        self.engine.forget_user(pseudonym)
-        self.dedup.forget_owner(pseudonym)
-        self.limiter.forget(pseudonym)
+        token = self.forget_token(pseudonym)
+        self.forgotten[token] = max(self.forgotten.get(token, 0), timestamp_ms)
+        self._erase(pseudonym)
         self.metrics.forgets.inc()
         # The log keeps no id at all, not even the pseudonym, so that an
         # erased user leaves no trace in it.
         logger.info("forgot a user: %d forget requests applied so far", len(self.forgotten))
+        return pseudonym
+
+    def forget_token(self, pseudonym: str) -> str:
+        """Return the key of ``pseudonym`` in the forget registry."""
+        digest = hmac.digest(self._forget_key, pseudonym.encode(), "sha256")
+        return digest[:16].hex()
+
+    def merge_forgotten(self, registry: dict[str, int]) -> int:
+        """Add forget requests from elsewhere and erase users they name; return how many."""
+        for token, stamp in registry.items():
+            self.forgotten[token] = max(self.forgotten.get(token, 0), stamp)
+        return self.purge_forgotten()
+
+    def purge_forgotten(self) -> int:
+        """Erase every user of the state whose token is in the registry; return how many.
+
+        A checkpoint older than a forget request still holds the user, so
+        this runs after every restore.
+        """
+        if not self.forgotten:
+            return 0
+        candidates = set(self.engine.user_ids()) | self.dedup.owners() | self.limiter.users()
+        doomed = [p for p in candidates if self.forget_token(p) in self.forgotten]
+        for pseudonym in doomed:
+            self._erase(pseudonym)
+        return len(doomed)
+
+    def _erase(self, pseudonym: str) -> None:
+        self.engine.forget_user(pseudonym)
+        self.dedup.forget_owner(pseudonym)
+        self.limiter.forget(pseudonym)
 
     # -- lists --------------------------------------------------------------
 
@@ -320,13 +350,11 @@ class Processor:
         self.dedup = state["dedup"]
         self.limiter = state["limiter"]
         # Forget requests newer than the checkpoint stay in force.
-        for pseudonym, stamp in state["forgotten"].items():
-            self.forgotten[pseudonym] = max(self.forgotten.get(pseudonym, 0), stamp)
+        newer = self.forgotten
+        self.forgotten = dict(state["forgotten"])
         self.offsets = dict(state["offsets"])
         self.counts = Counter(state["counts"])
-        for pseudonym in self.forgotten:
-            self.engine.forget_user(pseudonym)
-            self.dedup.forget_owner(pseudonym)
+        self.merge_forgotten(newer)
 
     # -- helpers ------------------------------------------------------------
 

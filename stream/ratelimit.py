@@ -41,6 +41,10 @@ class UserRateLimiter:
         self._buckets[user] = (tokens - 1.0, last_ms)
         return True
 
+    def users(self) -> set[str]:
+        """Return every user with a bucket."""
+        return set(self._buckets)
+
     def forget(self, user: str) -> None:
         """Drop the bucket of ``user``."""
         self._buckets.pop(user, None)

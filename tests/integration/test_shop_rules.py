@@ -1,0 +1,298 @@
+"""Shop rules and privacy on the real broker and Redis: stock, purchases, forgetting, TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kafka_io import produce_events, produce_raw
+from schemas import Event
+from stream.privacy import Pseudonymizer
+from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
+from stream.sink import redis_client
+from stream.topics import ITEMS_TOPIC
+
+NOW_MS = int(time.time() * 1000) - 3_600_000
+
+
+def _events_around(hot_item: str, users: int, start_ms: int = NOW_MS) -> list[Event]:
+    """Users who each view the hot item and two items of their own."""
+    events = []
+    for n in range(users):
+        user = f"user-{n}"
+        stamp = start_ms + n * 10
+        events.append(Event(f"hot-{n}", "view", user, hot_item, stamp, session_id=f"s{n}"))
+        events.append(Event(f"own-{n}", "view", user, f"item-{n}", stamp + 1, session_id=f"s{n}"))
+        events.append(
+            Event(f"other-{n}", "click", user, f"item-{n + 1}", stamp + 2, session_id=f"s{n}")
+        )
+    return events
+
+
+async def _get(settings, key):
+    client = redis_client(settings)
+    try:
+        raw = await client.get(key)
+        ttl = await client.ttl(key)
+    finally:
+        await client.aclose()
+    return (None if raw is None else orjson.loads(raw)), ttl
+
+
+async def _all_values(settings) -> bytes:
+    client = redis_client(settings)
+    chunks = []
+    try:
+        async for key in client.scan_iter(f"{settings.redis_key_prefix}*", count=1000):
+            chunks.append(key)
+            kind = await client.type(key)
+            if kind in (b"string", "string"):
+                chunks.append(await client.get(key) or b"")
+            elif kind in (b"hash", "hash"):
+                for field, value in (await client.hgetall(key)).items():
+                    chunks.extend([field, value])
+    finally:
+        await client.aclose()
+    return b"\n".join(c if isinstance(c, bytes) else str(c).encode() for c in chunks)
+
+
+def _wait_until(predicate, timeout_s, message):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def test_sold_out_item_leaves_every_list(run_settings, tmp_path):
+    events = _events_around("hot", users=300)
+    users = [f"user-{n}" for n in range(300)]
+    prefix = f"{run_settings.redis_key_prefix}user:"
+
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=120))
+        holders = [u for u, v in lists.items() if "hot" in [e["item_id"] for e in v["items"]]]
+        assert len(holders) > 100
+
+        update = {"item_id": "hot", "timestamp": NOW_MS + 10_000, "in_stock": False}
+        asyncio.run(produce_raw(run_settings, [(ITEMS_TOPIC, b"hot", orjson.dumps(update))]))
+
+        def sold_out_everywhere():
+            for user in holders:
+                value, _ = asyncio.run(_get(run_settings, prefix + user))
+                if value is None or "hot" in [e["item_id"] for e in value["items"]]:
+                    return False
+            return True
+
+        _wait_until(sold_out_everywhere, 60, "a list still offers the sold-out item")
+        value, _ = asyncio.run(_get(run_settings, prefix + holders[0]))
+        assert len(value["items"]) == run_settings.k
+
+        # A user active after the stock change does not get it back either.
+        again = Event("after-sold-out", "view", users[0], "item-7", NOW_MS + 20_000)
+        asyncio.run(produce_events(run_settings, [again]))
+        fresh = asyncio.run(
+            wait_for_lists(run_settings, [users[0]], 60, since_ms=int(time.time() * 1000))
+        )
+        assert "hot" not in [e["item_id"] for e in fresh[users[0]]["items"]]
+
+        restock = {"item_id": "hot", "timestamp": NOW_MS + 30_000, "in_stock": True}
+        asyncio.run(produce_raw(run_settings, [(ITEMS_TOPIC, b"hot", orjson.dumps(restock))]))
+        time.sleep(2)
+        back = [Event(f"back-{n}", "view", users[n], "hot", NOW_MS + 40_000 + n) for n in range(5)]
+        back += [
+            Event(f"back-view-{n}", "view", f"new-{n}", "hot", NOW_MS + 41_000 + n)
+            for n in range(20)
+        ]
+        asyncio.run(produce_events(run_settings, back))
+        newcomers = [f"new-{n}" for n in range(20)]
+        restocked = asyncio.run(wait_for_lists(run_settings, newcomers, 60))
+        offered = sum("hot" in [e["item_id"] for e in v["items"]] for v in restocked.values())
+        assert offered > 0
+        assert worker.terminate() == 0
+
+
+def test_purchased_item_left_out(run_settings, tmp_path):
+    events = _events_around("hot", users=50)
+    buyer = "user-3"
+    purchase = Event("buy-1", "purchase", buyer, "hot", NOW_MS + 5_000, quantity=1, price=9.5)
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, [buyer], 60))
+        since = int(time.time() * 1000)
+        asyncio.run(produce_events(run_settings, [purchase]))
+        lists = asyncio.run(wait_for_lists(run_settings, [buyer], 60, since_ms=since))
+        assert worker.terminate() == 0
+    assert "hot" not in [entry["item_id"] for entry in lists[buyer]["items"]]
+
+
+def test_refund_is_applied_not_rejected(run_settings, tmp_path):
+    buy = Event("r-buy", "purchase", "refunder", "kettle", NOW_MS, quantity=2, price=20.0)
+    refund = Event("r-back", "purchase", "refunder", "kettle", NOW_MS + 1000, quantity=-2, price=20)
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, [buy, refund]))
+        asyncio.run(wait_for_lists(run_settings, ["refunder"], 60))
+        deadline = time.monotonic() + 30
+        while 'fusionrec_events_applied_total{type="purchase"} 2.0' not in worker.metrics():
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert "fusionrec_messages_rejected_total{" not in worker.metrics()
+        assert worker.terminate() == 0
+
+
+def test_cold_user_gets_list_and_ttl(run_settings, tmp_path):
+    settings = replace(run_settings, ttl_s=3600)
+    warm = _events_around("hot", users=30)
+    newcomer = Event("cold-1", "view", "newcomer", "item-5", NOW_MS + 9_000, category="books")
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, warm))
+        asyncio.run(wait_for_lists(settings, ["user-0"], 60))
+        asyncio.run(produce_events(settings, [newcomer]))
+        lists = asyncio.run(wait_for_lists(settings, ["newcomer"], 30))
+        value, ttl = asyncio.run(_get(settings, f"{settings.redis_key_prefix}user:newcomer"))
+        assert worker.terminate() == 0
+    assert len(lists["newcomer"]["items"]) == settings.k
+    assert value is not None
+    assert 0 < ttl <= 3600
+
+
+def _fusionrec(settings, *args):
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args], env=env, capture_output=True, check=False
+    )
+
+
+def test_forget_erases_user_everywhere(run_settings, tmp_path):
+    victim = "victim@example.com"
+    pseudonym = Pseudonymizer(bytes.fromhex(run_settings.pseudonym_key))(victim)
+    events = _events_around("hot", users=40)
+    events += [
+        Event(f"v-{n}", "view", victim, f"item-{n}", NOW_MS + 1000 + n, session_id="vs")
+        for n in range(10)
+    ]
+    log = tmp_path / "worker.log"
+    key = f"{run_settings.redis_key_prefix}user:{victim}"
+
+    with WorkerProcess(run_settings, log) as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, [victim, "user-0"], 60))
+        time.sleep(run_settings.checkpoint_interval_s + 2)
+
+        result = _fusionrec(run_settings, "forget", victim)
+        assert result.returncode == 0, result.stderr
+        _wait_until(lambda: asyncio.run(_get(run_settings, key))[0] is None, 30, "list kept")
+
+        # An old event of the victim, replayed late, must not bring the user back.
+        late = Event("v-late", "view", victim, "item-3", NOW_MS + 2000)
+        asyncio.run(produce_events(run_settings, [late]))
+        fresh = Event("after-forget", "view", "user-0", "item-9", NOW_MS + 3000)
+        asyncio.run(produce_events(run_settings, [fresh]))
+        asyncio.run(
+            wait_for_lists(run_settings, ["user-0"], 60, since_ms=int(time.time() * 1000) - 1)
+        )
+        assert asyncio.run(_get(run_settings, key))[0] is None
+        assert worker.terminate() == 0
+
+    # Restarting keeps the user forgotten, and the same late event stays dropped.
+    with WorkerProcess(run_settings, tmp_path / "worker2.log") as again:
+        again.wait_ready()
+        late2 = Event("v-late-2", "view", victim, "item-4", NOW_MS + 2500)
+        asyncio.run(produce_events(run_settings, [late2]))
+        deadline = time.monotonic() + 30
+        while 'fusionrec_events_dropped_total{reason="forgotten_user"} 1.0' not in again.metrics():
+            assert time.monotonic() < deadline, "late event of a forgotten user was not dropped"
+            time.sleep(0.3)
+        assert again.terminate() == 0
+
+    assert asyncio.run(_get(run_settings, key))[0] is None
+    needles = [victim.encode(), pseudonym.encode()]
+    checkpoints = list(Path(run_settings.data_dir, "checkpoints").glob("*"))
+    assert checkpoints
+    for path in checkpoints:
+        data = path.read_bytes()
+        for needle in needles:
+            assert needle not in data, f"{path.name} contains the forgotten user"
+    stored = asyncio.run(_all_values(run_settings))
+    logs = log.read_bytes() + (tmp_path / "worker2.log").read_bytes()
+    for needle in needles:
+        assert needle not in stored
+        assert needle not in logs
+
+
+def test_redis_password_is_used(run_settings, tmp_path):
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed; scripts/services.sh installs it")
+    port = free_port()
+    password = "s3cret-for-tests"
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        settings = replace(
+            run_settings,
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            redis_password=password,
+        )
+        _wait_until(lambda: _ping(settings), 10, "password-protected redis-server did not start")
+        events = _events_around("hot", users=10)
+        log = tmp_path / "worker.log"
+        with WorkerProcess(settings, log) as worker:
+            worker.wait_ready()
+            asyncio.run(produce_events(settings, events))
+            lists = asyncio.run(wait_for_lists(settings, ["user-1"], 60))
+            assert worker.terminate() == 0
+        assert lists["user-1"]["items"]
+        assert password not in log.read_text()
+        anonymous = replace(settings, redis_password="")
+        with pytest.raises(Exception, match="(?i)auth"):
+            asyncio.run(_get(anonymous, f"{settings.redis_key_prefix}user:user-1"))
+        shown = _fusionrec(settings, "settings")
+        assert password.encode() not in shown.stdout
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _ping(settings) -> bool:
+    async def ping():
+        client = redis_client(settings)
+        try:
+            return await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        return bool(asyncio.run(ping()))
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
