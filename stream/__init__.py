@@ -1,3 +1,1 @@
-"""Everything of fusionrec that does I/O: the Faust worker, the Redis sink,
-checkpoints, the replay tool and the command line.
-"""
+"""The I/O side of fusionrec: Faust worker, Redis sink, checkpoints, replay and command line."""

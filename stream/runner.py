@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import orjson
 
 from stream.settings import PREFIX, Settings
 from stream.sink import redis_client
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -184,3 +187,115 @@ async def wait_for_lists(
             await asyncio.sleep(0.5)
     finally:
         await client.aclose()
+
+
+class RedisServer:
+    """A redis-server on a free port of 127.0.0.1, without persistence."""
+
+    def __init__(self, folder: Path, password: str | None = None) -> None:
+        """Prepare a server in ``folder``; `start` runs it."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            msg = "redis-server is not installed; scripts/services.sh installs it"
+            raise FileNotFoundError(msg)
+        self.binary = binary
+        self.folder = folder
+        self.password = password
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """URL of the server for redis-py."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start the server on its port and wait until it accepts connections."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.folder),
+        ]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _wait_port(self.port, 10.0)
+        return self
+
+    def kill(self) -> None:
+        """Stop the server at once, as a crash would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class KafkaBroker:
+    """A broker of its own, started by scripts/services.sh in a private folder."""
+
+    def __init__(self, folder: Path) -> None:
+        """Prepare a broker whose files live in ``folder``."""
+        self.folder = folder
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.env = {
+            **os.environ,
+            "FUSIONREC_SERVICES_DIR": str(folder),
+            "FUSIONREC_KAFKA_PORT": str(self.port),
+            "FUSIONREC_KAFKA_CONTROLLER_PORT": str(self.controller_port),
+        }
+
+    @property
+    def bootstrap(self) -> str:
+        """Bootstrap address of the broker."""
+        return f"127.0.0.1:{self.port}"
+
+    def _services(self, action: str) -> None:
+        subprocess.run(
+            [str(REPO / "scripts" / "services.sh"), action, "kafka"],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def start(self) -> KafkaBroker:
+        """Start the broker (again) and wait until it is ready."""
+        self._services("up")
+        return self
+
+    def stop(self) -> None:
+        """Stop the broker and wait for its process to exit."""
+        self._services("down")
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    msg = f"nothing listens on 127.0.0.1:{port} after {timeout_s} s"
+    raise TimeoutError(msg)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("FUSIONREC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -43,11 +39,3 @@ def redis_url() -> str:
     address = url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2]
     _require("Redis", address)
     return url
-
-
-def shared_file(*parts: str) -> Path:
-    """Return a file of the shared data sets, or skip the test when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} is absent; set FUSIONREC_SHARED_DATA to its folder")
-    return path

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from kafka_io import produce_events, produce_raw
+
 from schemas import Event
 from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists

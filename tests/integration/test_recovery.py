@@ -1,0 +1,230 @@
+"""Crash safety on the real broker: SIGKILL, SIGTERM, corrupt checkpoints, duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from kafka_io import produce_events
+from shared_data import TAOBAO_SLICE
+
+from schemas import Event
+from stream.checkpoint import CheckpointStore
+from stream.privacy import Pseudonymizer
+from stream.runner import WorkerProcess, settings_env
+from stream.sources import read_events
+from stream.synthetic import generate_events, write_jsonl
+
+
+def _store(settings) -> CheckpointStore:
+    key = Pseudonymizer(bytes.fromhex(settings.pseudonym_key)).derive_key("checkpoint")
+    return CheckpointStore(Path(settings.data_dir) / "checkpoints", key)
+
+
+def _final_state(settings) -> dict:
+    restored = _store(settings).restore()
+    assert restored is not None, "no checkpoint was written"
+    return restored[0]
+
+
+def _replay(
+    settings, path: Path, fmt: str, rate: int | None = None, limit: int | None = None
+) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "stream.cli",
+        "replay",
+        str(path),
+        "--format",
+        fmt,
+        "--no-progress",
+    ]
+    if rate:
+        command += ["--rate", str(rate)]
+    if limit:
+        command += ["--limit", str(limit)]
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+
+
+def _wait_applied(worker: WorkerProcess, expected: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = worker.metrics()
+        applied = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("fusionrec_events_applied_total{")
+        )
+        if applied >= expected:
+            return
+        assert time.monotonic() < deadline, f"{applied} of {expected} events applied"
+        time.sleep(0.5)
+
+
+def _events_file(tmp_path: Path) -> tuple[Path, str]:
+    # A time-sorted slice of live traffic: its first events span minutes, well
+    # inside the de-duplication window, so the second replay is all duplicates.
+    if TAOBAO_SLICE.is_file():
+        return TAOBAO_SLICE, "taobao"
+    # Without the public data, a generated file of the same size stands in.
+    path = tmp_path / "events.jsonl"
+    start_ms = int(time.time() * 1000) - 2 * 3_600_000
+    events = generate_events(
+        20_000, n_users=2_000, n_items=20_000, seed=11, start_ms=start_ms, span_ms=3_600_000
+    )
+    write_jsonl(path, events)
+    return path, "jsonl"
+
+
+def _overlap(first: list[str], second: list[str]) -> float:
+    if not first and not second:
+        return 1.0
+    return len(set(first) & set(second)) / max(len(first), len(second))
+
+
+def test_sigkill_three_times_loses_nothing(run_settings, tmp_path):
+    # The first events of the real file, sent at a fixed rate so that every
+    # kill lands while events arrive.
+    path, fmt = _events_file(tmp_path)
+    limit, rate = 12_000, 400
+    events = read_events(path, fmt).events[:limit]
+    expected = Counter(event.type for event in {e.event_id: e for e in events}.values())
+    settings = replace(run_settings, checkpoint_interval_s=3.0)
+    rng = random.Random(20261204)
+
+    replay = _replay(settings, path, fmt, rate=rate, limit=limit)
+    for number in range(3):
+        worker = WorkerProcess(settings, tmp_path / f"worker-{number}.log").start()
+        worker.wait_ready()
+        time.sleep(rng.uniform(2.0, 7.0))
+        assert replay.poll() is None, "the replay ended before every kill"
+        worker.kill()
+    assert replay.wait(300) == 0
+
+    # The last run sees the whole file, then the same file replayed again.
+    final = WorkerProcess(settings, tmp_path / "worker-final.log").start()
+    final.wait_ready()
+    second = _replay(settings, path, fmt, limit=limit)
+    assert second.wait(300) == 0
+    deadline = time.monotonic() + 300
+    while True:
+        state_counts = final.health()
+        text = final.metrics()
+        if "fusionrec_events_duplicate_total" in text:
+            duplicates = next(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("fusionrec_events_duplicate_total ")
+            )
+            if duplicates >= len(events):
+                break
+        assert time.monotonic() < deadline, f"second replay not de-duplicated: {state_counts}"
+        time.sleep(1.0)
+    assert final.terminate() == 0
+    state = _final_state(settings)
+
+    counts = state["counts"]
+    for event_type, count in expected.items():
+        assert counts.get(f"applied:{event_type}", 0) == count, event_type
+    assert counts["applied"] == sum(expected.values())
+
+    # An uninterrupted run over the same topics, in its own consumer group.
+    reference_settings = replace(
+        settings,
+        app_id=settings.app_id + "-reference",
+        data_dir=str(tmp_path / "reference"),
+        redis_key_prefix=settings.redis_key_prefix + "ref:",
+    )
+    with WorkerProcess(reference_settings, tmp_path / "reference.log") as reference:
+        reference.wait_ready()
+        _wait_applied(reference, sum(expected.values()), 240)
+        assert reference.terminate() == 0
+    reference_state = _final_state(reference_settings)
+
+    engine, reference_engine = state["engine"], reference_state["engine"]
+    pseudonymize = Pseudonymizer(bytes.fromhex(settings.pseudonym_key))
+    users = sorted({pseudonymize(e.user_id) for e in events})
+    # A user's views, clicks and purchases arrive on three topics, and Kafka
+    # orders them only within a topic, so histories compare as multisets.
+    for user in users:
+        assert Counter(engine.user_history(user)) == Counter(reference_engine.user_history(user))
+
+    # Lists of a fixed sample of users, to keep the comparison quick.
+    users = random.Random(7).sample(users, min(500, len(users)))
+    lists = engine.recommend(users, settings.k)
+    reference_lists = reference_engine.recommend(users, settings.k)
+    overlaps = [
+        _overlap([e.item_id for e in mine], [e.item_id for e in theirs])
+        for mine, theirs in zip(lists, reference_lists, strict=True)
+    ]
+    mean_overlap = sum(overlaps) / len(overlaps)
+    print(f"mean top-{settings.k} overlap with the uninterrupted run: {mean_overlap:.4f}")
+    assert mean_overlap >= 0.9
+
+
+def test_sigterm_checkpoints_and_exits_zero(run_settings, tmp_path):
+    now = int(time.time() * 1000) - 60_000
+    events = [
+        Event(f"t-{n}", "view", f"user-{n % 20}", f"item-{n % 30}", now + n) for n in range(500)
+    ]
+    with WorkerProcess(run_settings, tmp_path / "first.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        _wait_applied(worker, len(events), 60)
+        assert worker.terminate() == 0
+    log = (tmp_path / "first.log").read_text()
+    assert "checkpoint written (shutdown)" in log
+    assert _final_state(run_settings)["counts"]["applied"] == len(events)
+
+    with WorkerProcess(run_settings, tmp_path / "second.log") as worker:
+        worker.wait_ready()
+        time.sleep(3)
+        text = worker.metrics()
+        assert worker.terminate() == 0
+    assert "fusionrec_events_applied_total{" not in text
+    assert _final_state(run_settings)["counts"]["applied"] == len(events)
+
+
+def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
+    settings = replace(run_settings, checkpoint_interval_s=1.0)
+    now = int(time.time() * 1000) - 60_000
+    first = [
+        Event(f"c-{n}", "view", f"user-{n % 9}", f"item-{n % 13}", now + n) for n in range(300)
+    ]
+    second = [
+        Event(f"d-{n}", "click", f"user-{n % 9}", f"item-{n % 13}", now + 1000 + n)
+        for n in range(200)
+    ]
+    with WorkerProcess(settings, tmp_path / "first.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, first))
+        _wait_applied(worker, len(first), 60)
+        time.sleep(2.5)
+        asyncio.run(produce_events(settings, second))
+        _wait_applied(worker, len(first) + len(second), 60)
+        assert worker.terminate() == 0
+
+    store = _store(settings)
+    newest = store.paths()[0][1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+
+    with WorkerProcess(settings, tmp_path / "second.log") as worker:
+        worker.wait_ready()
+        _wait_applied(worker, 1, 60)
+        time.sleep(3)
+        assert worker.terminate() == 0
+    log = (tmp_path / "second.log").read_text()
+    assert "skipping invalid checkpoint" in log
+    state = _final_state(settings)
+    assert state["counts"]["applied:view"] == len(first)
+    assert state["counts"]["applied:click"] == len(second)

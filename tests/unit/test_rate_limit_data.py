@@ -1,0 +1,20 @@
+"""The default per-user rate limit leaves every real user of the public data alone."""
+
+import pytest
+from shared_data import RETAIL, TAOBAO, shared_file
+
+from stream.ratelimit import UserRateLimiter
+from stream.settings import Settings
+from stream.sources import read_events
+
+
+@pytest.mark.parametrize(("path", "fmt"), [(TAOBAO, "taobao"), (RETAIL, "online-retail")])
+def test_no_real_user_is_rate_limited(path, fmt):
+    shared_file(path)
+    settings = Settings()
+    limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
+    limited = sum(
+        not limiter.allow(event.user_id, event.timestamp_ms)
+        for event in read_events(path, fmt).events
+    )
+    assert limited == 0, f"{limited} events of {path.name} would be rate-limited"
