@@ -95,6 +95,7 @@ class Worker:
             path.name,
             len(self.processor.offsets),
             self.processor.counts.get("applied", 0),
+            extra={"event": "checkpoint_restored", "checkpoint": path.name},
         )
         return True
 
@@ -374,6 +375,13 @@ class Worker:
             info.path.name,
             info.size_bytes / 1e6,
             info.seconds,
+            extra={
+                "event": "checkpoint_written",
+                "reason": reason,
+                "checkpoint": info.path.name,
+                "bytes": info.size_bytes,
+                "seconds": round(info.seconds, 3),
+            },
         )
 
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
@@ -519,11 +527,19 @@ class Worker:
         @app.on_partitions_assigned.connect
         async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
             self.assigned = set(assigned)
-            logger.info("partitions assigned: %d", len(assigned))
+            logger.info(
+                "partitions assigned: %d",
+                len(assigned),
+                extra={"event": "partitions_assigned", "partitions": len(assigned)},
+            )
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
-            logger.info("partitions revoked: %d", len(revoked))
+            logger.info(
+                "partitions revoked: %d",
+                len(revoked),
+                extra={"event": "partitions_revoked", "partitions": len(revoked)},
+            )
 
         @app.on_before_shutdown.connect
         async def on_shutdown(sender: Any, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
+from stream.logs import configure_logging
 from stream.settings import SETTINGS_DOC, Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -21,15 +22,6 @@ _MODULE_COMMANDS = {
     "evaluate": ("stream.evaluate", "prequential evaluation of every model and fusion on a file"),
     "bench": ("stream.bench", "measure throughput, freshness and memory against real services"),
 }
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr with timestamps, at ``level``."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -147,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        level = args.log_level or Settings.from_env().log_level
-        configure_logging(level)
+        settings = Settings.from_env()
+        configure_logging(args.log_level or settings.log_level, settings.log_format)
         code: int = args.handler(args)
     except SettingsError as exc:
         print(f"fusionrec: invalid setting: {exc}", file=sys.stderr)

@@ -83,6 +83,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     log_level: str = "info"
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +123,9 @@ class Settings:
             msg = (
                 f"{PREFIX}REDIS_KEY_BY is {self.redis_key_by!r}; expected 'user_id' or 'pseudonym'"
             )
+            raise SettingsError(msg)
+        if self.log_format not in ("text", "json"):
+            msg = f"{PREFIX}LOG_FORMAT is {self.log_format!r}; expected 'text' or 'json'"
             raise SettingsError(msg)
         if self.repeat_purchases not in ("exclude", "allow"):
             msg = (
@@ -249,4 +253,5 @@ SETTINGS_DOC: dict[str, str] = {
     "web_host": "Address of the metrics and health endpoint.",
     "web_port": "Port of the metrics and health endpoint.",
     "log_level": "debug, info, warning or error.",
+    "log_format": "text, or json for one JSON object per line with lifecycle fields as keys.",
 }

@@ -161,10 +161,15 @@ class RedisSink:
                 type(exc).__name__,
                 exc,
                 len(self.pending),
+                extra={"event": "redis_outage_begun", "lists_pending": len(self.pending)},
             )
 
     def _end_outage(self) -> None:
         if self._outage_started is not None:
             lasted = time.monotonic() - self._outage_started
             self._outage_started = None
-            logger.warning("Redis outage ended after %.1f s", lasted)
+            logger.warning(
+                "Redis outage ended after %.1f s",
+                lasted,
+                extra={"event": "redis_outage_ended", "seconds": round(lasted, 3)},
+            )

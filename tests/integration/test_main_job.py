@@ -1,0 +1,58 @@
+"""The main job on real input: every Taobao user gets a valid list, readable with `recs`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import orjson
+
+from schemas import validator
+from shared_data import TAOBAO, shared_file
+from stream.runner import WorkerProcess, settings_env, wait_for_lists
+from stream.sources import read_events
+
+
+def _cli(settings, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run(
+        [sys.executable, "-m", "stream.cli", *args], env=env, capture_output=True, check=False
+    )
+
+
+def test_taobao_users_all_get_lists(run_settings, tmp_path):
+    path = shared_file(TAOBAO)
+    users = sorted({event.user_id for event in read_events(path, "taobao").events})
+    assert len(users) == 815
+
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        replay = _cli(
+            run_settings, "replay", str(path), "--format", "taobao", "--json", "--no-progress"
+        )
+        assert replay.returncode == 0, replay.stderr.decode()
+        summary = orjson.loads(replay.stdout)
+        assert summary["produced"] == 84_475
+        lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=280))
+        assert worker.terminate() == 0
+
+    check = validator("recommendations.schema.json")
+    for user in users:
+        assert check.is_valid(lists[user]), user
+        assert len(lists[user]["items"]) == run_settings.k
+
+    # The worker has stopped, so what Redis holds now is final.
+    stored = asyncio.run(wait_for_lists(run_settings, users[:1], timeout_s=10))[users[0]]
+    shown = _cli(run_settings, "recs", users[0])
+    assert shown.returncode == 0, shown.stderr.decode()
+    for entry in stored["items"]:
+        assert entry["item_id"] in shown.stdout.decode()
+
+    as_json = _cli(run_settings, "recs", users[0], "--json")
+    assert orjson.loads(as_json.stdout) == stored
+
+    missing = _cli(run_settings, "recs", "no-such-user")
+    assert missing.returncode == 1
+    assert b"no list" in missing.stderr

@@ -1,0 +1,253 @@
+"""The worker's processing logic on in-memory messages, without services."""
+
+import math
+
+import orjson
+import pytest
+
+from corpus import BAD_CASES, TRICKY_USER_IDS, future_case
+from schemas import Event, validator
+from stream.privacy import Pseudonymizer
+from stream.processor import Message, Processor
+from stream.settings import Settings
+
+NOW_MS = 1_760_000_000_000
+KEY = b"p" * 32
+
+
+def _processor(**changes):
+    settings = Settings(**changes)
+    return Processor(settings, Pseudonymizer(KEY), clock=lambda: NOW_MS / 1000)
+
+
+def _message(event: Event, offset: int, partition: int = 0) -> Message:
+    return Message(
+        f"events.{event.type}",
+        partition,
+        offset,
+        event.user_id.encode(),
+        orjson.dumps(event.to_json()),
+    )
+
+
+def _stream(events):
+    return [_message(event, offset) for offset, event in enumerate(events)]
+
+
+def _warm_events(users=30, start=NOW_MS - 3_600_000):
+    events = []
+    for n in range(users * 6):
+        user = f"user-{n % users}"
+        events.append(Event(f"w-{n}", "view", user, f"item-{n % 17}", start + n * 1000))
+    return events
+
+
+def test_bad_messages_become_dead_letters():
+    processor = _processor()
+    cases = [*BAD_CASES, future_case(NOW_MS)]
+    messages = [
+        Message(f"events.{case.topic_type}", 0, offset, case.key, case.value)
+        for offset, case in enumerate(cases)
+    ]
+    outcome = processor.process_events(messages)
+    assert len(outcome.dead_letters) == len(cases)
+    check = validator("deadletter.schema.json")
+    for (_, raw), case in zip(outcome.dead_letters, cases, strict=True):
+        record = orjson.loads(raw)
+        assert check.is_valid(record), record
+        assert record["reason"] == case.reason
+        assert record["field"] == case.field
+
+
+def test_dead_letter_hides_user_id():
+    processor = _processor()
+    raw = b'{"event_id": "e", "type": "view", "user_id": "alice", "item_id": "", "timestamp": 1}'
+    outcome = processor.process_events([Message("events.view", 0, 0, b"alice", raw)])
+    key, value = outcome.dead_letters[0]
+    assert b"alice" not in value
+    assert b"alice" not in key
+
+
+def test_truncated_dead_letter_hides_user_id():
+    processor = _processor()
+    raw = b'{"event_id": "e", "type": "view", "user_id": "alice-in-a-cut-message'
+    outcome = processor.process_events([Message("events.view", 0, 0, b"alice", raw)])
+    assert b"alice" not in outcome.dead_letters[0][1]
+
+
+def test_valid_events_around_bad_ones_applied():
+    processor = _processor()
+    good = _warm_events(users=5)
+    messages = []
+    for offset, event in enumerate(good):
+        messages.append(_message(event, 2 * offset))
+        messages.append(Message("events.view", 0, 2 * offset + 1, b"x", b"garbage"))
+    outcome = processor.process_events(messages)
+    assert outcome.applied == len(good)
+    assert len(outcome.dead_letters) == len(good)
+
+
+def test_duplicate_event_applied_once():
+    processor = _processor()
+    event = Event("same", "view", "u", "i", NOW_MS - 1000)
+    first = processor.process_events([_message(event, 0)])
+    second = processor.process_events([_message(event, 1)])
+    assert first.applied == 1
+    assert second.applied == 0
+    assert processor.counts["duplicate"] == 1
+
+
+def test_replayed_offsets_are_skipped():
+    processor = _processor()
+    events = _warm_events(users=3)
+    processor.process_events(_stream(events))
+    again = processor.process_events(_stream(events))
+    assert again.applied == 0
+    assert processor.counts["duplicate"] == 0
+
+
+def test_refund_is_applied():
+    processor = _processor()
+    buy = Event("b", "purchase", "u", "kettle", NOW_MS - 2000, quantity=2, price=10.0)
+    refund = Event("r", "purchase", "u", "kettle", NOW_MS - 1000, quantity=-2, price=10.0)
+    outcome = processor.process_events(_stream([buy, refund]))
+    assert outcome.applied == 2
+    assert not outcome.dead_letters
+
+
+def test_late_event_is_applied():
+    processor = _processor()
+    processor.process_events(_stream([Event("new", "view", "u", "i1", NOW_MS - 1000)]))
+    late = Event("late", "view", "u", "i2", NOW_MS - 30 * 86_400_000)
+    outcome = processor.process_events([_message(late, 1)])
+    assert outcome.applied == 1
+
+
+@pytest.mark.parametrize("user", TRICKY_USER_IDS)
+def test_tricky_ids_get_own_keys(user):
+    processor = _processor()
+    event = Event(f"e-{user}", "view", user, "i", NOW_MS - 1000)
+    outcome = processor.process_events([_message(event, 0)])
+    refreshed = processor.refresh(outcome.dirty)
+    assert refreshed[0].key == f"recs:user:{user}"
+
+
+def test_tricky_ids_stay_distinct():
+    processor = _processor()
+    events = [
+        Event(f"e{n}", "view", user, f"i{n}", NOW_MS - 1000 + n)
+        for n, user in enumerate(TRICKY_USER_IDS)
+    ]
+    outcome = processor.process_events(_stream(events))
+    keys = {entry.key for entry in processor.refresh(outcome.dirty)}
+    assert len(keys) == len(TRICKY_USER_IDS)
+
+
+def test_lists_are_finite_and_bounded():
+    processor = _processor(k=10)
+    events = _warm_events()
+    events.append(Event("free", "purchase", "user-1", "item-1", NOW_MS - 10, quantity=1, price=0))
+    outcome = processor.process_events(_stream(events))
+    check = validator("recommendations.schema.json")
+    for entry in processor.refresh(outcome.dirty):
+        value = orjson.loads(entry.payload)
+        assert check.is_valid(value)
+        assert len(value["items"]) <= 10
+        assert all(math.isfinite(item["score"]) for item in value["items"])
+
+
+def test_purchased_item_left_out():
+    processor = _processor()
+    events = _warm_events()
+    events.append(Event("buy", "purchase", "user-2", "item-3", NOW_MS - 5, quantity=1))
+    outcome = processor.process_events(_stream(events))
+    lists = {entry.key: orjson.loads(entry.payload) for entry in processor.refresh(outcome.dirty)}
+    items = [item["item_id"] for item in lists["recs:user:user-2"]["items"]]
+    assert "item-3" not in items
+
+
+def test_flooding_user_is_rate_limited():
+    processor = _processor(user_rate_limit_per_s=10.0, user_rate_burst=20.0)
+    warm = _warm_events()
+    processor.process_events(_stream(warm))
+    before = orjson.loads(processor.popular_list())["items"]
+
+    flood = [
+        Event(f"flood-{n}", "purchase", "bot", "spam-item", NOW_MS - 5000 + n // 10, quantity=1)
+        for n in range(5000)
+    ]
+    outcome = processor.process_events(
+        [_message(event, len(warm) + n) for n, event in enumerate(flood)]
+    )
+    after = orjson.loads(processor.popular_list())["items"]
+    # A burst of 20, plus 10 a second over the flood's half second.
+    assert outcome.applied <= 25
+    assert processor.counts["rate_limited"] == 5000 - outcome.applied
+    assert [e["item_id"] for e in after][:5] == [e["item_id"] for e in before][:5]
+
+
+def test_forgotten_user_is_erased_and_dropped():
+    processor = _processor()
+    events = _warm_events()
+    processor.process_events(_stream(events))
+    pseudonym = processor.pseudonymize("user-4")
+    assert processor.engine.has_user(pseudonym)
+
+    processor.forget("user-4", NOW_MS)
+    assert not processor.engine.has_user(pseudonym)
+    assert pseudonym not in processor.dedup.owners()
+    late = Event("late-4", "view", "user-4", "item-1", NOW_MS - 10)
+    outcome = processor.process_events([_message(late, 10_000)])
+    assert outcome.applied == 0
+    assert processor.counts["forgotten_user"] == 1
+
+
+def test_forget_survives_older_state():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    old_state = processor.state()
+    pseudonym = processor.pseudonymize("user-5")
+    import pickle
+
+    snapshot = pickle.loads(pickle.dumps(old_state))
+    processor.forget("user-5", NOW_MS)
+    registry = dict(processor.forgotten)
+
+    restored = _processor()
+    restored.load_state(snapshot)
+    assert restored.engine.has_user(pseudonym)
+    restored.merge_forgotten(registry)
+    assert not restored.engine.has_user(pseudonym)
+
+
+def test_state_holds_no_raw_user_id():
+    import pickle
+
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    data = pickle.dumps(processor.state())
+    assert b"user-1" not in data
+
+
+def test_future_event_rejected_with_skew():
+    processor = _processor(max_future_skew_s=60)
+    soon = Event("soon", "view", "u", "i", NOW_MS + 30_000)
+    later = Event("later", "view", "u", "i", NOW_MS + 120_000)
+    outcome = processor.process_events(_stream([soon, later]))
+    assert outcome.applied == 1
+    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "timestamp_in_future"
+
+
+def test_sold_out_item_is_reported():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
+    outcome = processor.process_item_updates([Message("items.updates", 0, 0, b"item-2", update)])
+    assert outcome.unavailable == [processor.engine.catalog.index["item-2"]]
+
+
+def test_item_update_with_wrong_key_rejected():
+    processor = _processor()
+    update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
+    outcome = processor.process_item_updates([Message("items.updates", 0, 0, b"other", update)])
+    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "key_mismatch"

@@ -1,0 +1,190 @@
+"""State helpers of the worker that need no services."""
+
+import logging
+import os
+import pickle
+
+import orjson
+import pytest
+
+from stream.checkpoint import CheckpointError, CheckpointStore
+from stream.dedup import DedupWindow
+from stream.logs import JsonFormatter
+from stream.privacy import Pseudonymizer, load_pseudonymizer
+from stream.ratelimit import UserRateLimiter
+from stream.settings import Settings, SettingsError
+
+
+def test_dedup_rejects_repeat():
+    window = DedupWindow(window_ms=10_000, max_entries=100)
+    assert window.add("e1", "u", 1_000)
+    assert not window.add("e1", "u", 1_000)
+
+
+def test_dedup_evicts_by_event_time():
+    window = DedupWindow(window_ms=10_000, max_entries=100)
+    window.add("old", "u", 0)
+    window.add("new", "u", 20_000)
+    assert "old" not in window
+    assert "new" in window
+
+
+def test_dedup_evicts_by_count():
+    window = DedupWindow(window_ms=10**9, max_entries=3)
+    for n in range(5):
+        window.add(f"e{n}", "u", n)
+    assert len(window) == 3
+    assert "e0" not in window
+    assert "e4" in window
+
+
+def test_dedup_forgets_owner():
+    window = DedupWindow(window_ms=10**9, max_entries=100)
+    window.add("a", "alice", 1)
+    window.add("b", "bob", 2)
+    assert window.forget_owner("alice") == 1
+    assert "a" not in window
+    assert window.owners() == {"bob"}
+    assert window.add("a", "alice", 3)
+
+
+def test_dedup_survives_pickle():
+    window = DedupWindow(window_ms=10**9, max_entries=100)
+    window.add("a", "alice", 1)
+    again = pickle.loads(pickle.dumps(window))
+    assert not again.add("a", "alice", 1)
+
+
+def test_rate_limit_refills_on_event_time():
+    limiter = UserRateLimiter(rate_per_s=2.0, burst=2.0)
+    assert limiter.allow("u", 0)
+    assert limiter.allow("u", 0)
+    assert not limiter.allow("u", 0)
+    assert limiter.allow("u", 500)
+
+
+def test_rate_limit_ignores_older_events_for_refill():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=1.0)
+    assert limiter.allow("u", 10_000)
+    assert not limiter.allow("u", 0)
+
+
+def test_rate_limit_is_per_user():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=1.0)
+    assert limiter.allow("a", 0)
+    assert limiter.allow("b", 0)
+    assert limiter.users() == {"a", "b"}
+
+
+def test_rate_limit_sweep_drops_full_buckets():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=1.0)
+    limiter.allow("a", 0)
+    assert limiter.sweep(5_000) == 1
+    assert len(limiter) == 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    store.write({"x": 1})
+    state, path = store.restore()
+    assert state == {"x": 1}
+    assert path.name.startswith("checkpoint-")
+
+
+def test_checkpoint_keeps_newest(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32, keep=2)
+    for n in range(5):
+        store.write({"n": n})
+    assert [seq for seq, _ in store.paths()] == [5, 4]
+    assert store.restore()[0] == {"n": 4}
+
+
+def test_torn_checkpoint_falls_back(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    store.write({"n": 1})
+    info = store.write({"n": 2})
+    data = info.path.read_bytes()
+    info.path.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="payload bytes"):
+        store.read(info.path)
+    assert store.restore()[0] == {"n": 1}
+
+
+def test_altered_checkpoint_is_detected(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    info = store.write({"n": 1})
+    data = bytearray(info.path.read_bytes())
+    data[-1] ^= 0xFF
+    info.path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="integrity"):
+        store.read(info.path)
+
+
+def test_checkpoint_of_other_key_is_rejected(tmp_path):
+    CheckpointStore(tmp_path, b"k" * 32).write({"n": 1})
+    assert CheckpointStore(tmp_path, b"j" * 32).restore() is None
+
+
+def test_pseudonym_is_keyed():
+    assert Pseudonymizer(b"a" * 32)("u") != Pseudonymizer(b"b" * 32)("u")
+
+
+def test_pseudonym_keeps_nfc_and_nfd_apart():
+    pseudonymize = Pseudonymizer(b"a" * 32)
+    assert pseudonymize("caf\u00e9") != pseudonymize("cafe\u0301")
+
+
+def test_pseudonym_key_file_created_private(tmp_path):
+    settings = Settings(data_dir=str(tmp_path))
+    first = load_pseudonymizer(settings)
+    again = load_pseudonymizer(settings)
+    assert first("u") == again("u")
+    assert os.stat(tmp_path / "pseudonym.key").st_mode & 0o777 == 0o600
+
+
+def test_pseudonymizer_repr_hides_key():
+    assert "aaaa" not in repr(Pseudonymizer(b"a" * 32))
+
+
+def test_settings_from_env():
+    settings = Settings.from_env({"FUSIONREC_K": "7", "FUSIONREC_CHECK_KEY": "false"})
+    assert settings.k == 7
+    assert settings.check_key is False
+
+
+def test_settings_reject_bad_number():
+    with pytest.raises(SettingsError, match="FUSIONREC_K"):
+        Settings.from_env({"FUSIONREC_K": "many"})
+
+
+def test_settings_reject_short_dedup_window():
+    with pytest.raises(SettingsError, match="DEDUP_WINDOW_S"):
+        Settings.from_env({"FUSIONREC_DEDUP_WINDOW_S": "60"})
+
+
+def test_settings_mask_secrets():
+    masked = Settings(redis_password="pw", pseudonym_key="secret").masked()
+    assert masked["FUSIONREC_REDIS_PASSWORD"] == "***"
+    assert masked["FUSIONREC_PSEUDONYM_KEY"] == "***"
+
+
+def test_settings_parse_weights():
+    assert Settings(weights="mf=1, popular=0.5").parsed_weights() == {"mf": 1.0, "popular": 0.5}
+    with pytest.raises(SettingsError, match="name=number"):
+        Settings(weights="mf").parsed_weights()
+
+
+def test_json_log_line_has_extras():
+    record = logging.makeLogRecord(
+        {
+            "msg": "checkpoint written %s",
+            "args": ("x",),
+            "levelname": "INFO",
+            "name": "t",
+            "event": "checkpoint_written",
+        }
+    )
+    line = orjson.loads(JsonFormatter().format(record))
+    assert line["message"] == "checkpoint written x"
+    assert line["event"] == "checkpoint_written"
+    assert line["level"] == "info"
