@@ -41,7 +41,8 @@ class WorkerMetrics:
         )
         self.dropped = Counter(
             "fusionrec_events_dropped",
-            "Valid events not learned: rate_limited, forgotten_user or already_checkpointed.",
+            "Valid events not learned, by reason: rate_limited, item_repeat_limited, "
+            "forgotten_user or already_checkpointed.",
             ["reason"],
             registry=registry,
         )

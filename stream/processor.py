@@ -33,7 +33,7 @@ from schemas import (
 from stream.dedup import DedupWindow
 from stream.metrics import WorkerMetrics
 from stream.privacy import Pseudonymizer
-from stream.ratelimit import UserRateLimiter
+from stream.ratelimit import PairRateLimiter, UserRateLimiter
 from stream.settings import Settings
 from stream.topics import EVENT_TOPICS, FORGET_TOPIC, ITEMS_TOPIC
 
@@ -117,6 +117,11 @@ class Processor:
         self.engine = engine or Recommender(engine_config(settings))
         self.dedup = DedupWindow(int(settings.dedup_window_s * 1000), settings.dedup_max_entries)
         self.limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
+        self.repeats = PairRateLimiter(
+            settings.item_repeat_rate_per_s,
+            settings.item_repeat_burst,
+            settings.item_repeat_max_pairs,
+        )
         # Forget token to the event time of the forget request. A token is a
         # keyed hash of the pseudonym under a separate key, so the registry
         # finds a forgotten user's later events while neither the user id
@@ -174,6 +179,9 @@ class Processor:
                 continue
             if not self.limiter.allow(pseudonym, event.timestamp_ms):
                 self._drop("rate_limited")
+                continue
+            if not self.repeats.allow(pseudonym, event.item_id, event.timestamp_ms):
+                self._drop("item_repeat_limited")
                 continue
 
             outcome.dirty[pseudonym] = event.user_id
@@ -268,7 +276,12 @@ class Processor:
         """
         if not self.forgotten:
             return 0
-        candidates = set(self.engine.user_ids()) | self.dedup.owners() | self.limiter.users()
+        candidates = (
+            set(self.engine.user_ids())
+            | self.dedup.owners()
+            | self.limiter.users()
+            | self.repeats.users()
+        )
         doomed = [p for p in candidates if self.forget_token(p) in self.forgotten]
         for pseudonym in doomed:
             self._erase(pseudonym)
@@ -278,6 +291,7 @@ class Processor:
         self.engine.forget_user(pseudonym)
         self.dedup.forget_owner(pseudonym)
         self.limiter.forget(pseudonym)
+        self.repeats.forget(pseudonym)
 
     # -- lists --------------------------------------------------------------
 
@@ -336,6 +350,7 @@ class Processor:
             "engine": self.engine,
             "dedup": self.dedup,
             "limiter": self.limiter,
+            "repeats": self.repeats,
             "forgotten": dict(self.forgotten),
             "offsets": dict(self.offsets),
             "counts": dict(self.counts),
@@ -349,6 +364,7 @@ class Processor:
         self.engine = state["engine"]
         self.dedup = state["dedup"]
         self.limiter = state["limiter"]
+        self.repeats = state["repeats"]
         # Forget requests newer than the checkpoint stay in force.
         newer = self.forgotten
         self.forgotten = dict(state["forgotten"])

@@ -73,6 +73,9 @@ class Settings:
     dedup_max_entries: int = 2_000_000
     user_rate_limit_per_s: float = 50.0
     user_rate_burst: float = 2000.0
+    item_repeat_rate_per_s: float = 0.1
+    item_repeat_burst: float = 30.0
+    item_repeat_max_pairs: int = 500_000
 
     # State, privacy and operations
     data_dir: str = "var"
@@ -114,6 +117,9 @@ class Settings:
             "dedup_max_entries": self.dedup_max_entries,
             "user_rate_limit_per_s": self.user_rate_limit_per_s,
             "user_rate_burst": self.user_rate_burst,
+            "item_repeat_rate_per_s": self.item_repeat_rate_per_s,
+            "item_repeat_burst": self.item_repeat_burst,
+            "item_repeat_max_pairs": self.item_repeat_max_pairs,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -245,6 +251,9 @@ SETTINGS_DOC: dict[str, str] = {
     "dedup_max_entries": "Most event ids remembered, whatever their age.",
     "user_rate_limit_per_s": "Sustained events per second of event time that one user may send.",
     "user_rate_burst": "Events one user may send at once above the sustained rate.",
+    "item_repeat_rate_per_s": "Sustained events per second of event time of one user on one item.",
+    "item_repeat_burst": "Events one user may send on one item at once.",
+    "item_repeat_max_pairs": "User-item pairs whose repeat budget is remembered.",
     "data_dir": "Folder of checkpoints.",
     "checkpoint_interval_s": "Seconds between checkpoints while events arrive.",
     "checkpoints_kept": "Checkpoints kept on disk; older ones are deleted.",

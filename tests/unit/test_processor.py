@@ -38,7 +38,7 @@ def _warm_events(users=30, start=NOW_MS - 3_600_000):
     events = []
     for n in range(users * 6):
         user = f"user-{n % users}"
-        events.append(Event(f"w-{n}", "view", user, f"item-{n % 17}", start + n * 1000))
+        events.append(Event(f"w-{n}", "view", user, f"item-{n % 17}", start + n * 10))
     return events
 
 
@@ -167,8 +167,8 @@ def test_purchased_item_left_out():
 
 
 def test_flooding_user_is_rate_limited():
-    processor = _processor(user_rate_limit_per_s=10.0, user_rate_burst=20.0)
-    warm = _warm_events()
+    processor = _processor()
+    warm = _warm_events(users=400)
     processor.process_events(_stream(warm))
     before = orjson.loads(processor.popular_list())["items"]
 
@@ -180,10 +180,11 @@ def test_flooding_user_is_rate_limited():
         [_message(event, len(warm) + n) for n, event in enumerate(flood)]
     )
     after = orjson.loads(processor.popular_list())["items"]
-    # A burst of 20, plus 10 a second over the flood's half second.
-    assert outcome.applied <= 25
-    assert processor.counts["rate_limited"] == 5000 - outcome.applied
+    limited = processor.counts["rate_limited"] + processor.counts["item_repeat_limited"]
+    assert outcome.applied <= processor.settings.item_repeat_burst
+    assert limited == 5000 - outcome.applied
     assert [e["item_id"] for e in after][:5] == [e["item_id"] for e in before][:5]
+    assert "spam-item" not in [e["item_id"] for e in after][:5]
 
 
 def test_forgotten_user_is_erased_and_dropped():

@@ -3,7 +3,7 @@
 import pytest
 from shared_data import RETAIL, TAOBAO, shared_file
 
-from stream.ratelimit import UserRateLimiter
+from stream.ratelimit import PairRateLimiter, UserRateLimiter
 from stream.settings import Settings
 from stream.sources import read_events
 
@@ -13,8 +13,14 @@ def test_no_real_user_is_rate_limited(path, fmt):
     shared_file(path)
     settings = Settings()
     limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
-    limited = sum(
-        not limiter.allow(event.user_id, event.timestamp_ms)
-        for event in read_events(path, fmt).events
+    repeats = PairRateLimiter(
+        settings.item_repeat_rate_per_s,
+        settings.item_repeat_burst,
+        settings.item_repeat_max_pairs,
     )
+    limited = repeated = 0
+    for event in read_events(path, fmt).events:
+        limited += not limiter.allow(event.user_id, event.timestamp_ms)
+        repeated += not repeats.allow(event.user_id, event.item_id, event.timestamp_ms)
     assert limited == 0, f"{limited} events of {path.name} would be rate-limited"
+    assert repeated == 0, f"{repeated} events of {path.name} would be repeat-limited"
