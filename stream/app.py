@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.types import TP
@@ -29,7 +30,7 @@ from schemas import RecommendationList
 from stream.checkpoint import CheckpointStore
 from stream.kafka import client_options, ssl_context
 from stream.metrics import WorkerMetrics
-from stream.privacy import load_pseudonymizer
+from stream.privacy import Sealer, load_pseudonymizer
 from stream.processor import BatchOutcome, Message, Processor
 from stream.served import ServedLists
 from stream.settings import Settings
@@ -55,6 +56,7 @@ class Worker:
         self.metrics = WorkerMetrics()
         (settings.data_path / "faust").mkdir(parents=True, exist_ok=True)
         pseudonymizer = load_pseudonymizer(settings)
+        self.sealer = Sealer(pseudonymizer.derive_key("pending-lists"))
         self.processor = Processor(settings, pseudonymizer, self.metrics)
         self.store = CheckpointStore(
             settings.data_path / "checkpoints",
@@ -89,15 +91,41 @@ class Worker:
             return False
         state, path = restored
         self.processor.load_state(state)
+        owed = self._load_pending(state.get("pending_lists"))
         self.last_checkpoint = time.monotonic()
         logger.info(
             "checkpoint restored from %s: %d partitions, %d events applied so far",
             path.name,
             len(self.processor.offsets),
             self.processor.counts.get("applied", 0),
-            extra={"event": "checkpoint_restored", "checkpoint": path.name},
+            extra={"event": "checkpoint_restored", "checkpoint": path.name, "lists_owed": owed},
         )
         return True
+
+    def _pending_keys(self) -> list[str]:
+        # Every list the checkpoint's state owes Redis: users still to be
+        # recomputed, and lists computed but not yet written.
+        keys = set(self._short.values())
+        for pseudonym, user_id in self.dirty.items():
+            if user_id:
+                keys.add(self.processor.redis_key(user_id, pseudonym))
+        if self.sink is not None:
+            keys.update(key for key, value in self.sink.pending.items() if value is not None)
+        keys.discard(self.processor.popular_key)
+        return sorted(keys)
+
+    def _load_pending(self, sealed: bytes | None) -> int:
+        if not sealed:
+            return 0
+        keys = orjson.loads(self.sealer.open(sealed))
+        prefix = f"{self.settings.redis_key_prefix}user:"
+        by_pseudonym = self.settings.redis_key_by == "pseudonym"
+        for key in keys:
+            ident = key[len(prefix) :]
+            pseudonym = ident if by_pseudonym else self.processor.pseudonymize(ident)
+            self.dirty.setdefault(pseudonym, "")
+            self._short[pseudonym] = key
+        return len(keys)
 
     async def align_committed_offsets(self, timeout_s: float | None = None) -> None:
         """Commit the restored offsets for the group before Faust joins it.
@@ -228,6 +256,10 @@ class Worker:
             return 0
         merged = {_text(token): int(stamp) for token, stamp in registry.items()}
         erased = self.processor.merge_forgotten(merged)
+        for pseudonym in list(self.dirty):
+            if self.processor.forget_token(pseudonym) in self.processor.forgotten:
+                self.dirty.pop(pseudonym)
+                self._short.pop(pseudonym, None)
         if erased:
             logger.info("erased %d users named by the forget registry in Redis", erased)
         return len(registry)
@@ -346,19 +378,24 @@ class Worker:
         if due and self._changed_since_checkpoint:
             await self.checkpoint("interval")
 
-    async def checkpoint(self, reason: str, *, prune: bool = False) -> None:
+    async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
 
-        Dirty lists are computed and dead letters sent first, so that a
-        restart from this checkpoint owes Redis and the dead-letter topic
-        nothing. With ``prune`` every older checkpoint is deleted, which a
-        forget request needs so that no file on disk keeps the user.
+        Dead letters are sent first, so that a restart owes the dead-letter
+        topic nothing. The Redis keys of lists still owed (users to
+        recompute, lists not yet written) go into the checkpoint encrypted,
+        and a restart recomputes them. A ``final`` checkpoint first computes
+        and writes every owed list. With ``prune`` every older checkpoint is
+        deleted, which a forget request needs so that no file keeps the user.
         """
         async with self.lock:
-            self.refresh_some()
+            if final:
+                self.refresh_some()
+                await self._drain_sink()
             await self._send_dead_letters()
             await self.app.producer.flush()
             state = self.processor.state()
+            state["pending_lists"] = self.sealer.seal(orjson.dumps(self._pending_keys()))
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
             self._changed_since_checkpoint = False
@@ -383,6 +420,14 @@ class Worker:
                 "seconds": round(info.seconds, 3),
             },
         )
+
+    async def _drain_sink(self, timeout_s: float = 10.0) -> None:
+        sink = self._require_sink()
+        if self._sink_task is not None and not await sink.wait_idle(timeout_s):
+            logger.warning(
+                "%d lists not written to Redis before the final checkpoint; it records them",
+                len(sink.pending),
+            )
 
     async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         assigned = {(tp.topic, tp.partition) for tp in self.assigned}
@@ -435,7 +480,7 @@ class Worker:
         if self._stopping:
             return
         logger.info("shutting down: writing pending lists and a final checkpoint")
-        await self.checkpoint("shutdown")
+        await self.checkpoint("shutdown", final=True)
         self._stopping = True
         if self._refresh_wakeup is not None:
             self._refresh_wakeup.set()

@@ -1,16 +1,50 @@
-"""Token buckets on event time, per user and per user-item pair."""
+"""Rate limits on event time, per user and per user-item pair.
+
+Events of one user arrive on three topics, and Kafka orders them only within
+a topic, so a limit must not depend on the order in which it sees them. A
+token bucket does, because an older event refills nothing. Each budget here
+counts the events in its current span of event time instead: ``n`` events
+spanning ``t`` seconds are allowed while ``n <= burst + rate * t``, a bound
+that holds whatever the order (which of the events are the rejected ones can
+still depend on it). A span starts again once a new event comes
+later than a full refill (``burst / rate``) after the newest one seen, so a
+quiet period does not bank an unbounded allowance.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable, MutableMapping
+
+
+class _Budgets:
+    """Event-time budgets by key: (events counted, first and last event time)."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_ms = rate_per_s / 1000.0
+        self.burst = burst
+        self.refill_ms = burst / self.rate_per_ms
+
+    def take(
+        self, budgets: MutableMapping[Hashable, tuple[int, int, int]], key: Hashable, stamp: int
+    ) -> bool:
+        state = budgets.get(key)
+        if state is None or stamp > state[2] + self.refill_ms:
+            count, first, last = 0, stamp, stamp
+        else:
+            count, first, last = state
+            first = min(first, stamp)
+            last = max(last, stamp)
+        allowed = count + 1 <= self.burst + (last - first) * self.rate_per_ms
+        budgets[key] = (count + 1 if allowed else count, first, last)
+        return allowed
 
 
 class UserRateLimiter:
     """Limit each user to a sustained rate with a burst, measured on event time.
 
-    Event time rather than arrival time, so that a replay at full speed limits
-    the same events as live traffic did. An event older than the user's last
-    one refills nothing.
+    Event time rather than arrival time, so that a replay at full speed
+    limits the same events as live traffic did.
 
     >>> limiter = UserRateLimiter(rate_per_s=1.0, burst=2.0)
     >>> [limiter.allow("u", 0) for _ in range(3)]
@@ -20,43 +54,30 @@ class UserRateLimiter:
     """
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
-        self.rate_per_ms = rate_per_s / 1000.0
-        self.burst = burst
-        self._buckets: dict[str, tuple[float, int]] = {}
+        self._budget = _Budgets(rate_per_s, burst)
+        self._state: dict[Hashable, tuple[int, int, int]] = {}
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._state)
 
     def allow(self, user: str, timestamp_ms: int) -> bool:
-        """Take one token of ``user`` at ``timestamp_ms``; return False when none is left."""
-        state = self._buckets.get(user)
-        if state is None:
-            tokens, last_ms = self.burst, timestamp_ms
-        else:
-            tokens, last_ms = state
-            if timestamp_ms > last_ms:
-                tokens = min(self.burst, tokens + (timestamp_ms - last_ms) * self.rate_per_ms)
-                last_ms = timestamp_ms
-        if tokens < 1.0:
-            self._buckets[user] = (tokens, last_ms)
-            return False
-        self._buckets[user] = (tokens - 1.0, last_ms)
-        return True
+        """Count one event of ``user`` at ``timestamp_ms``; return False when over budget."""
+        return self._budget.take(self._state, user, timestamp_ms)
 
     def users(self) -> set[str]:
-        """Return every user with a bucket."""
-        return set(self._buckets)
+        """Return every user with a budget."""
+        return {str(user) for user in self._state}
 
     def forget(self, user: str) -> None:
-        """Drop the bucket of ``user``."""
-        self._buckets.pop(user, None)
+        """Drop the budget of ``user``."""
+        self._state.pop(user, None)
 
     def sweep(self, now_ms: int) -> int:
-        """Drop buckets that would be full again at ``now_ms``; return how many."""
-        refill_ms = self.burst / self.rate_per_ms
-        stale = [u for u, (_, last) in self._buckets.items() if now_ms - last >= refill_ms]
+        """Drop budgets whose span would restart at ``now_ms``; return how many."""
+        refill = self._budget.refill_ms
+        stale = [user for user, (_, _, last) in self._state.items() if now_ms > last + refill]
         for user in stale:
-            del self._buckets[user]
+            del self._state[user]
         return len(stale)
 
 
@@ -66,8 +87,7 @@ class PairRateLimiter:
     The per-user limit must let a whole basket through at once, so a flood
     on a single item would still move that item's popularity; this second
     limit caps repeats of the same item. Pairs are kept in least-recently-used
-    order, and the oldest is dropped beyond ``max_pairs``, which forgets only
-    pairs whose bucket has long been full again.
+    order, and the oldest is dropped beyond ``max_pairs``.
 
     >>> limiter = PairRateLimiter(rate_per_s=0.1, burst=2.0, max_pairs=10)
     >>> [limiter.allow("u", "i", 0) for _ in range(3)], limiter.allow("u", "j", 0)
@@ -75,40 +95,28 @@ class PairRateLimiter:
     """
 
     def __init__(self, rate_per_s: float, burst: float, max_pairs: int) -> None:
-        self.rate_per_ms = rate_per_s / 1000.0
-        self.burst = burst
+        self._budget = _Budgets(rate_per_s, burst)
         self.max_pairs = max_pairs
-        self._buckets: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self._state: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._state)
 
     def allow(self, user: str, item: str, timestamp_ms: int) -> bool:
-        """Take one token of the pair at ``timestamp_ms``; return False when none is left."""
+        """Count one event of the pair at ``timestamp_ms``; return False when over budget."""
         pair = (user, item)
-        buckets = self._buckets
-        state = buckets.get(pair)
-        if state is None:
-            tokens, last_ms = self.burst, timestamp_ms
-            if len(buckets) >= self.max_pairs:
-                buckets.popitem(last=False)
-        else:
-            buckets.move_to_end(pair)
-            tokens, last_ms = state
-            if timestamp_ms > last_ms:
-                tokens = min(self.burst, tokens + (timestamp_ms - last_ms) * self.rate_per_ms)
-                last_ms = timestamp_ms
-        if tokens < 1.0:
-            buckets[pair] = (tokens, last_ms)
-            return False
-        buckets[pair] = (tokens - 1.0, last_ms)
-        return True
+        state = self._state
+        if pair in state:
+            state.move_to_end(pair)
+        elif len(state) >= self.max_pairs:
+            state.popitem(last=False)
+        return self._budget.take(state, pair, timestamp_ms)
 
     def users(self) -> set[str]:
-        """Return every user with a bucket."""
-        return {user for user, _ in self._buckets}
+        """Return every user with a budget."""
+        return {pair[0] for pair in self._state if isinstance(pair, tuple)}
 
     def forget(self, user: str) -> None:
-        """Drop every bucket of ``user``."""
-        for pair in [pair for pair in self._buckets if pair[0] == user]:
-            del self._buckets[pair]
+        """Drop every budget of ``user``."""
+        for pair in [p for p in self._state if isinstance(p, tuple) and p[0] == user]:
+            del self._state[pair]

@@ -55,7 +55,11 @@ def test_events_become_lists_in_redis(run_settings, tmp_path):
         assert 0 < len(value["items"]) <= run_settings.k
         item_ids = [entry["item_id"] for entry in value["items"]]
         assert len(item_ids) == len(set(item_ids))
-    assert _metric(metrics, "fusionrec_events_applied_total") == len(events)
+    applied = _metric(metrics, "fusionrec_events_applied_total")
+    losses = [
+        line for line in metrics.splitlines() if "dropped_total" in line or "rejected" in line
+    ]
+    assert applied == len(events), losses
 
 
 def test_popular_list_is_written(run_settings, tmp_path):

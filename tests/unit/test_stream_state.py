@@ -63,10 +63,40 @@ def test_rate_limit_refills_on_event_time():
     assert limiter.allow("u", 500)
 
 
-def test_rate_limit_ignores_older_events_for_refill():
-    limiter = UserRateLimiter(rate_per_s=1.0, burst=1.0)
-    assert limiter.allow("u", 10_000)
-    assert not limiter.allow("u", 0)
+def test_rate_limit_ignores_arrival_order():
+    stamps = [0, 100, 200, 900, 950, 1_500, 1_501, 1_502]
+    forward = UserRateLimiter(rate_per_s=1.0, burst=2.0)
+    backward = UserRateLimiter(rate_per_s=1.0, burst=2.0)
+    allowed_forward = sum(forward.allow("u", stamp) for stamp in stamps)
+    allowed_backward = sum(backward.allow("u", stamp) for stamp in reversed(stamps))
+    assert allowed_forward == allowed_backward
+
+
+def test_rate_limit_restarts_after_quiet_period():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=2.0)
+    assert limiter.allow("u", 0)
+    assert limiter.allow("u", 0)
+    flood = [limiter.allow("u", 3_600_000) for _ in range(10)]
+    assert sum(flood) == 2
+
+
+def test_pair_limit_caps_one_item():
+    from stream.ratelimit import PairRateLimiter
+
+    limiter = PairRateLimiter(rate_per_s=0.1, burst=3.0, max_pairs=100)
+    allowed = [limiter.allow("u", "i", 1_000) for _ in range(10)]
+    assert sum(allowed) == 3
+    assert limiter.allow("u", "other", 1_000)
+    assert limiter.allow("v", "i", 1_000)
+
+
+def test_pair_limit_bounds_memory():
+    from stream.ratelimit import PairRateLimiter
+
+    limiter = PairRateLimiter(rate_per_s=0.1, burst=3.0, max_pairs=5)
+    for n in range(20):
+        limiter.allow("u", f"i{n}", n)
+    assert len(limiter) == 5
 
 
 def test_rate_limit_is_per_user():
