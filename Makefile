@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 
 .PHONY: venv demo test test-unit services-up services-down services-status \
-	evaluate bench lint typecheck clean
+	evaluate bench operations lint typecheck clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,9 @@ evaluate: venv
 
 bench: venv
 	scripts/bench.sh
+
+operations: venv
+	scripts/operations.sh
 
 lint: venv
 	$(BIN)/ruff check schemas models stream tests

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 
 from stream.settings import Settings, SettingsError
@@ -31,18 +32,38 @@ class Pseudonymizer:
     (True, False, 32)
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_cache", "_cache_size", "_key")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, cache_size: int = 1 << 18) -> None:
         if len(key) < 16:
             msg = f"pseudonym key is {len(key)} bytes; expected at least 16"
             raise SettingsError(msg)
         self._key = key
+        # Active users send many events, so recent pseudonyms are kept in
+        # memory (never on disk) instead of hashing every event again.
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cache_size = cache_size
 
     def __call__(self, user_id: str) -> str:
         """Return the pseudonym of ``user_id``."""
-        digest = hmac.digest(self._key, user_id.encode("utf-8", "surrogatepass"), "sha256")
-        return digest[: PSEUDONYM_HEX_CHARS // 2].hex()
+        pseudonym = self._cache.get(user_id)
+        if pseudonym is None:
+            digest = hmac.digest(self._key, user_id.encode("utf-8", "surrogatepass"), "sha256")
+            pseudonym = digest[: PSEUDONYM_HEX_CHARS // 2].hex()
+            if len(self._cache) >= self._cache_size:
+                self._cache.popitem(last=False)
+            self._cache[user_id] = pseudonym
+        return pseudonym
+
+    def discard(self, user_id: str) -> None:
+        """Drop ``user_id`` from the in-memory cache, as a forget request needs."""
+        self._cache.pop(user_id, None)
+
+    def __getstate__(self) -> bytes:
+        return self._key
+
+    def __setstate__(self, key: bytes) -> None:
+        self.__init__(key)  # type: ignore[misc]
 
     def derive_key(self, purpose: str) -> bytes:
         """Derive a separate key for ``purpose`` (such as checkpoint integrity)."""

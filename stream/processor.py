@@ -143,11 +143,12 @@ class Processor:
         now_ms = int(self.clock() * 1000)
         horizon_ms = now_ms + int(self.settings.max_future_skew_s * 1000)
 
+        consumed: Counter[str] = Counter()
         for message in messages:
             if not self._is_new(message):
                 self.metrics.dropped.labels(reason="already_checkpointed").inc()
                 continue
-            self.metrics.consumed.labels(topic=message.topic).inc()
+            consumed[message.topic] += 1
             try:
                 event = decode_event(
                     message.value,
@@ -188,6 +189,8 @@ class Processor:
             event.user_id = pseudonym
             accepted.append(event)
 
+        for topic, count in consumed.items():
+            self.metrics.consumed.labels(topic=topic).inc(count)
         if accepted:
             started = time.perf_counter()
             self.engine.learn(accepted)
@@ -248,6 +251,7 @@ class Processor:
     def forget(self, user_id: str, timestamp_ms: int) -> str:
         """Erase ``user_id`` from every part of the state; return its pseudonym."""
         pseudonym = self.pseudonymize(user_id)
+        self.pseudonymize.discard(user_id)
         token = self.forget_token(pseudonym)
         self.forgotten[token] = max(self.forgotten.get(token, 0), timestamp_ms)
         self._erase(pseudonym)
