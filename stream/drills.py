@@ -86,13 +86,17 @@ def _event_records(events: Iterable[Event]) -> list[tuple[str, bytes, bytes]]:
     return [(EVENT_TOPICS[e.type], e.user_id.encode(), orjson.dumps(e.to_json())) for e in events]
 
 
-def _holding_users(users: int, item: str, start_ms: int) -> list[Event]:
-    # A crowd makes the item the best seller first, so that the list of
-    # nearly every later user holds it.
-    events = [
+def _crowd(item: str, start_ms: int) -> list[Event]:
+    # Buyers who make the item the best seller, so that the list of nearly
+    # every user who comes after them holds it.
+    return [
         Event(f"crowd-{n}-{item}", "purchase", f"crowd-{n}", item, start_ms - 1000 + n, quantity=1)
         for n in range(200)
     ]
+
+
+def _holding_users(users: int, item: str, start_ms: int) -> list[Event]:
+    events = []
     for n in range(users):
         user = f"fan-{n}"
         events.append(Event(f"{user}-a", "view", user, item, start_ms + n))
@@ -129,6 +133,8 @@ def drill_stock_fanout(base: Settings, folder: Path, sizes: list[int]) -> list[d
         worker = WorkerProcess(settings, Path(settings.data_dir) / "worker.log").start()
         try:
             worker.wait_ready()
+            asyncio.run(_produce(settings, _event_records(_crowd("hot", start_ms))))
+            asyncio.run(wait_for_lists(settings, ["crowd-199"], timeout_s=120))
             asyncio.run(_produce(settings, _event_records(events)))
             asyncio.run(wait_for_lists(settings, users, timeout_s=600))
             holders = asyncio.run(_count_holders(settings, users, "hot"))
