@@ -1,13 +1,13 @@
 """The Faust worker: agents on the event, item and forget topics.
 
 Offsets and state move together. The worker never lets Faust commit offsets
-on its own (every source topic is declared with ``acks=False``); it commits
-the offsets a checkpoint covers right after that checkpoint is on disk. So
-the committed offsets are never ahead of the newest checkpoint, a restart
-resumes where the restored state ends, and messages between the committed
-offsets and the checkpoint's are skipped by offset. Before Faust joins the
-group, the committed offsets are aligned with the restored checkpoint, which
-covers the fall-back to an older checkpoint.
+on its own, because every source topic is declared with ``acks=False``.
+Instead it commits the offsets a checkpoint covers once that checkpoint is on
+disk. So the committed offsets are never ahead of the newest checkpoint, a
+restart resumes where the restored state ends, and messages between the
+committed offsets and the checkpoint's are skipped by offset. Before Faust
+joins the group, the committed offsets are aligned with the restored
+checkpoint, which covers the fall-back to an older checkpoint.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class Worker:
             self._take(outcome)
 
     async def on_item_batch(self, events: Sequence[Any]) -> None:
-        """Apply item updates, then rewrite at once every list that holds a sold-out item."""
+        """Apply item updates, then rewrite at once every list that contains a sold-out item."""
         async with self.lock:
             outcome = self.processor.process_item_updates(_messages(events))
             self._take(outcome)

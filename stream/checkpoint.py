@@ -5,7 +5,7 @@ A checkpoint file is ``FRCK`` + format version (1 byte) + payload length
 a pickle of the state. It is written to a temporary file, flushed to disk and
 renamed into place, so a reader sees a whole file or none. The HMAC, keyed
 from the pseudonym key, detects a torn or altered file before anything is
-unpickled; such a file is reported and the previous checkpoint is used.
+unpickled. Such a file is reported and the previous checkpoint is used.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """Where a checkpoint was written, its size and how long writing took."""
+    """Path, sequence number, size and write time of one checkpoint."""
 
     path: Path
     sequence: int

@@ -3,8 +3,8 @@
 Each drill starts a real worker process on topics of its own and times one
 effect in Redis:
 
-- ``stock_fanout``: an item held by N lists goes out of stock; the time from
-  producing the update until no list in Redis holds it, for several N.
+- ``stock_fanout``: an item in N lists goes out of stock; the time from
+  producing the update until no list in Redis contains it, for several N.
 - ``forget``: the time from a forget request until the user's list is gone.
 - ``redis_outage``: a private redis-server is killed for 30 s while events
   arrive; the time from its restart until every pending list is written.
@@ -88,7 +88,7 @@ def _event_records(events: Iterable[Event]) -> list[tuple[str, bytes, bytes]]:
 
 def _crowd(item: str, start_ms: int) -> list[Event]:
     # Buyers who make the item the best seller, so that the list of nearly
-    # every user who comes after them holds it.
+    # every user who comes after them contains it.
     return [
         Event(f"crowd-{n}-{item}", "purchase", f"crowd-{n}", item, start_ms - 1000 + n, quantity=1)
         for n in range(200)
@@ -122,7 +122,7 @@ async def _count_holders(settings: Settings, users: list[str], item: str) -> int
 
 
 def drill_stock_fanout(base: Settings, folder: Path, sizes: list[int]) -> list[dict[str, Any]]:
-    """Time how fast a sold-out item leaves every list that holds it."""
+    """Time how fast a sold-out item leaves every list that contains it."""
     results = []
     for size in sizes:
         settings = _run_settings(base, folder)

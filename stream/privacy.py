@@ -2,8 +2,8 @@
 
 A pseudonym replaces the shop's user id in everything that rests or is
 reported: checkpoints, logs, metric labels and dead-letter records. The key
-never appears in a log line; without it, a pseudonym cannot be linked back to
-a user id, and with it, only by hashing candidate ids.
+never appears in a log line. Without it, a pseudonym cannot be linked back
+to a user id; with it, only by hashing candidate ids.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class Message:
 
 @dataclass
 class BatchOutcome:
-    """What one batch produced: dead-letter records and users whose list changed."""
+    """Result of one batch: dead-letter records and users whose list changed."""
 
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     dirty: dict[str, str] = field(default_factory=dict)
@@ -279,7 +279,7 @@ class Processor:
     def purge_forgotten(self) -> int:
         """Erase every user of the state whose token is in the registry; return how many.
 
-        A checkpoint older than a forget request still holds the user, so
+        A checkpoint older than a forget request still contains the user, so
         this runs after every restore.
         """
         if not self.forgotten:

@@ -1,7 +1,7 @@
 """Rate limits on event time, per user and per user-item pair.
 
 Events of one user arrive on three topics, and Kafka orders them only within
-a topic, so a limit must not depend on the order in which it sees them. A
+a topic, so a limit must not depend on the order in which they arrive. A
 token bucket does, because an older event refills nothing. Each budget here
 counts the events in its current span of event time instead: ``n`` events
 spanning ``t`` seconds are allowed while ``n <= burst + rate * t``, a bound
@@ -85,7 +85,7 @@ class PairRateLimiter:
     """Limit how often one user may repeat one item, with memory for ``max_pairs`` pairs.
 
     The per-user limit must let a whole basket through at once, so a flood
-    on a single item would still move that item's popularity; this second
+    on a single item would still move that item's popularity. This second
     limit caps repeats of the same item. Pairs are kept in least-recently-used
     order, and the oldest is dropped beyond ``max_pairs``.
 

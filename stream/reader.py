@@ -16,7 +16,7 @@ from stream.topics import FORGET_TOPIC
 
 
 def list_key(settings: Settings, user_id: str) -> str:
-    """Return the Redis key that holds ``user_id``'s list."""
+    """Return the Redis key of ``user_id``'s list."""
     if settings.redis_key_by == "pseudonym":
         user_id = load_pseudonymizer(settings)(user_id)
     return f"{settings.redis_key_prefix}user:{user_id}"

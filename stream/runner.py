@@ -77,7 +77,7 @@ class WorkerProcess:
         return f"http://{self.settings.web_host}:{self.settings.web_port}/health"
 
     def health(self) -> dict[str, Any] | None:
-        """Return the health report, or None while the endpoint does not answer."""
+        """Return the health report, or None while the endpoint is unreachable."""
         try:
             with urllib.request.urlopen(self.health_url, timeout=2.0) as response:  # noqa: S310
                 report: dict[str, Any] = orjson.loads(response.read())

@@ -1,6 +1,6 @@
 """The lists last written to Redis, kept to rewrite them when items become unavailable.
 
-When an item goes out of stock, every list that holds it must change at
+When an item goes out of stock, every list that contains it must change at
 once, including lists of users who are not active. Recomputing thousands of
 lists would take seconds, so each user's last list is kept here with a few
 spare items below the cut: the unavailable item is dropped, the next spare
@@ -92,7 +92,7 @@ class ServedLists:
             self._free.append(row)
 
     def holders(self, item_rows: Sequence[int]) -> npt.NDArray[np.int64]:
-        """Return the rows whose list holds any of ``item_rows``."""
+        """Return the rows whose list contains any of ``item_rows``."""
         used = len(self._keys)
         if not used or not item_rows:
             return np.zeros(0, dtype=np.int64)
@@ -108,7 +108,7 @@ class ServedLists:
         computed_at: int,
         model_version: str,
     ) -> list[Rewritten]:
-        """Rebuild every list that holds an item of ``unavailable``.
+        """Rebuild every list that contains an item of ``unavailable``.
 
         Entries whose item is out of stock by ``in_stock`` are dropped and
         the spares below move up. A rebuilt list shorter than ``k`` is marked

@@ -17,7 +17,7 @@ PREFIX = "FUSIONREC_"
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value that cannot be used."""
+    """An environment variable has a value that cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 Lists wait in a pending map keyed by Redis key, so a user refreshed twice
 before a write is written once, with the newer list. ``SET key value EX ttl``
 replaces a value and its expiry in one atomic command. When a pipeline fails
-part-way, its connection is in an unknown state, so the pool is disconnected,
-the batch goes back into the pending map (unless a newer list arrived) and a
-new pipeline is built on a new connection after a backoff.
+part-way, its connection is in an unknown state, so the pool is disconnected.
+The batch goes back into the pending map unless a newer list arrived, and
+after a backoff a new pipeline is built on a new connection.
 """
 
 from __future__ import annotations

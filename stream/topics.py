@@ -1,8 +1,8 @@
 """Names of the Kafka topics and their explicit creation.
 
-Faust creates its internal topics with the app's partition count; source
-topics auto-created by a broker with another count make table writes fail, so
-every topic is created up front with the same count.
+Faust creates its internal topics with the app's partition count. Source
+topics that a broker auto-creates with another count make table writes fail,
+so every topic is created up front with the same count.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_taobao_users_all_get_lists(run_settings, tmp_path):
         assert check.is_valid(lists[user]), user
         assert len(lists[user]["items"]) == run_settings.k
 
-    # The worker has stopped, so what Redis holds now is final.
+    # The worker has stopped, so the lists in Redis are final.
     stored = asyncio.run(wait_for_lists(run_settings, users[:1], timeout_s=10))[users[0]]
     shown = _cli(run_settings, "recs", users[0])
     assert shown.returncode == 0, shown.stderr.decode()

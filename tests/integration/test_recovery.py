@@ -75,7 +75,7 @@ def _events_file(tmp_path: Path) -> tuple[Path, str]:
     # inside the de-duplication window, so the second replay is all duplicates.
     if TAOBAO_SLICE.is_file():
         return TAOBAO_SLICE, "taobao"
-    # Without the public data, a generated file of the same size stands in.
+    # Without the public data, a generated file of the same size replaces it.
     path = tmp_path / "events.jsonl"
     start_ms = int(time.time() * 1000) - 2 * 3_600_000
     events = generate_events(
@@ -110,7 +110,7 @@ def test_sigkill_three_times_loses_nothing(run_settings, tmp_path):
         worker.kill()
     assert replay.wait(300) == 0
 
-    # The last run sees the whole file, then the same file replayed again.
+    # The last run consumes the rest of the file, then the same file again.
     final = WorkerProcess(settings, tmp_path / "worker-final.log").start()
     final.wait_ready()
     second = _replay(settings, path, fmt, limit=limit)
