@@ -10,9 +10,10 @@ import sys
 import orjson
 
 from schemas import validator
-from shared_data import TAOBAO, shared_file
 from stream.runner import WorkerProcess, settings_env, wait_for_lists
 from stream.sources import read_events
+
+from shared_data import TAOBAO, shared_file
 
 
 def _cli(settings, *args: str) -> subprocess.CompletedProcess:

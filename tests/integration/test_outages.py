@@ -7,14 +7,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from kafka_io import produce_events
-from servers import KafkaBroker, RedisServer
-
 from schemas import Event
 from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, wait_for_lists
 from stream.topics import create_topics
+
+from kafka_io import produce_events
+from servers import KafkaBroker, RedisServer
 
 
 def _events(prefix: str, users: int, per_user: int, start_ms: int) -> list[Event]:

@@ -12,15 +12,15 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from kafka_io import produce_events
-from shared_data import TAOBAO_SLICE
-
 from schemas import Event
 from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, settings_env
 from stream.sources import read_events
 from stream.synthetic import generate_events, write_jsonl
+
+from kafka_io import produce_events
+from shared_data import TAOBAO_SLICE
 
 
 def _store(settings) -> CheckpointStore:

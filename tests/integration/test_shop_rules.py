@@ -13,13 +13,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from kafka_io import produce_events, produce_raw
 
 from schemas import Event
 from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.sink import redis_client
 from stream.topics import ITEMS_TOPIC
+
+from kafka_io import produce_events, produce_raw
 
 NOW_MS = int(time.time() * 1000) - 3_600_000
 

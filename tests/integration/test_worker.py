@@ -7,14 +7,15 @@ import time
 
 import orjson
 import pytest
-from corpus import BAD_CASES, TRICKY_USER_IDS, event, future_case
-from kafka_io import produce_events, produce_raw, read_topic
 
 from schemas import Event, validator
 from stream.runner import WorkerProcess, wait_for_lists
 from stream.sink import redis_client
 from stream.synthetic import generate_events
 from stream.topics import DEADLETTER_TOPIC, EVENT_TOPICS
+
+from corpus import BAD_CASES, TRICKY_USER_IDS, event, future_case
+from kafka_io import produce_events, produce_raw, read_topic
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -5,11 +5,12 @@ import math
 import orjson
 import pytest
 
-from corpus import BAD_CASES, TRICKY_USER_IDS, future_case
 from schemas import Event, validator
 from stream.privacy import Pseudonymizer
 from stream.processor import Message, Processor
 from stream.settings import Settings
+
+from corpus import BAD_CASES, TRICKY_USER_IDS, future_case
 
 NOW_MS = 1_760_000_000_000
 KEY = b"p" * 32

@@ -1,11 +1,12 @@
 """The default per-user rate limit leaves every real user of the public data alone."""
 
 import pytest
-from shared_data import RETAIL, TAOBAO, shared_file
 
 from stream.ratelimit import PairRateLimiter, UserRateLimiter
 from stream.settings import Settings
 from stream.sources import read_events
+
+from shared_data import RETAIL, TAOBAO, shared_file
 
 
 @pytest.mark.parametrize(("path", "fmt"), [(TAOBAO, "taobao"), (RETAIL, "online-retail")])

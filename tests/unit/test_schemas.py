@@ -3,7 +3,6 @@ import unicodedata
 
 import orjson
 import pytest
-from corpus import BAD_CASES, TRICKY_USER_IDS, event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,8 @@ from schemas import (
     validator,
 )
 from schemas.files import SCHEMA_FILES
+
+from corpus import BAD_CASES, TRICKY_USER_IDS, event
 
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.name)
