@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import orjson
 
@@ -47,7 +47,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A ``fusionrec worker`` child process with its own log file."""
+    """A ``fusionrec worker`` child process with its own log file.
+
+    Every started process is recorded in `WorkerProcess.running`, so that a
+    test harness can stop the ones a failed test left behind.
+    """
+
+    running: ClassVar[set[WorkerProcess]] = set()
 
     def __init__(
         self, settings: Settings, log_path: Path, extra_env: Mapping[str, str] | None = None
@@ -69,6 +75,7 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        WorkerProcess.running.add(self)
         return self
 
     @property
@@ -134,6 +141,7 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+        WorkerProcess.running.discard(self)
         return code
 
     def log_text(self) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.runner import free_port
+from stream.runner import WorkerProcess, free_port
 from stream.settings import Settings
 from stream.topics import create_topics
 
@@ -21,6 +21,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_workers() -> Iterator[None]:
+    yield
+    for worker in list(WorkerProcess.running):
+        worker.kill()
 
 
 @pytest.fixture
