@@ -73,7 +73,7 @@ class ItemCatalog:
 
     @property
     def in_stock(self) -> npt.NDArray[np.bool_]:
-        """Stock flag of each item; items are in stock until an update says otherwise."""
+        """Stock flag of each item; an item is in stock until an update marks it out of stock."""
         return self._in_stock[: len(self.ids)]
 
     @property
@@ -182,8 +182,8 @@ class DecayedScores:
     """Per-item scores that halve every ``half_life_ms`` of event time.
 
     Scores are stored multiplied by ``2 ** ((t - reference) / half_life)``, so
-    adding at time t costs one multiply and old entries never need touching;
-    all entries are rescaled together once the multiplier grows large.
+    adding at time t costs one multiply and old entries stay untouched. All
+    entries are rescaled together once the multiplier grows large.
 
     >>> scores = DecayedScores(half_life_ms=1000)
     >>> scores.add(np.array([0, 1]), np.array([1.0, 1.0]), np.array([0, 1000]))

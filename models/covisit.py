@@ -20,12 +20,13 @@ class CoVisitationModel:
     """Pairs of items that one user touched close together, decayed over event time.
 
     When a user touches item j, every item i among their last ``window_items``
-    items touched within ``window_ms`` gains ``weight / gap`` towards j (gap 1
-    is the item just before) and ``backward`` times that from j towards i, so
-    that the order in which shoppers move through a basket or a session counts.
-    A user is scored from their last ``window_items`` items, nearer ones
-    weighing more (``1 / (1 + position)``), each neighbour row normalized by
-    its total so that hub items do not drown the rest.
+    items touched within ``window_ms`` gains ``weight / gap`` towards j, where
+    gap 1 is the item just before. The pair from j towards i gains
+    ``backward`` times that, so the order of a basket or a session counts.
+    A user is scored from their last ``window_items`` items, the item at
+    position p (0 is the newest) weighing ``1 / (1 + p) ** recency_power``,
+    each neighbour row normalized by its total so that hub items do not drown
+    the rest.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender
@@ -43,6 +44,7 @@ class CoVisitationModel:
         half_life_ms: float = 30 * 86_400_000,
         backward: float = 0.5,
         max_neighbors: int = 200,
+        recency_power: float = 1.0,
     ) -> None:
         if window_items < 1:
             msg = f"window_items is {window_items}; expected at least 1"
@@ -53,6 +55,7 @@ class CoVisitationModel:
         self.half_life_ms = float(half_life_ms)
         self.backward = backward
         self.max_neighbors = max_neighbors
+        self.recency_power = recency_power
         self.reference_ms: int | None = None
         self._rows: dict[int, dict[int, float]] = {}
         self._totals: dict[int, float] = {}
@@ -126,7 +129,7 @@ class CoVisitationModel:
             row = self._rows.get(source)
             if not row:
                 continue
-            factor = 1.0 / ((1 + position) * self._totals[source])
+            factor = 1.0 / ((1 + position) ** self.recency_power * self._totals[source])
             for target, value in row.items():
                 totals[target] = totals.get(target, 0.0) + factor * value
         if totals:

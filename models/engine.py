@@ -78,7 +78,7 @@ class EngineConfig:
     """
 
     k: int = 20
-    fusion: str = "weighted"
+    fusion: str = "learned"
     weights: dict[str, float] | None = None
     repeat_purchases: str = "exclude"
     rebuyable_categories: frozenset[str] | None = None
@@ -88,15 +88,16 @@ class EngineConfig:
     type_weights: dict[str, float] = field(default_factory=_default_type_weights)
     popularity_half_life_ms: float = DAY_MS
     trending_half_life_ms: float = 3 * HOUR_MS
-    recent_half_life_ms: float = 3 * DAY_MS
+    recent_half_life_ms: float = HOUR_MS
     recent_max_items: int = 200
     category_recent: int = 3
-    category_decay: float = 0.5
+    category_decay: float = 0.1
     covisit_window_items: int = 5
     covisit_window_ms: int = HOUR_MS
     covisit_half_life_ms: float = 30 * DAY_MS
     covisit_backward: float = 0.5
     covisit_max_neighbors: int = 200
+    covisit_recency_power: float = 1.0
     mf_factors: int = 32
     mf_learning_rate: float = 0.05
     mf_l2: float = 0.01
@@ -104,8 +105,11 @@ class EngineConfig:
     mf_sampling_power: float = 0.75
     context_learning_rate: float = 0.05
     context_max_users: int = 100_000
-    fusion_learning_rate: float = 0.05
+    context_learn_every: int = 1
+    fusion_prior_rate: float = 0.001
     fusion_memory_users: int = 10_000
+    session_gap_ms: int = 30 * 60_000
+    fusion_untouched_ranks: bool = True
     cold_events: int = 5
     candidates: dict[str, int] | None = None
 
@@ -165,25 +169,45 @@ class CandidateScores:
     ----------
     items
         Catalog rows of the candidates, ascending.
+    raw
+        Each model's own scores, shaped ``(n_models, n_candidates)`` in
+        `MODEL_NAMES` order, 0 outside the mask.
     normalized
-        Scores of shape ``(n_models, n_candidates)``, in `MODEL_NAMES` order.
+        The same scores scaled to [0, 1] per model by `normalize`.
     mask
         Which model has an opinion on which candidate.
+    ranks
+        Each candidate's 1-based rank within each model's opinions, 0 outside the mask.
+    groups
+        0 for items the user never touched, 1 for items touched in the
+        current session, 2 for items touched in an earlier session.
     cold
         Whether the user counts as cold for learned fusion.
+    fusion_ranks
+        The ranks that learned fusion reads: for items the user never
+        touched, the rank among those items only, because a list of items new
+        to the user ranks them without the rest.
 
     """
 
     user_id: str
     items: IntArray
+    raw: FloatArray
     normalized: FloatArray
     mask: BoolMatrix
+    ranks: FloatArray
+    groups: IntArray
     cold: bool
+    fusion_ranks: FloatArray
 
 
 @dataclass(slots=True)
 class _UserState:
     history: list[int] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    session_items: set[int] = field(default_factory=set)
+    session_id: str | None = None
+    last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
     last_category: int = NO_CATEGORY
 
@@ -191,7 +215,9 @@ class _UserState:
 @dataclass(slots=True)
 class _Served:
     items: IntArray
-    features: FloatArray
+    ranks: FloatArray
+    mask: BoolMatrix
+    groups: IntArray
     cold: bool
 
 
@@ -230,6 +256,7 @@ class Recommender:
                 half_life_ms=config.covisit_half_life_ms,
                 backward=config.covisit_backward,
                 max_neighbors=config.covisit_max_neighbors,
+                recency_power=config.covisit_recency_power,
             ),
             "recent": RecentItemsModel(config.recent_half_life_ms, config.recent_max_items),
             "mf": ImplicitMF(
@@ -244,15 +271,14 @@ class Recommender:
                 self.catalog,
                 learning_rate=config.context_learning_rate,
                 max_users=config.context_max_users,
+                learn_every=config.context_learn_every,
                 seed=config.seed + 1,
             ),
         }
         weights = config.model_weights()
         self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
         self.candidate_counts = config.candidate_counts()
-        self.fusion = LearnedFusion(
-            MODEL_NAMES, self.weights, learning_rate=config.fusion_learning_rate
-        )
+        self.fusion = LearnedFusion(MODEL_NAMES, prior_rate=config.fusion_prior_rate)
         self._rebuyable = {
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
@@ -297,6 +323,12 @@ class Recommender:
             if state is None:
                 state = self._users[event.user_id] = _UserState()
             state.history.append(item)
+            state.seen.add(item)
+            if self._new_session(state, event):
+                state.session_items = set()
+            state.session_items.add(item)
+            state.session_id = event.session_id
+            state.last_ms = event.timestamp_ms
             if category != NO_CATEGORY:
                 state.last_category = category
             if event.type == "purchase":
@@ -306,20 +338,26 @@ class Recommender:
                 else:
                     state.purchased.pop(item, None)
 
+    def _new_session(self, state: _UserState, event: Event) -> bool:
+        if state.last_ms is None:
+            return True
+        if event.session_id is not None and state.session_id is not None:
+            return event.session_id != state.session_id
+        return event.timestamp_ms - state.last_ms > self.config.session_gap_ms
+
     def _learn_fusion(self, batch: EventBatch) -> None:
         if not self._served:
             return
         for event, item in zip(batch.events, batch.items.tolist(), strict=True):
+            if event.is_refund:
+                continue
             served = self._served.pop(event.user_id, None)
-            if served is None or event.is_refund:
+            if served is None:
                 continue
             position = int(np.searchsorted(served.items, item))
-            if position >= len(served.items) or served.items[position] != item:
-                continue
-            scores = self.fusion.score(served.features, served.cold)
-            order = np.argsort(-scores, kind="stable")
-            negatives = [int(p) for p in order[: self.fusion.max_negatives + 1] if p != position]
-            self.fusion.update(served.features, position, negatives, served.cold)
+            found = position < len(served.items) and served.items[position] == item
+            target = position if found else None
+            self.fusion.update(served.ranks, served.mask, served.groups, target, served.cold)
 
     # Item updates and erasure
 
@@ -344,7 +382,7 @@ class Recommender:
         return list(self._users)
 
     def has_user(self, user_id: str) -> bool:
-        """Return whether the engine holds any event of the user."""
+        """Return whether the engine has learned any event of the user."""
         return user_id in self._users
 
     def user_history(self, user_id: str) -> list[str]:
@@ -421,16 +459,51 @@ class Recommender:
             positions = np.searchsorted(items, scored[finite])
             scores[row, positions] = values[finite]
             mask[row, positions] = True
+        normalized = normalize(scores, mask)
+        groups = self._groups(user_id, items)
+        rank_matrix = ranks(normalized, mask)
         result = CandidateScores(
-            user_id, items, normalize(scores, mask), mask, self.is_cold(user_id)
+            user_id,
+            items,
+            scores,
+            normalized,
+            mask,
+            rank_matrix,
+            groups,
+            self.is_cold(user_id),
+            self._fusion_ranks(normalized, mask, groups, rank_matrix),
         )
         if remember and len(items):
             self._remember(result)
         return result
 
+    def _fusion_ranks(
+        self, normalized: FloatArray, mask: BoolMatrix, groups: IntArray, rank_matrix: FloatArray
+    ) -> FloatArray:
+        untouched = groups == 0
+        if untouched.all() or not self.config.fusion_untouched_ranks:
+            return rank_matrix
+        among_untouched = ranks(normalized, mask & untouched[None, :])
+        return np.where(untouched[None, :], among_untouched, rank_matrix)
+
+    def _groups(self, user_id: str, items: IntArray) -> IntArray:
+        state = self._users.get(user_id)
+        if state is None:
+            return np.zeros(len(items), dtype=np.int64)
+        session = state.session_items
+        seen = state.seen
+        groups = np.zeros(len(items), dtype=np.int64)
+        for position, row in enumerate(items.tolist()):
+            if row in session:
+                groups[position] = 1
+            elif row in seen:
+                groups[position] = 2
+        return groups
+
     def _remember(self, scored: CandidateScores) -> None:
-        features = self.fusion.features(scored.normalized, scored.mask)
-        self._served[scored.user_id] = _Served(scored.items, features, scored.cold)
+        self._served[scored.user_id] = _Served(
+            scored.items, scored.fusion_ranks, scored.mask, scored.groups, scored.cold
+        )
         self._served.move_to_end(scored.user_id)
         if len(self._served) > self.config.fusion_memory_users:
             self._served.popitem(last=False)
@@ -440,11 +513,10 @@ class Recommender:
         if strategy == "weighted":
             return weighted_fusion(scored.normalized, scored.mask, self.weights)
         if strategy == "rrf":
-            rank_matrix = ranks(scored.normalized, scored.mask)
-            return rrf_fusion(rank_matrix, scored.mask, self.weights)
+            return rrf_fusion(scored.ranks, scored.mask, self.weights)
         if strategy == "learned":
-            features = self.fusion.features(scored.normalized, scored.mask)
-            return self.fusion.score(features, scored.cold)
+            enabled = scored.mask & (self.weights > 0)[:, None]
+            return self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
@@ -531,8 +603,9 @@ class Recommender:
     ) -> list[list[RecommendedItem]]:
         """Return each user's top-k list, best first, with the models behind each item.
 
-        Unknown users get trending items; cold users get the fusion with the
-        cold weights, where trending and category popularity lead.
+        Unknown users get trending items, padded from popularity. Known users
+        get the configured fusion; learned fusion keeps separate hit rates for
+        users with fewer than ``cold_events`` events.
         """
         k = self.config.k if k is None else k
         if k < 1:

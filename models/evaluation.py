@@ -220,6 +220,7 @@ def evaluate(
     k: int = 10,
     strategies: Sequence[str] | None = None,
     buckets: int = 50,
+    max_batch: int = 500,
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """Run the prequential protocol over ``events``, already in time order.
@@ -238,6 +239,11 @@ def evaluate(
         Models and fusion strategies to report; all of them by default.
     buckets
         Number of equal slices of the stream for the HR-over-time series.
+    max_batch
+        The events between two evaluated events are learned as one batch, as
+        the worker learns them, up to this many at a time. Matrix
+        factorization takes one SGD step per batch, and sampled negatives are
+        drawn per batch; the other models apply a batch event by event.
     progress
         Called with the number of events processed since the last call.
 
@@ -264,9 +270,13 @@ def evaluate(
     uses_learned = "learned" in names or config.fusion == "learned"
     step = 0
 
+    pending: list[Event] = []
     for index, event in enumerate(events):
         seen = history.get(event.user_id)
         if seen is not None and index % every == 0:
+            if pending:
+                engine.learn(pending)
+                pending = []
             scored = engine.candidate_scores(event.user_id, remember=uses_learned)
             target = engine.catalog.index.get(event.item_id)
             is_new = target is None or target not in seen
@@ -281,13 +291,18 @@ def evaluate(
                 if is_new:
                     rows, _ = engine.top_rows(scored, scores, k, allowed, pad_exclude=seen)
                     results[name].new_to_user.add(_rank_of(rows, target))
-        engine.learn([event])
-        row = engine.catalog.index[event.item_id]
+        pending.append(event)
+        row = engine.catalog.add(event.item_id)
         history.setdefault(event.user_id, set()).add(row)
+        if len(pending) >= max_batch:
+            engine.learn(pending)
+            pending = []
         step += 1
         if progress is not None and step == 1000:
             progress(step)
             step = 0
+    if pending:
+        engine.learn(pending)
     if progress is not None and step:
         progress(step)
     return Evaluation(config.fusion, len(events), len(engine.catalog), results, bucket_events, k)

@@ -26,8 +26,8 @@ RRF_OFFSET = 60.0
 def normalize(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     """Scale each model's row to [0, 1] over the candidates it scored.
 
-    Rows that are never negative are divided by their maximum, so a model's
-    ratios survive; other rows are min-max scaled. Entries outside the mask
+    Rows that are never negative are divided by their maximum, which keeps a
+    model's ratios. Other rows are min-max scaled. Entries outside the mask
     come back as 0 and must stay ignored.
 
     >>> s = np.array([[2.0, 4.0, 0.0], [-1.0, 1.0, 3.0]])
@@ -86,65 +86,101 @@ def rrf_fusion(rank_matrix: FloatArray, mask: BoolMatrix, weights: FloatArray) -
     return np.asarray(weights @ contributions, dtype=np.float64)
 
 
+RANK_EDGES = np.array([1, 2, 3, 4, 6, 9, 14, 24, 49, 99], dtype=np.float64)
+N_RANK_BUCKETS = len(RANK_EDGES) + 1
+# Candidate groups: not touched by the user, touched in the current session,
+# touched in an earlier session.
+N_GROUPS = 3
+
+
+def rank_buckets(rank_matrix: FloatArray) -> npt.NDArray[np.int64]:
+    """Map 1-based ranks to buckets 1, 2, 3, 4, 5–6, 7–9, …, 50–99, 100 and more.
+
+    >>> rank_buckets(np.array([[1.0, 5.0, 6.0, 200.0]])).tolist()
+    [[0, 4, 4, 10]]
+    """
+    return np.searchsorted(RANK_EDGES, rank_matrix, side="left").astype(np.int64)
+
+
 class LearnedFusion:
-    """A linear ranker over normalized model scores, learned from what users do next.
+    """Fusion by each model's observed hit rate, learned from what users do next.
 
-    Each candidate's features are, per model, its normalized score and a flag
-    for the model having an opinion. After a user is served a list, the next
-    item they touch, if it was a candidate, is a positive, and the candidates
-    ranked above it are negatives: one pairwise logistic (BPR) step per pair.
-    Cold and warm users have separate weights, both started from ``prior``.
+    For every model, candidate group (see `N_GROUPS`) and rank bucket, the
+    fusion counts how many candidates it served there and how many of them
+    were the item the user touched next. A candidate's fused score is the sum,
+    over the models that ranked it, of that observed rate, so each model
+    counts as much as its ranks have been worth on this stream. Cold and warm
+    users keep separate counts. Every rate starts from ``prior_rate`` with
+    the weight of ``prior_shown`` candidates.
 
-    >>> fusion = LearnedFusion(["a", "b"], prior=np.array([1.0, 1.0]))
-    >>> features = fusion.features(np.array([[1.0, 0.2], [0.0, 1.0]]),
-    ...                            np.array([[True, True], [False, True]]))
-    >>> fusion.update(features, positive=1, negatives=[0], cold=False)
-    >>> bool(fusion.score(features, cold=False)[1] > fusion.score(features, cold=True)[1])
+    >>> fusion = LearnedFusion(["a", "b"])
+    >>> mask = np.array([[True, True], [True, False]])
+    >>> rank_matrix = np.array([[1.0, 2.0], [1.0, 0.0]])
+    >>> groups = np.zeros(2, dtype=np.int64)
+    >>> for _ in range(20):
+    ...     fusion.update(rank_matrix, mask, groups, target=1, cold=False)
+    >>> scores = fusion.score(rank_matrix, mask, groups, cold=False)
+    >>> bool(scores[1] > scores[0])
     True
     """
 
     def __init__(
         self,
         model_names: Sequence[str],
-        prior: FloatArray,
-        learning_rate: float = 0.05,
-        l2: float = 1e-4,
-        max_negatives: int = 5,
+        prior_rate: float = 0.001,
+        prior_shown: float = 10.0,
     ) -> None:
-        if len(prior) != len(model_names):
-            msg = f"prior has {len(prior)} weights for {len(model_names)} models; expected one each"
+        if not 0.0 < prior_rate < 1.0:
+            msg = f"prior_rate is {prior_rate}; expected a rate in (0, 1)"
             raise ModelError(msg)
         self.model_names = list(model_names)
-        self.learning_rate = learning_rate
-        self.l2 = l2
-        self.max_negatives = max_negatives
-        start = np.concatenate([prior, np.zeros(len(prior))]).astype(np.float64)
-        self.weights = {True: start.copy(), False: start.copy()}
+        shape = (len(self.model_names), N_GROUPS, N_RANK_BUCKETS)
+        self.hits = {cold: np.full(shape, prior_rate * prior_shown) for cold in (True, False)}
+        self.shown = {cold: np.full(shape, prior_shown) for cold in (True, False)}
         self.updates = {True: 0, False: 0}
 
-    def features(self, normalized: FloatArray, mask: BoolMatrix) -> FloatArray:
-        """Stack normalized scores and opinion flags into ``(2 * n_models, n_candidates)``."""
-        return np.vstack([np.where(mask, normalized, 0.0), mask.astype(np.float64)])
+    def rates(self, cold: bool) -> FloatArray:
+        """Return the observed hit rates, shaped ``(n_models, N_GROUPS, N_RANK_BUCKETS)``."""
+        return np.asarray(self.hits[cold] / self.shown[cold], dtype=np.float64)
 
-    def score(self, features: FloatArray, cold: bool) -> FloatArray:
-        """Return the fused score of each candidate."""
-        return np.asarray(self.weights[cold] @ features, dtype=np.float64)
+    def score(
+        self,
+        rank_matrix: FloatArray,
+        mask: BoolMatrix,
+        groups: npt.NDArray[np.int64],
+        cold: bool,
+    ) -> FloatArray:
+        """Return the fused score of each candidate: the sum of its models' hit rates."""
+        rates = self.rates(cold)
+        buckets = rank_buckets(rank_matrix)
+        models = np.arange(len(self.model_names))[:, None]
+        per_model = rates[models, groups[None, :], buckets]
+        return np.asarray(np.where(mask, per_model, 0.0).sum(axis=0), dtype=np.float64)
 
     def update(
-        self, features: FloatArray, positive: int, negatives: Sequence[int], cold: bool
+        self,
+        rank_matrix: FloatArray,
+        mask: BoolMatrix,
+        groups: npt.NDArray[np.int64],
+        target: int | None,
+        cold: bool,
     ) -> None:
-        """Take one pairwise step of the positive candidate against each negative."""
-        if not negatives:
-            return
-        theta = self.weights[cold]
-        chosen = list(negatives)[: self.max_negatives]
-        difference = features[:, [positive]] - features[:, chosen]
-        margin = theta @ difference
-        gradient = difference @ (1.0 / (1.0 + np.exp(margin)))
-        theta += self.learning_rate * (gradient / len(chosen) - self.l2 * theta)
+        """Count one served candidate set and the position of the item touched next, if any."""
+        buckets = rank_buckets(rank_matrix)
+        cells = groups[None, :] * N_RANK_BUCKETS + buckets
+        size = N_GROUPS * N_RANK_BUCKETS
+        shown = self.shown[cold].reshape(len(self.model_names), size)
+        for model in range(len(self.model_names)):
+            chosen = cells[model, mask[model]]
+            if len(chosen):
+                shown[model] += np.bincount(chosen, minlength=size)
+        if target is not None:
+            hits = self.hits[cold].reshape(len(self.model_names), size)
+            for model in np.flatnonzero(mask[:, target]).tolist():
+                hits[model, cells[model, target]] += 1.0
         self.updates[cold] += 1
 
-    def named_weights(self, cold: bool) -> dict[str, float]:
-        """Return the score weight of each model, for reports."""
-        theta = self.weights[cold]
-        return {name: float(theta[i]) for i, name in enumerate(self.model_names)}
+    def named_rates(self, cold: bool, group: int = 0) -> dict[str, list[float]]:
+        """Return each model's hit rate per rank bucket for one candidate group, for reports."""
+        rates = self.rates(cold)
+        return {name: rates[i, group].tolist() for i, name in enumerate(self.model_names)}

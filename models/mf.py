@@ -19,11 +19,11 @@ Float32Array = npt.NDArray[np.float32]
 class ImplicitMF:
     """Logistic matrix factorization learned online from implicit feedback.
 
-    Each event is a positive example weighted by its type weight; each brings
+    Each event is a positive example weighted by its type weight. It brings
     ``negatives`` items drawn with probability proportional to
     ``(count + 1) ** sampling_power``, so popular items are the usual
     negatives. One SGD step with L2 runs over a whole batch at once. User and
-    item tables are float32 and grow as ids arrive; vectors are drawn from a
+    item tables are float32 and grow as ids arrive. Vectors are drawn from a
     generator seeded with ``seed``, so a fixed event order gives fixed tables.
     Users with no vector get no scores: scoring never creates one.
 

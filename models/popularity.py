@@ -44,6 +44,7 @@ class PopularityModel:
         self._cache = _EMPTY_ROWS
         self._cache_n = 0
         self._threshold = np.inf
+        self._in_cache = np.zeros(0, dtype=bool)
         self._reference: int | None = None
 
     def learn(self, batch: EventBatch) -> None:
@@ -55,9 +56,16 @@ class PopularityModel:
         if self._cache_n == 0:
             return
         raw = self.scores.raw()
-        risen = batch.items[raw[batch.items] >= self._threshold]
+        if len(self._in_cache) < len(raw):
+            grown = np.zeros(max(len(raw), 2 * len(self._in_cache)), dtype=bool)
+            grown[: len(self._in_cache)] = self._in_cache
+            self._in_cache = grown
+        items = batch.items
+        risen = items[(raw[items] >= self._threshold) & ~self._in_cache[items]]
         if len(risen):
-            self._cache = np.union1d(self._cache, risen)
+            risen = np.unique(risen)
+            self._cache = np.concatenate([self._cache, risen])
+            self._in_cache[risen] = True
             if len(self._cache) > 8 * self._cache_n:
                 self._cache_n = 0
 
@@ -65,7 +73,9 @@ class PopularityModel:
         if self._cache_n < n:
             raw = self.scores.raw()
             self._cache_n = max(n, 16)
-            self._cache = np.sort(top_n(raw, 4 * self._cache_n))
+            self._cache = top_n(raw, 4 * self._cache_n)
+            self._in_cache = np.zeros(len(raw), dtype=bool)
+            self._in_cache[self._cache] = True
             full = len(self._cache) >= 4 * self._cache_n
             self._threshold = float(raw[self._cache].min()) if full else 0.0
             self._reference = self.scores.reference_ms
@@ -89,15 +99,15 @@ class PopularityModel:
 
     def state_bytes(self) -> int:
         """Return the size of the score array and the cache."""
-        return int(self.scores.raw().nbytes + self._cache.nbytes)
+        return int(self.scores.raw().nbytes + self._cache.nbytes + self._in_cache.nbytes)
 
 
 class CategoryModel:
     """Popular items of the user's most recent categories, newest category first.
 
     An item in the user's newest category scores its popularity share within
-    that category; the share in the next categories is multiplied by
-    ``category_decay`` once per step back.
+    that category. In each older category the share is multiplied by
+    ``category_decay`` once more.
     It has no opinion on users or items without a category.
 
     >>> from schemas import Event

@@ -121,7 +121,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
     """Return the report as Markdown tables: all events, new to user, per event type."""
     run_info = report.get("run", {})
     out = [
-        f"Events: {report['events']}; every {run_info.get('every')}th evaluated; "
+        f"Events: {report['events']}; one event in {run_info.get('every')} evaluated; "
         f"repeat purchases: {run_info.get('repeat_purchases')}; default: `{report['default']}`; "
         f"run time {run_info.get('seconds')} s.",
         "",

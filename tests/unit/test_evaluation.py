@@ -64,8 +64,8 @@ def test_every_step_samples_global_index() -> None:
 
 
 def test_recent_items_hand_computed() -> None:
-    # u alternates a, b: from index 2 on the item is in u's history, so the
-    # own-items model hits every time; index 1 (b) is new to u and misses.
+    # u alternates a and b. From index 2 on, the item is in u's history and
+    # the own-items model hits. Index 1 (b) is new to u and misses.
     stream = [_view(n, "u", "ab"[n % 2]) for n in range(6)]
     result = evaluate(stream, EngineConfig(repeat_purchases="allow"), strategies=["recent"])
     recent = result.results["recent"]

@@ -262,3 +262,19 @@ def test_decayed_scores_never_negative() -> None:
 
 def test_top_n_breaks_ties_by_row() -> None:
     assert top_n(np.array([1.0, 2.0, 2.0, 0.5]), 3).tolist() == [1, 2, 0]
+
+
+def test_context_learn_every_skips_updates() -> None:
+    events = [_event(n, "u1", f"i{n % 4}", category="c") for n in range(20)]
+    every_event = Recommender(EngineConfig(context_learn_every=1))
+    never = Recommender(EngineConfig(context_learn_every=1000))
+    every_event.learn(events)
+    never.learn(events)
+    assert every_event.models["context"].classifier.intercept != 0.0
+    assert never.models["context"].classifier.intercept == 0.0
+    assert never.models["context"].score("u1", np.array([0]))[0].tolist() == [0]
+
+
+def test_context_learn_every_rejects_zero() -> None:
+    with pytest.raises(ModelError, match="learn_every is 0"):
+        Recommender(EngineConfig(context_learn_every=0))

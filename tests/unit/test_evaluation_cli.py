@@ -1,0 +1,80 @@
+"""The evaluate subcommand on a tiny JSON Lines file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from stream.evaluate import add_arguments, run
+
+T0 = 1_700_000_000_000
+
+
+def _write_stream(path: Path) -> None:
+    lines = []
+    for n in range(30):
+        event = {
+            "event_id": f"e{n}",
+            "type": ("view", "click", "purchase")[n % 3],
+            "user_id": f"u{n % 3}",
+            "item_id": f"i{n % 5}",
+            "timestamp": T0 + n * 60_000,
+        }
+        lines.append(json.dumps(event))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_json_output_has_contract_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    code = run(_parse([str(source), "--format", "jsonl", "--json"]))
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["events"] == 30
+    assert report["default"] in report["results"]
+    for result in report["results"].values():
+        assert result["kind"] in ("model", "fusion", "baseline")
+        assert {"hr@10", "ndcg@10", "mrr@10", "hits", "n"} <= set(result["all"])
+        assert {"hr@10", "ndcg@10", "mrr@10", "hits", "n"} <= set(result["new"])
+        assert 0.0 <= result["coverage"] <= 1.0
+        assert set(result["by_type"]) <= {"view", "click", "purchase"}
+    assert report["results"]["popular"]["kind"] == "baseline"
+
+
+def test_strategies_keep_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    run(_parse([str(source), "--format", "jsonl", "--json", "--strategies", "covisit"]))
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == {"covisit", report["default"]}
+
+
+def test_markdown_and_plot_written(tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    markdown = tmp_path / "tables.md"
+    plot = tmp_path / "hr.png"
+    args = [str(source), "--format", "jsonl", "--every", "2", "--markdown", str(markdown)]
+    code = run(_parse([*args, "--plot", str(plot)]))
+    assert code == 0
+    assert "| `covisit` | model |" in markdown.read_text(encoding="utf-8")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_file_fails(tmp_path: Path) -> None:
+    assert run(_parse([str(tmp_path / "absent.jsonl"), "--format", "jsonl"])) == 1
+
+
+def test_every_zero_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    assert run(_parse([str(source), "--format", "jsonl", "--every", "0"])) == 2
