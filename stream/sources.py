@@ -116,8 +116,9 @@ def _event_time(event: Event) -> int:
 
 
 def _open_text(path: Path) -> IO[str]:
-    raw: IO[bytes] = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
 
 
 def _header(reader: Iterator[list[str]], expected: tuple[str, ...], name: str) -> dict[str, int]:
