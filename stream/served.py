@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
-from schemas import RecommendationList, RecommendedItem
+from schemas import RecommendedItem
 
 _EMPTY = -1
 
@@ -114,29 +115,47 @@ class ServedLists:
         the spares below move up. A rebuilt list shorter than ``k`` is marked
         ``short`` so that the caller recomputes it with the models.
         """
+        rows = self.holders(unavailable)
+        if not len(rows):
+            return []
+        items = self._items[rows]
+        valid = items != _EMPTY
+        keep = valid & in_stock[np.where(valid, items, 0)]
+        # A stable sort on "not kept" moves kept entries up in their order.
+        order = np.argsort(~keep, axis=1, kind="stable")
+        kept_counts = keep.sum(axis=1)
+        items = np.take_along_axis(items, order, axis=1)
+        scores = np.take_along_axis(self._scores[rows], order, axis=1)
+        source_ids = np.take_along_axis(self._sources[rows], order, axis=1)
+        items[np.arange(self.depth)[None, :] >= kept_counts[:, None]] = _EMPTY
+        self._items[rows] = items
+        self._scores[rows] = scores
+        self._sources[rows] = source_ids
+
         out = []
-        for row in self.holders(unavailable):
+        sources = [list(names) for names in self._source_table]
+        shown = np.minimum(kept_counts, k).tolist()
+        for row, count, row_items, row_scores, row_sources in zip(
+            rows.tolist(),
+            shown,
+            items[:, :k].tolist(),
+            scores[:, :k].tolist(),
+            source_ids[:, :k].tolist(),
+            strict=True,
+        ):
             pseudonym, key = self._pseudonyms[row], self._keys[row]
             if pseudonym is None or key is None:
                 continue
-            items = self._items[row]
-            valid = items != _EMPTY
-            keep = valid & in_stock[np.where(valid, items, 0)]
-            kept = np.flatnonzero(keep)
-            self._items[row] = _EMPTY
-            self._items[row, : len(kept)] = items[kept]
-            self._scores[row, : len(kept)] = self._scores[row, kept]
-            self._sources[row, : len(kept)] = self._sources[row, kept]
+            # Scores were finite when recorded, so the value is built directly
+            # rather than through RecommendationList, which checks each one.
             entries = [
-                RecommendedItem(
-                    item_ids[int(self._items[row, i])],
-                    float(self._scores[row, i]),
-                    self._source_table[int(self._sources[row, i])],
+                {"item_id": item_ids[item], "score": score, "sources": sources[source]}
+                for item, score, source in zip(
+                    row_items[:count], row_scores[:count], row_sources[:count], strict=True
                 )
-                for i in range(min(k, len(kept)))
             ]
-            payload = RecommendationList(entries, computed_at, model_version).to_json()
-            out.append(Rewritten(pseudonym, key, payload, short=len(kept) < k))
+            value = {"items": entries, "computed_at": computed_at, "model_version": model_version}
+            out.append(Rewritten(pseudonym, key, orjson.dumps(value), short=count < k))
         return out
 
     def _allocate(self) -> int:
