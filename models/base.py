@@ -7,8 +7,9 @@ stay opaque strings: models use them only as dictionary keys.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 GenericT = TypeVar("GenericT", bound=np.generic)
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+UInt64Array = npt.NDArray[np.uint64]
 
 NO_CATEGORY = -1
 # Scaled decayed scores are rescaled once their multiplier passes 2**60, far
@@ -31,6 +33,28 @@ _MAX_DECAY_EXPONENT = 60.0
 
 class ModelError(ValueError):
     """Base class of the errors that models raise on invalid input."""
+
+
+def stable_hash(text: str, salt: int = 0) -> int:
+    """Return a 64-bit hash of ``text`` that is the same in every process and run.
+
+    Python's built-in ``hash`` of a string changes with each process, so it
+    cannot key draws that a restarted worker must repeat.
+
+    >>> stable_hash("item-1") == stable_hash("item-1")
+    True
+    >>> stable_hash("item-1") != stable_hash("item-1", salt=1)
+    True
+    """
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=8, salt=salt.to_bytes(16, "little")
+    ).digest()
+    return int.from_bytes(digest, "little")
+
+
+def stable_hashes(texts: Iterable[str], salt: int = 0) -> UInt64Array:
+    """Return `stable_hash` of each text as an array."""
+    return np.fromiter((stable_hash(text, salt) for text in texts), dtype=np.uint64)
 
 
 def _grow(array: npt.NDArray[GenericT], size: int, fill: object) -> npt.NDArray[GenericT]:
@@ -62,6 +86,7 @@ class ItemCatalog:
         self._categories = np.full(0, NO_CATEGORY, dtype=np.int64)
         self._in_stock = np.ones(0, dtype=bool)
         self._prices = np.full(0, np.nan, dtype=np.float64)
+        self._hashes = np.zeros(0, dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,6 +100,11 @@ class ItemCatalog:
     def in_stock(self) -> npt.NDArray[np.bool_]:
         """Stock flag of each item; an item is in stock until an update marks it out of stock."""
         return self._in_stock[: len(self.ids)]
+
+    @property
+    def hashes(self) -> UInt64Array:
+        """`stable_hash` of each item id: the same for an item in every run, unlike its row."""
+        return self._hashes[: len(self.ids)]
 
     @property
     def prices(self) -> FloatArray:
@@ -95,6 +125,8 @@ class ItemCatalog:
             self._categories = _grow(self._categories, size, NO_CATEGORY)
             self._in_stock = _grow(self._in_stock, size, True)
             self._prices = _grow(self._prices, size, np.nan)
+            self._hashes = _grow(self._hashes, size, 0)
+            self._hashes[row] = stable_hash(item_id)
         if category:
             self._categories[row] = self.category_row(category)
         if price is not None:
@@ -145,6 +177,14 @@ class EventBatch:
     weights: FloatArray
     times: IntArray
     categories: IntArray
+    _event_hashes: UInt64Array | None = None
+
+    @property
+    def event_hashes(self) -> UInt64Array:
+        """`stable_hash` of each event id, which keys the random draws made for the event."""
+        if self._event_hashes is None:
+            self._event_hashes = stable_hashes(event.event_id for event in self.events)
+        return self._event_hashes
 
     @property
     def positive(self) -> npt.NDArray[np.bool_]:

@@ -10,7 +10,16 @@ from typing import Any
 import numpy as np
 from river import linear_model, optim
 
-from models.base import NO_CATEGORY, EventBatch, FloatArray, IntArray, ItemCatalog, ModelError
+from models.base import (
+    NO_CATEGORY,
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ItemCatalog,
+    ModelError,
+    stable_hash,
+)
+from models.sampling import KeyedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +99,11 @@ class ContextModel:
         self.learn_every = learn_every
         self._positives = 0
         self.classifier = linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate), l2=l2)
-        self._rng = np.random.default_rng(seed)
+        # Negatives are keyed by event id, not drawn in sequence, so that a
+        # restarted worker draws the same ones whatever its batches.
+        self._negative_salt = np.uint64(stable_hash("context:negative", seed))
+        self._sampler = KeyedSampler()
+        self._events_since_sampler = 0
         self._users: OrderedDict[str, _Context] = OrderedDict()
 
     def _features(self, context: _Context, item: int) -> dict[str, float]:
@@ -113,8 +126,7 @@ class ContextModel:
 
     def learn(self, batch: EventBatch) -> None:
         """Learn each positive event against one random item, then move the context."""
-        n_items = len(self.catalog)
-        negatives = self._rng.integers(0, n_items, size=len(batch.events)).tolist()
+        negatives = self._sample_negatives(batch).tolist()
         items = batch.items.tolist()
         positive = batch.positive.tolist()
         categories = batch.categories.tolist()
@@ -135,6 +147,18 @@ class ContextModel:
                 if negatives[index] != item:
                     self.classifier.learn_one(self._features(context, negatives[index]), False)
             self._move(context, event.type, event.timestamp_ms, item, categories[index])
+
+    def _sample_negatives(self, batch: EventBatch) -> IntArray:
+        # The ring is rebuilt after a tenth of the catalog's size in events (at
+        # least 1,000), or once the catalog has grown by a tenth; items that
+        # arrived since the last rebuild are not drawn until the next.
+        n_items = len(self.catalog)
+        stale = self._events_since_sampler >= max(1000, n_items // 10)
+        if stale or 10 * n_items > 11 * len(self._sampler):
+            self._events_since_sampler = 0
+            self._sampler.rebuild(self.catalog.hashes)
+        self._events_since_sampler += len(batch.events)
+        return self._sampler.draw(batch.event_hashes ^ self._negative_salt, 1)[:, 0]
 
     def _move(self, context: _Context, kind: str, time_ms: int, item: int, category: int) -> None:
         context.hour = (time_ms // _HOUR_MS) % 24
@@ -199,6 +223,6 @@ class ContextModel:
         self._users.pop(user_id, None)
 
     def state_bytes(self) -> int:
-        """Return an estimate: about 100 bytes per weight and per remembered item."""
+        """Return an estimate: about 100 bytes per weight and per remembered item, and the ring."""
         remembered = sum(len(context.seen) + 4 for context in self._users.values())
-        return 100 * (len(self.classifier._weights) + remembered)
+        return 100 * (len(self.classifier._weights) + remembered) + self._sampler.state_bytes()

@@ -260,6 +260,7 @@ class Recommender:
             ),
             "recent": RecentItemsModel(config.recent_half_life_ms, config.recent_max_items),
             "mf": ImplicitMF(
+                self.catalog,
                 factors=config.mf_factors,
                 learning_rate=config.mf_learning_rate,
                 l2=config.mf_l2,

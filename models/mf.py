@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from models.base import EventBatch, FloatArray, IntArray, ModelError
+from models.base import EventBatch, FloatArray, IntArray, ItemCatalog, ModelError, stable_hash
+from models.sampling import KeyedSampler, keyed_normals
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,12 @@ class ImplicitMF:
     ``negatives`` items drawn with probability proportional to
     ``(count + 1) ** sampling_power``, so popular items are the usual
     negatives. One SGD step with L2 runs over a whole batch at once. User and
-    item tables are float32 and grow as ids arrive. Vectors are drawn from a
-    generator seeded with ``seed``, so a fixed event order gives fixed tables.
-    Users with no vector get no scores: scoring never creates one.
+    item tables are float32 and grow as ids arrive. Every random draw is keyed
+    by an id and ``seed``: a new vector by its user or item id, the negatives
+    of an event by its event id. So the tables do not depend on the order in
+    which items first arrive, nor on how events are cut into batches, beyond
+    the SGD step itself. Users with no vector get no scores: scoring never
+    creates one.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender
@@ -40,6 +44,7 @@ class ImplicitMF:
 
     def __init__(
         self,
+        catalog: ItemCatalog,
         factors: int = 32,
         learning_rate: float = 0.05,
         l2: float = 0.01,
@@ -55,21 +60,25 @@ class ImplicitMF:
             msg = f"negatives is {negatives}; expected 0 or more"
             raise ModelError(msg)
         self.name = "mf"
+        self.catalog = catalog
         self.factors = factors
         self.learning_rate = learning_rate
         self.l2 = l2
         self.negatives = negatives
         self.sampling_power = sampling_power
         self.init_scale = init_scale
-        self._rng = np.random.default_rng(seed)
+        self._user_salt = np.uint64(stable_hash("mf:user", seed))
+        self._item_salt = np.uint64(stable_hash("mf:item", seed))
+        self._negative_salt = np.uint64(stable_hash("mf:negative", seed))
+        self._sampler = KeyedSampler()
         self.user_rows: dict[str, int] = {}
         self._free_rows: list[int] = []
         self._user_factors: Float32Array = np.zeros((0, factors), dtype=np.float32)
         self._item_factors: Float32Array = np.zeros((0, factors), dtype=np.float32)
         self._n_items = 0
         self._counts = np.zeros(0, dtype=np.float64)
-        self._sampling_cdf: FloatArray | None = None
-        self._events_since_cdf = 0
+        self._sampler_items = 0
+        self._events_since_sampler = 0
 
     @property
     def n_items(self) -> int:
@@ -85,9 +94,8 @@ class ImplicitMF:
         row = self.user_rows.get(user_id)
         return None if row is None else self._user_factors[row]
 
-    def _random_rows(self, count: int) -> Float32Array:
-        values = self._rng.normal(0.0, self.init_scale, size=(count, self.factors))
-        return values.astype(np.float32)
+    def _initial_vectors(self, keys: npt.NDArray[np.uint64]) -> Float32Array:
+        return keyed_normals(keys, self.factors, self.init_scale).astype(np.float32)
 
     def _ensure_items(self, size: int) -> None:
         if size <= self._n_items:
@@ -99,7 +107,8 @@ class ImplicitMF:
             counts = np.zeros(len(grown), dtype=np.float64)
             counts[: len(self._counts)] = self._counts
             self._counts = counts
-        self._item_factors[self._n_items : size] = self._random_rows(size - self._n_items)
+        keys = self.catalog.hashes[self._n_items : size] ^ self._item_salt
+        self._item_factors[self._n_items : size] = self._initial_vectors(keys)
         self._n_items = size
 
     def _user_row(self, user_id: str) -> int:
@@ -115,22 +124,22 @@ class ImplicitMF:
                 grown = np.zeros((capacity, self.factors), dtype=np.float32)
                 grown[: len(self._user_factors)] = self._user_factors
                 self._user_factors = grown
-        self._user_factors[row] = self._random_rows(1)[0]
+        key = np.array([stable_hash(user_id)], dtype=np.uint64) ^ self._user_salt
+        self._user_factors[row] = self._initial_vectors(key)[0]
         self.user_rows[user_id] = row
         return row
 
-    def _sample_negatives(self, count: int) -> IntArray:
-        # The sampling distribution is rebuilt after a tenth of the catalog's
-        # size in events (at least 1,000), because a rebuild scans every item.
-        stale = self._events_since_cdf >= max(1000, self._n_items // 10)
-        if self._sampling_cdf is None or stale:
-            self._events_since_cdf = 0
-            mass = (self._counts[: self._n_items] + 1.0) ** self.sampling_power
-            cdf = np.cumsum(mass)
-            self._sampling_cdf = cdf / cdf[-1]
-        draws = self._rng.random(count)
-        rows = np.searchsorted(self._sampling_cdf, draws, side="right")
-        return np.minimum(rows, self._n_items - 1).astype(np.int64)
+    def _sample_negatives(self, keys: npt.NDArray[np.uint64]) -> IntArray:
+        # The ring of the sampler is rebuilt after a tenth of the catalog's
+        # size in events (at least 1,000), or once the catalog has grown by a
+        # tenth, because a rebuild sorts every item.
+        stale = self._events_since_sampler >= max(1000, self._n_items // 10)
+        if stale or 10 * self._n_items > 11 * self._sampler_items:
+            self._events_since_sampler = 0
+            self._sampler_items = self._n_items
+            weights = (self._counts[: self._n_items] + 1.0) ** self.sampling_power
+            self._sampler.rebuild(self.catalog.hashes[: self._n_items], weights)
+        return self._sampler.draw(keys ^ self._negative_salt, self.negatives)
 
     def learn(self, batch: EventBatch) -> None:
         """Take one SGD step over the batch's positive events and their sampled negatives."""
@@ -143,12 +152,10 @@ class ImplicitMF:
         users = np.array(
             [self._user_row(batch.events[p].user_id) for p in positive.tolist()], dtype=np.int64
         )
-        negatives = self._sample_negatives(len(items) * self.negatives).reshape(
-            len(items), self.negatives
-        )
+        negatives = self._sample_negatives(batch.event_hashes[positive])
         self._step(users, items, weights, negatives)
         np.add.at(self._counts, items, 1.0)
-        self._events_since_cdf += len(items)
+        self._events_since_sampler += len(items)
 
     def _step(
         self, users: IntArray, items: IntArray, weights: Float32Array, negatives: IntArray
@@ -210,4 +217,5 @@ class ImplicitMF:
     def state_bytes(self) -> int:
         """Return the size of both tables, the counts and the user index."""
         tables = self._user_factors.nbytes + self._item_factors.nbytes + self._counts.nbytes
+        tables += self._sampler.state_bytes()
         return int(tables + 100 * len(self.user_rows))
