@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,8 @@ from models.base import (
     ItemCatalog,
     Model,
     ModelError,
+    UInt64Array,
+    stable_hashes,
 )
 from models.context import ContextModel
 from models.covisit import CoVisitationModel
@@ -107,7 +108,9 @@ class EngineConfig:
     context_max_users: int = 100_000
     context_learn_every: int = 1
     fusion_prior_rate: float = 0.001
-    fusion_memory_users: int = 10_000
+    fusion_learn_every: int = 4
+    fusion_min_hits: int = 100
+    learn_chunk: int = 100
     session_gap_ms: int = 30 * 60_000
     fusion_untouched_ranks: bool = True
     cold_events: int = 5
@@ -148,6 +151,12 @@ class EngineConfig:
                 raise ModelError(msg)
         if not 0.0 <= self.exploration < 1.0:
             msg = f"exploration is {self.exploration}; expected a share in [0, 1)"
+            raise ModelError(msg)
+        if self.fusion_learn_every < 0:
+            msg = f"fusion_learn_every is {self.fusion_learn_every}; expected 0 (off) or more"
+            raise ModelError(msg)
+        if self.learn_chunk < 1:
+            msg = f"learn_chunk is {self.learn_chunk}; expected at least 1"
             raise ModelError(msg)
         if self.max_per_category is not None and self.max_per_category < 1:
             msg = f"max_per_category is {self.max_per_category}; expected at least 1 or None"
@@ -210,15 +219,6 @@ class _UserState:
     last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
     last_category: int = NO_CATEGORY
-
-
-@dataclass(slots=True)
-class _Served:
-    items: IntArray
-    ranks: FloatArray
-    mask: BoolMatrix
-    groups: IntArray
-    cold: bool
 
 
 class Recommender:
@@ -284,17 +284,40 @@ class Recommender:
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
         self._users: dict[str, _UserState] = {}
-        self._served: OrderedDict[str, _Served] = OrderedDict()
         self._rng = np.random.default_rng(config.seed + 2)
 
     # Learning
 
     def learn(self, events: Sequence[Event]) -> None:
-        """Apply a batch of events in the given order to every model."""
+        """Apply events in the given order to every model.
+
+        Learned fusion learns test-then-train from one event in
+        ``fusion_learn_every``, chosen by event id: right before such an
+        event is applied, the fusion scores the user's candidates from the
+        state the event arrives to and learns where the event's item ranked.
+        The events between two of those are applied as one batch of at most
+        ``learn_chunk``. So the fusion learns from what the models would have
+        served, whenever lists happen to be refreshed, and a restarted worker
+        that takes a backlog in large batches learns what a worker that took
+        the events one by one learns.
+        """
+        every = self.config.fusion_learn_every
+        keys = stable_hashes(event.event_id for event in events)
+        start = 0
+        for index, event in enumerate(events):
+            sampled = every > 0 and not event.is_refund and int(keys[index]) % every == 0
+            if sampled or index - start >= self.config.learn_chunk:
+                self._learn_batch(events[start:index], keys[start:index])
+                start = index
+            if sampled:
+                self._learn_fusion(event)
+        self._learn_batch(events[start:], keys[start:])
+
+    def _learn_batch(self, events: Sequence[Event], keys: UInt64Array) -> None:
         if not events:
             return
         batch = self._batch(events)
-        self._learn_fusion(batch)
+        batch._event_hashes = keys
         for model in self.models.values():
             model.learn(batch)
         self._update_users(batch)
@@ -346,19 +369,17 @@ class Recommender:
             return event.session_id != state.session_id
         return event.timestamp_ms - state.last_ms > self.config.session_gap_ms
 
-    def _learn_fusion(self, batch: EventBatch) -> None:
-        if not self._served:
+    def _learn_fusion(self, event: Event) -> None:
+        if event.user_id not in self._users:
             return
-        for event, item in zip(batch.events, batch.items.tolist(), strict=True):
-            if event.is_refund:
-                continue
-            served = self._served.pop(event.user_id, None)
-            if served is None:
-                continue
-            position = int(np.searchsorted(served.items, item))
-            found = position < len(served.items) and served.items[position] == item
-            target = position if found else None
-            self.fusion.update(served.ranks, served.mask, served.groups, target, served.cold)
+        scored = self.candidate_scores(event.user_id)
+        item = self.catalog.index.get(event.item_id)
+        target = None
+        if item is not None:
+            position = int(np.searchsorted(scored.items, item))
+            if position < len(scored.items) and scored.items[position] == item:
+                target = position
+        self.fusion.update(scored.fusion_ranks, scored.mask, scored.groups, target, scored.cold)
 
     # Item updates and erasure
 
@@ -374,7 +395,6 @@ class Recommender:
     def forget_user(self, user_id: str) -> None:
         """Remove every trace of the user from the engine and every model."""
         self._users.pop(user_id, None)
-        self._served.pop(user_id, None)
         for model in self.models.values():
             model.forget_user(user_id)
 
@@ -431,14 +451,10 @@ class Recommender:
             keep &= ~bought
         return items[keep]
 
-    def candidate_scores(
-        self, user_id: str, exclude: Collection[int] = (), remember: bool = True
-    ) -> CandidateScores:
+    def candidate_scores(self, user_id: str, exclude: Collection[int] = ()) -> CandidateScores:
         """Collect candidates from every model and score them with every model.
 
         ``exclude`` lists catalog rows to leave out beside the filters.
-        ``remember`` keeps the features so that learned fusion can learn from
-        the user's next event.
         """
         parts = [
             self.models[name].candidates(user_id, count)
@@ -463,7 +479,7 @@ class Recommender:
         normalized = normalize(scores, mask)
         groups = self._groups(user_id, items)
         rank_matrix = ranks(normalized, mask)
-        result = CandidateScores(
+        return CandidateScores(
             user_id,
             items,
             scores,
@@ -474,9 +490,6 @@ class Recommender:
             self.is_cold(user_id),
             self._fusion_ranks(normalized, mask, groups, rank_matrix),
         )
-        if remember and len(items):
-            self._remember(result)
-        return result
 
     def _fusion_ranks(
         self, normalized: FloatArray, mask: BoolMatrix, groups: IntArray, rank_matrix: FloatArray
@@ -501,14 +514,6 @@ class Recommender:
                 groups[position] = 2
         return groups
 
-    def _remember(self, scored: CandidateScores) -> None:
-        self._served[scored.user_id] = _Served(
-            scored.items, scored.fusion_ranks, scored.mask, scored.groups, scored.cold
-        )
-        self._served.move_to_end(scored.user_id)
-        if len(self._served) > self.config.fusion_memory_users:
-            self._served.popitem(last=False)
-
     def fused(self, scored: CandidateScores, strategy: str) -> FloatArray:
         """Return one fused score per candidate under ``strategy``, or one model's name."""
         if strategy == "weighted":
@@ -517,12 +522,32 @@ class Recommender:
             return rrf_fusion(scored.ranks, scored.mask, self.weights)
         if strategy == "learned":
             enabled = scored.mask & (self.weights > 0)[:, None]
-            return self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            fused = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            return self._order_unproven_groups(scored, fused)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
         msg = f"strategy is {strategy!r}; expected one of {FUSION_STRATEGIES + MODEL_NAMES}"
         raise ModelError(msg)
+
+    def _order_unproven_groups(self, scored: CandidateScores, fused: FloatArray) -> FloatArray:
+        # Hits are rare, and rates learned from a few dozen of them flip the
+        # order of a whole group with every new hit. Until the fusion has
+        # seen ``fusion_min_hits`` next items in a candidate group, the
+        # group keeps its fused values but hands them out in the order of the
+        # fixed weights, so that lists are stable while the fusion learns.
+        proven = self.fusion.group_hits[scored.cold] >= self.config.fusion_min_hits
+        if proven.all():
+            return fused
+        fixed = weighted_fusion(scored.normalized, scored.mask, self.weights)
+        out = fused.copy()
+        for group in np.flatnonzero(~proven).tolist():
+            members = np.flatnonzero(scored.groups == group)
+            if not len(members):
+                continue
+            order = members[np.lexsort((scored.items[members], -fixed[members]))]
+            out[order] = np.sort(fused[members])[::-1]
+        return out
 
     def top_rows(
         self,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -242,8 +242,8 @@ def evaluate(
     max_batch
         The events between two evaluated events are learned as one batch, as
         the worker learns them, up to this many at a time. Matrix
-        factorization takes one SGD step per batch, and sampled negatives are
-        drawn per batch; the other models apply a batch event by event.
+        factorization takes one SGD step per batch; the other models apply a
+        batch event by event.
     progress
         Called with the number of events processed since the last call.
 
@@ -257,7 +257,6 @@ def evaluate(
         msg = f"every is {every}; expected a step of at least 1"
         raise ValueError(msg)
     config = config if config is not None else EngineConfig()
-    engine = Recommender(config)
     names = list(strategies) if strategies is not None else list(default_strategies())
     known = set(default_strategies())
     for name in names:
@@ -267,7 +266,10 @@ def evaluate(
     results = {name: StrategyResult(name) for name in names}
     bucket_events = max(1, math.ceil(len(events) / buckets))
     history: dict[str, set[int]] = {}
-    uses_learned = "learned" in names or config.fusion == "learned"
+    if "learned" not in names and config.fusion != "learned":
+        # Nothing reads the learned fusion, so it need not learn.
+        config = replace(config, fusion_learn_every=0)
+    engine = Recommender(config)
     step = 0
 
     pending: list[Event] = []
@@ -277,7 +279,7 @@ def evaluate(
             if pending:
                 engine.learn(pending)
                 pending = []
-            scored = engine.candidate_scores(event.user_id, remember=uses_learned)
+            scored = engine.candidate_scores(event.user_id)
             target = engine.catalog.index.get(event.item_id)
             is_new = target is None or target not in seen
             allowed = (

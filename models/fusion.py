@@ -137,6 +137,7 @@ class LearnedFusion:
         shape = (len(self.model_names), N_GROUPS, N_RANK_BUCKETS)
         self.hits = {cold: np.full(shape, prior_rate * prior_shown) for cold in (True, False)}
         self.shown = {cold: np.full(shape, prior_shown) for cold in (True, False)}
+        self.group_hits = {cold: np.zeros(N_GROUPS, dtype=np.int64) for cold in (True, False)}
         self.updates = {True: 0, False: 0}
 
     def rates(self, cold: bool) -> FloatArray:
@@ -175,6 +176,7 @@ class LearnedFusion:
             if len(chosen):
                 shown[model] += np.bincount(chosen, minlength=size)
         if target is not None:
+            self.group_hits[cold][groups[target]] += 1
             hits = self.hits[cold].reshape(len(self.model_names), size)
             for model in np.flatnonzero(mask[:, target]).tolist():
                 hits[model, cells[model, target]] += 1.0

@@ -15,7 +15,7 @@ from pathlib import Path
 from schemas import Event
 from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
-from stream.runner import WorkerProcess, settings_env
+from stream.runner import WorkerProcess, free_port, settings_env
 from stream.sources import read_events
 from stream.synthetic import generate_events, write_jsonl
 
@@ -95,11 +95,24 @@ def test_sigkill_three_times_loses_nothing(run_settings, tmp_path):
     # The first events of the real file, sent at a fixed rate so that every
     # kill lands while events arrive.
     path, fmt = _events_file(tmp_path)
-    limit, rate = 12_000, 400
+    limit, rate = 12_000, 250
     events = read_events(path, fmt).events[:limit]
     expected = Counter(event.type for event in {e.event_id: e for e in events}.values())
     settings = replace(run_settings, checkpoint_interval_s=3.0)
     rng = random.Random(20261204)
+
+    # The uninterrupted run consumes the same replay at the same time, in a
+    # consumer group of its own, so that both runs see the events arrive alike
+    # and differ only by the kills.
+    reference_settings = replace(
+        settings,
+        app_id=settings.app_id + "-reference",
+        data_dir=str(tmp_path / "reference"),
+        redis_key_prefix=settings.redis_key_prefix + "ref:",
+        web_port=free_port(),
+    )
+    reference = WorkerProcess(reference_settings, tmp_path / "reference.log").start()
+    reference.wait_ready()
 
     replay = _replay(settings, path, fmt, rate=rate, limit=limit)
     for number in range(3):
@@ -137,18 +150,10 @@ def test_sigkill_three_times_loses_nothing(run_settings, tmp_path):
         assert counts.get(f"applied:{event_type}", 0) == count, event_type
     assert counts["applied"] == sum(expected.values())
 
-    # An uninterrupted run over the same topics, in its own consumer group.
-    reference_settings = replace(
-        settings,
-        app_id=settings.app_id + "-reference",
-        data_dir=str(tmp_path / "reference"),
-        redis_key_prefix=settings.redis_key_prefix + "ref:",
-    )
-    with WorkerProcess(reference_settings, tmp_path / "reference.log") as reference:
-        reference.wait_ready()
-        _wait_applied(reference, sum(expected.values()), 240)
-        assert reference.terminate() == 0
+    _wait_applied(reference, sum(expected.values()), 240)
+    assert reference.terminate() == 0
     reference_state = _final_state(reference_settings)
+    assert reference_state["counts"]["applied"] == counts["applied"]
 
     engine, reference_engine = state["engine"], reference_state["engine"]
     pseudonymize = Pseudonymizer(bytes.fromhex(settings.pseudonym_key))

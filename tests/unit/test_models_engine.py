@@ -181,10 +181,34 @@ def test_forget_user_removes_every_trace() -> None:
     engine.forget_user("u1")
     assert not engine.has_user("u1")
     assert engine.user_history("u1") == []
-    assert "u1" not in engine._served
     for name, model in engine.models.items():
         if name not in ("popular", "trending"):
             assert len(model.candidates("u1", 10)) == 0
+
+
+def test_fusion_ignores_refresh_timing() -> None:
+    config = EngineConfig(fusion="learned", fusion_learn_every=1)
+    quiet, busy = Recommender(config), Recommender(config)
+    for event in _shop():
+        quiet.learn([event])
+        busy.learn([event])
+        busy.recommend([event.user_id])
+    for cold in (True, False):
+        assert np.array_equal(quiet.fusion.hits[cold], busy.fusion.hits[cold])
+        assert np.array_equal(quiet.fusion.shown[cold], busy.fusion.shown[cold])
+
+
+def test_unproven_group_follows_fixed_weights() -> None:
+    engine = Recommender(EngineConfig(fusion="learned", fusion_min_hits=10**9))
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    learned = engine.fused(scored, "learned")
+    fixed = engine.fused(scored, "weighted")
+    for group in range(3):
+        members = np.flatnonzero(scored.groups == group)
+        by_learned = members[np.lexsort((scored.items[members], -learned[members]))]
+        by_fixed = members[np.lexsort((scored.items[members], -fixed[members]))]
+        assert by_learned.tolist() == by_fixed.tolist(), group
 
 
 def test_user_history_in_learned_order() -> None:
@@ -232,12 +256,12 @@ def test_stats_count_users_and_items() -> None:
     assert all(value >= 0 for value in stats["bytes"].values())
 
 
-def test_learned_fusion_updates_from_next_event() -> None:
-    engine = Recommender(EngineConfig(fusion="learned"))
+def test_learned_fusion_updates_on_known_user_event() -> None:
+    engine = Recommender(EngineConfig(fusion="learned", fusion_learn_every=1))
     engine.learn(_shop())
-    engine.recommend(["u1"])
+    before = engine.stats()["fusion_updates"]["warm"]
     engine.learn([_event(200, "u1", "i2")])
-    assert engine.stats()["fusion_updates"]["warm"] == 1
+    assert engine.stats()["fusion_updates"]["warm"] == before + 1
 
 
 def test_decayed_scores_halve_per_half_life() -> None:
