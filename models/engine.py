@@ -21,6 +21,7 @@ from models.base import (
     Model,
     ModelError,
 )
+from models.basket import SessionCoOccurrenceModel
 from models.context import ContextModel
 from models.covisit import CoVisitationModel
 from models.fusion import (
@@ -42,12 +43,22 @@ logger = logging.getLogger(__name__)
 VERSION = "fusionrec-0.1"
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
-MODEL_NAMES = ("popular", "trending", "category", "covisit", "recent", "mf", "context")
+MODEL_NAMES = (
+    "popular",
+    "trending",
+    "category",
+    "covisit",
+    "basket",
+    "recent",
+    "mf",
+    "context",
+)
 DEFAULT_WEIGHTS: dict[str, float] = {
     "popular": 0.05,
     "trending": 0.05,
     "category": 0.5,
     "covisit": 1.0,
+    "basket": 0.3,
     "recent": 1.0,
     "mf": 0.2,
     "context": 0.2,
@@ -57,6 +68,7 @@ DEFAULT_CANDIDATES: dict[str, int] = {
     "trending": 30,
     "category": 30,
     "covisit": 100,
+    "basket": 100,
     "recent": 50,
     "mf": 100,
     "context": 0,
@@ -98,6 +110,10 @@ class EngineConfig:
     covisit_backward: float = 0.5
     covisit_max_neighbors: int = 200
     covisit_recency_power: float = 1.0
+    basket_max_items: int = 50
+    basket_half_life_ms: float = 30 * DAY_MS
+    basket_max_neighbors: int = 200
+    basket_score_items: int = 20
     mf_factors: int = 32
     mf_learning_rate: float = 0.05
     mf_l2: float = 0.01
@@ -233,9 +249,9 @@ class Recommender:
     >>> engine.learn([Event("e1", "view", "u1", "a", 0), Event("e2", "view", "u1", "b", 1000),
     ...               Event("e3", "view", "u2", "a", 2000)])
     >>> [entry.item_id for entry in engine.recommend(["u2"])[0]]
-    ['a', 'b']
-    >>> engine.recommend(["u2"])[0][1].sources[:1]
-    ('covisit',)
+    ['b', 'a']
+    >>> engine.recommend(["u2"])[0][0].sources[:2]
+    ('covisit', 'basket')
     """
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -257,6 +273,13 @@ class Recommender:
                 backward=config.covisit_backward,
                 max_neighbors=config.covisit_max_neighbors,
                 recency_power=config.covisit_recency_power,
+            ),
+            "basket": SessionCoOccurrenceModel(
+                session_gap_ms=config.session_gap_ms,
+                max_session_items=config.basket_max_items,
+                half_life_ms=config.basket_half_life_ms,
+                max_neighbors=config.basket_max_neighbors,
+                score_items=config.basket_score_items,
             ),
             "recent": RecentItemsModel(config.recent_half_life_ms, config.recent_max_items),
             "mf": ImplicitMF(
