@@ -28,6 +28,7 @@ from models.fusion import (
     FUSION_STRATEGIES,
     BoolMatrix,
     LearnedFusion,
+    OrderSelector,
     normalize,
     ranks,
     rrf_fusion,
@@ -63,6 +64,9 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "mf": 0.2,
     "context": 0.2,
 }
+# The orderings that learned fusion chooses from per candidate group. The
+# first, its own hit-rate sum, is the default.
+ORDER_POLICIES = ("learned", "weighted", "rrf", *MODEL_NAMES)
 DEFAULT_CANDIDATES: dict[str, int] = {
     "popular": 30,
     "trending": 30,
@@ -126,6 +130,9 @@ class EngineConfig:
     fusion_memory_users: int = 10_000
     session_gap_ms: int = 30 * 60_000
     fusion_untouched_ranks: bool = True
+    fusion_select_order: bool = True
+    fusion_select_depth: int = 10
+    fusion_select_z: float = 2.0
     cold_events: int = 5
     candidates: dict[str, int] | None = None
 
@@ -232,6 +239,7 @@ class _UserState:
 class _Served:
     items: IntArray
     ranks: FloatArray
+    normalized: FloatArray
     mask: BoolMatrix
     groups: IntArray
     cold: bool
@@ -302,6 +310,9 @@ class Recommender:
         self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
         self.candidate_counts = config.candidate_counts()
         self.fusion = LearnedFusion(MODEL_NAMES, prior_rate=config.fusion_prior_rate)
+        self.selector = OrderSelector(
+            ORDER_POLICIES, depth=config.fusion_select_depth, z=config.fusion_select_z
+        )
         self._rebuyable = {
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
@@ -380,6 +391,11 @@ class Recommender:
             position = int(np.searchsorted(served.items, item))
             found = position < len(served.items) and served.items[position] == item
             target = position if found else None
+            if target is not None and self.config.fusion_select_order:
+                keys = self._policy_keys(
+                    served.ranks, served.normalized, served.mask, served.groups, served.cold
+                )
+                self.selector.record(keys, served.groups, target, served.cold)
             self.fusion.update(served.ranks, served.mask, served.groups, target, served.cold)
 
     # Item updates and erasure
@@ -525,7 +541,12 @@ class Recommender:
 
     def _remember(self, scored: CandidateScores) -> None:
         self._served[scored.user_id] = _Served(
-            scored.items, scored.fusion_ranks, scored.mask, scored.groups, scored.cold
+            scored.items,
+            scored.fusion_ranks,
+            scored.normalized,
+            scored.mask,
+            scored.groups,
+            scored.cold,
         )
         self._served.move_to_end(scored.user_id)
         if len(self._served) > self.config.fusion_memory_users:
@@ -539,12 +560,43 @@ class Recommender:
             return rrf_fusion(scored.ranks, scored.mask, self.weights)
         if strategy == "learned":
             enabled = scored.mask & (self.weights > 0)[:, None]
-            return self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            if not self.config.fusion_select_order:
+                return learned
+            keys = self._policy_keys(
+                scored.fusion_ranks,
+                scored.normalized,
+                scored.mask,
+                scored.groups,
+                scored.cold,
+                learned,
+            )
+            return self.selector.reorder(keys, learned, scored.groups, scored.cold)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
         msg = f"strategy is {strategy!r}; expected one of {FUSION_STRATEGIES + MODEL_NAMES}"
         raise ModelError(msg)
+
+    def _policy_keys(
+        self,
+        rank_matrix: FloatArray,
+        normalized: FloatArray,
+        mask: BoolMatrix,
+        groups: IntArray,
+        cold: bool,
+        learned: FloatArray | None = None,
+    ) -> FloatArray:
+        """Return one row of ordering keys per entry of `ORDER_POLICIES`."""
+        enabled = mask & (self.weights > 0)[:, None]
+        if learned is None:
+            learned = self.fusion.score(rank_matrix, enabled, groups, cold)
+        keys = np.empty((len(ORDER_POLICIES), mask.shape[1]), dtype=np.float64)
+        keys[0] = learned
+        keys[1] = weighted_fusion(normalized, enabled, self.weights)
+        keys[2] = rrf_fusion(rank_matrix, enabled, self.weights)
+        keys[3:] = np.where(enabled, normalized, -np.inf)
+        return keys
 
     def top_rows(
         self,
