@@ -114,6 +114,7 @@ class EngineConfig:
     covisit_backward: float = 0.5
     covisit_max_neighbors: int = 200
     covisit_recency_power: float = 1.0
+    basket_session_gap_ms: int | None = None
     basket_max_items: int = 50
     basket_half_life_ms: float = 30 * DAY_MS
     basket_max_neighbors: int = 200
@@ -257,9 +258,9 @@ class Recommender:
     >>> engine.learn([Event("e1", "view", "u1", "a", 0), Event("e2", "view", "u1", "b", 1000),
     ...               Event("e3", "view", "u2", "a", 2000)])
     >>> [entry.item_id for entry in engine.recommend(["u2"])[0]]
-    ['b', 'a']
-    >>> engine.recommend(["u2"])[0][0].sources[:2]
-    ('covisit', 'basket')
+    ['a', 'b']
+    >>> engine.recommend(["u2"])[0][1].sources[:1]
+    ('covisit',)
     """
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -283,7 +284,7 @@ class Recommender:
                 recency_power=config.covisit_recency_power,
             ),
             "basket": SessionCoOccurrenceModel(
-                session_gap_ms=config.session_gap_ms,
+                session_gap_ms=config.basket_session_gap_ms,
                 max_session_items=config.basket_max_items,
                 half_life_ms=config.basket_half_life_ms,
                 max_neighbors=config.basket_max_neighbors,

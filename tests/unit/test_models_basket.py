@@ -44,7 +44,7 @@ def test_basket_ignores_pairs_across_invoices() -> None:
 
 
 def test_basket_splits_sessions_by_gap() -> None:
-    engine = Recommender(EngineConfig(session_gap_ms=10 * MINUTE_MS))
+    engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
     engine.learn(
         [
             _line(0, "u1", "a", None),
@@ -88,6 +88,19 @@ def test_basket_newest_item_weighs_most() -> None:
     scored, scores = engine.models["basket"].score("u3", rows)
     assert scored.tolist() == rows.tolist()
     assert scores[1] > scores[0]
+
+
+def test_basket_ignores_events_without_session() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", None),
+            _line(1, "u1", "b", None),
+            _line(2, "u2", "a", None, minute=1),
+        ]
+    )
+    assert _basket_ids(engine, "u2") == []
+    assert engine.models["basket"].state_bytes() == 0
 
 
 def test_basket_caps_session_items() -> None:
