@@ -22,12 +22,14 @@ from models.base import (
     UInt64Array,
     stable_hashes,
 )
+from models.basket import SessionCoOccurrenceModel
 from models.context import ContextModel
 from models.covisit import CoVisitationModel
 from models.fusion import (
     FUSION_STRATEGIES,
     BoolMatrix,
     LearnedFusion,
+    OrderSelector,
     normalize,
     ranks,
     rrf_fusion,
@@ -43,21 +45,35 @@ logger = logging.getLogger(__name__)
 VERSION = "fusionrec-0.1"
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
-MODEL_NAMES = ("popular", "trending", "category", "covisit", "recent", "mf", "context")
+MODEL_NAMES = (
+    "popular",
+    "trending",
+    "category",
+    "covisit",
+    "basket",
+    "recent",
+    "mf",
+    "context",
+)
 DEFAULT_WEIGHTS: dict[str, float] = {
     "popular": 0.05,
     "trending": 0.05,
     "category": 0.5,
     "covisit": 1.0,
+    "basket": 0.3,
     "recent": 1.0,
     "mf": 0.2,
     "context": 0.2,
 }
+# The orderings that learned fusion chooses from per candidate group. The
+# first, its own hit-rate sum, is the default.
+ORDER_POLICIES = ("learned", "weighted", "rrf", *MODEL_NAMES)
 DEFAULT_CANDIDATES: dict[str, int] = {
     "popular": 30,
     "trending": 30,
     "category": 30,
     "covisit": 100,
+    "basket": 100,
     "recent": 50,
     "mf": 100,
     "context": 0,
@@ -99,6 +115,11 @@ class EngineConfig:
     covisit_backward: float = 0.5
     covisit_max_neighbors: int = 200
     covisit_recency_power: float = 1.0
+    basket_session_gap_ms: int | None = None
+    basket_max_items: int = 50
+    basket_half_life_ms: float = 30 * DAY_MS
+    basket_max_neighbors: int = 200
+    basket_score_items: int = 20
     mf_factors: int = 32
     mf_learning_rate: float = 0.05
     mf_l2: float = 0.01
@@ -113,6 +134,9 @@ class EngineConfig:
     learn_chunk: int = 100
     session_gap_ms: int = 30 * 60_000
     fusion_untouched_ranks: bool = True
+    fusion_select_order: bool = True
+    fusion_select_depth: int = 10
+    fusion_select_z: float = 2.0
     cold_events: int = 5
     candidates: dict[str, int] | None = None
 
@@ -258,6 +282,13 @@ class Recommender:
                 max_neighbors=config.covisit_max_neighbors,
                 recency_power=config.covisit_recency_power,
             ),
+            "basket": SessionCoOccurrenceModel(
+                session_gap_ms=config.basket_session_gap_ms,
+                max_session_items=config.basket_max_items,
+                half_life_ms=config.basket_half_life_ms,
+                max_neighbors=config.basket_max_neighbors,
+                score_items=config.basket_score_items,
+            ),
             "recent": RecentItemsModel(config.recent_half_life_ms, config.recent_max_items),
             "mf": ImplicitMF(
                 self.catalog,
@@ -280,6 +311,9 @@ class Recommender:
         self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
         self.candidate_counts = config.candidate_counts()
         self.fusion = LearnedFusion(MODEL_NAMES, prior_rate=config.fusion_prior_rate)
+        self.selector = OrderSelector(
+            ORDER_POLICIES, depth=config.fusion_select_depth, z=config.fusion_select_z
+        )
         self._rebuyable = {
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
@@ -379,6 +413,9 @@ class Recommender:
             position = int(np.searchsorted(scored.items, item))
             if position < len(scored.items) and scored.items[position] == item:
                 target = position
+        if target is not None and self.config.fusion_select_order:
+            keys = self._policy_keys(scored)
+            self.selector.record(keys, scored.groups, target, scored.cold)
         self.fusion.update(scored.fusion_ranks, scored.mask, scored.groups, target, scored.cold)
 
     # Item updates and erasure
@@ -522,8 +559,12 @@ class Recommender:
             return rrf_fusion(scored.ranks, scored.mask, self.weights)
         if strategy == "learned":
             enabled = scored.mask & (self.weights > 0)[:, None]
-            fused = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
-            return self._order_unproven_groups(scored, fused)
+            learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            learned = self._order_unproven_groups(scored, learned)
+            if not self.config.fusion_select_order:
+                return learned
+            keys = self._policy_keys(scored, learned)
+            return self.selector.reorder(keys, learned, scored.groups, scored.cold)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
@@ -548,6 +589,21 @@ class Recommender:
             order = members[np.lexsort((scored.items[members], -fixed[members]))]
             out[order] = np.sort(fused[members])[::-1]
         return out
+
+    def _policy_keys(
+        self, scored: CandidateScores, learned: FloatArray | None = None
+    ) -> FloatArray:
+        """Return one row of ordering keys per entry of `ORDER_POLICIES`."""
+        enabled = scored.mask & (self.weights > 0)[:, None]
+        if learned is None:
+            learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+            learned = self._order_unproven_groups(scored, learned)
+        keys = np.empty((len(ORDER_POLICIES), scored.mask.shape[1]), dtype=np.float64)
+        keys[0] = learned
+        keys[1] = weighted_fusion(scored.normalized, enabled, self.weights)
+        keys[2] = rrf_fusion(scored.ranks, enabled, self.weights)
+        keys[3:] = np.where(enabled, scored.normalized, -np.inf)
+        return keys
 
     def top_rows(
         self,

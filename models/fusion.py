@@ -186,3 +186,103 @@ class LearnedFusion:
         """Return each model's hit rate per rank bucket for one candidate group, for reports."""
         rates = self.rates(cold)
         return {name: rates[i, group].tolist() for i, name in enumerate(self.model_names)}
+
+
+class OrderSelector:
+    """Per candidate group, the ordering that has ranked the users' next items better.
+
+    Each policy is one way to order the candidates: a fusion strategy or a
+    single model, and the first policy is the default. After every served
+    candidate set, the selector credits each policy for the item the user
+    touched next. A policy earns 1 if its order of the item's group would have
+    put the item in the served top ``depth``, where the group keeps the slots
+    that the default gave it. It earns 1 more if the item is among the first
+    ``depth`` of its group alone, as in a list of items new to the user.
+
+    A policy replaces the default in a group only once its summed lead in
+    credit over the default exceeds ``z`` standard errors of that sum, so
+    near ties keep the default. `reorder` then orders each group by its
+    chosen policy and keeps the fused scores that the group already had, so
+    the mix of groups in a list does not change. Cold and warm users keep
+    separate counts.
+
+    >>> selector = OrderSelector(["fused", "a"], depth=1, z=1.0)
+    >>> keys = np.array([[2.0, 1.0], [1.0, 2.0]])
+    >>> groups = np.zeros(2, dtype=np.int64)
+    >>> for _ in range(3):
+    ...     selector.record(keys, groups, target=1, cold=False)
+    >>> selector.reorder(keys, keys[0], groups, cold=False).round(6).tolist()
+    [1.0, 2.0]
+    """
+
+    def __init__(self, policy_names: Sequence[str], depth: int = 10, z: float = 2.0) -> None:
+        if depth < 1:
+            msg = f"depth is {depth}; expected at least 1"
+            raise ModelError(msg)
+        if not z >= 0:
+            msg = f"z is {z}; expected a number of standard errors >= 0"
+            raise ModelError(msg)
+        self.policy_names = list(policy_names)
+        self.depth = depth
+        self.z = z
+        shape = (N_GROUPS, len(self.policy_names))
+        self.credit = {cold: np.zeros(shape) for cold in (True, False)}
+        self.lead = {cold: np.zeros(shape) for cold in (True, False)}
+        self.lead_squares = {cold: np.zeros(shape) for cold in (True, False)}
+
+    def record(
+        self, keys: FloatArray, groups: npt.NDArray[np.int64], target: int, cold: bool
+    ) -> None:
+        """Credit each policy for where it would have ranked ``target``.
+
+        ``keys`` has one row per policy, where higher is better and minus
+        infinity means no opinion. Equal keys count the candidate at the lower position
+        as ahead, as `Recommender.top_rows` orders ties by catalog row.
+        """
+        group = int(groups[target])
+        in_group = groups == group
+        positions = np.arange(keys.shape[1])
+        served = np.lexsort((positions, -keys[0]))[: self.depth]
+        slots = int(np.count_nonzero(groups[served] == group))
+
+        own = keys[:, target][:, None]
+        ahead = (keys > own) | ((keys == own) & (positions < target)[None, :])
+        n_ahead = np.count_nonzero(ahead & in_group[None, :], axis=1)
+        ranked = np.isfinite(keys[:, target])
+        credit = (ranked & (n_ahead < slots)).astype(np.float64)
+        credit += ranked & (n_ahead < self.depth)
+
+        difference = credit - credit[0]
+        self.credit[cold][group] += credit
+        self.lead[cold][group] += difference
+        self.lead_squares[cold][group] += difference * difference
+
+    def choice(self, group: int, cold: bool) -> int:
+        """Return the index of the policy chosen for ``group``, 0 unless another leads clearly."""
+        lead = self.lead[cold][group]
+        clear = lead > self.z * np.sqrt(self.lead_squares[cold][group])
+        if not clear.any():
+            return 0
+        return int(np.argmax(np.where(clear, lead, -np.inf)))
+
+    def reorder(
+        self, keys: FloatArray, fused: FloatArray, groups: npt.NDArray[np.int64], cold: bool
+    ) -> FloatArray:
+        """Give each group's fused scores, highest first, to its members in the chosen order.
+
+        Within a group, members that the chosen policy has no opinion on
+        follow those it ranks, in fused order.
+        """
+        out = fused.copy()
+        for group in np.unique(groups).tolist():
+            policy = self.choice(group, cold)
+            if policy == 0:
+                continue
+            members = np.flatnonzero(groups == group)
+            order = members[np.lexsort((members, -fused[members], -keys[policy, members]))]
+            values = np.sort(fused[members])[::-1]
+            # Equal fused scores would fall back to catalog order in top-k, so
+            # each value is nudged just below the one before it.
+            scale = max(float(np.abs(values).max()), 1e-300)
+            out[order] = values - scale * 1e-12 * np.arange(len(order))
+        return out

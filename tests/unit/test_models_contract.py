@@ -28,6 +28,7 @@ def _stream() -> list[Event]:
                 timestamp_ms=1_700_000_000_000 + n * 60_000,
                 category=f"c{(n * 7) % 11 % 3}",
                 price=1.5 * (n % 5),
+                session_id=f"{user}-s{n // 20}",
             )
         )
     return events

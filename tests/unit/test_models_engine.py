@@ -151,7 +151,7 @@ def test_lists_fill_k_from_popularity() -> None:
 def test_sources_name_models() -> None:
     engine = Recommender()
     engine.learn(_shop())
-    names = {"popular", "trending", "category", "covisit", "recent", "mf", "context"}
+    names = {"popular", "trending", "category", "covisit", "basket", "recent", "mf", "context"}
     for entry in engine.recommend(["u1"])[0]:
         assert entry.sources
         assert set(entry.sources) <= names

@@ -1,0 +1,119 @@
+"""Session co-occurrence: pairs, sessions, scoring order and limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.base import ModelError
+from models.basket import SessionCoOccurrenceModel
+from models.engine import EngineConfig, Recommender
+from schemas import Event
+
+T0 = 1_700_000_000_000
+MINUTE_MS = 60_000
+
+
+def _line(n: int, user: str, item: str, invoice: str | None, minute: int = 0) -> Event:
+    return Event(f"e{n}", "purchase", user, item, T0 + minute * MINUTE_MS, session_id=invoice)
+
+
+def _basket_ids(engine: Recommender, user: str, n: int = 10) -> list[str]:
+    rows = engine.models["basket"].candidates(user, n)
+    return [engine.catalog.ids[row] for row in rows]
+
+
+def test_basket_pairs_lines_of_one_invoice() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", "s1"),
+            _line(1, "u1", "b", "s1"),
+            _line(2, "u1", "c", "s1"),
+            _line(3, "u2", "a", "s2", minute=5),
+        ]
+    )
+    assert sorted(_basket_ids(engine, "u2")) == ["b", "c"]
+
+
+def test_basket_ignores_pairs_across_invoices() -> None:
+    engine = Recommender()
+    engine.learn([_line(0, "u1", "a", "s1"), _line(1, "u1", "b", "s2", minute=1)])
+    engine.learn([_line(2, "u2", "a", "s3", minute=2)])
+    assert _basket_ids(engine, "u2") == []
+
+
+def test_basket_splits_sessions_by_gap() -> None:
+    engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
+    engine.learn(
+        [
+            _line(0, "u1", "a", None),
+            _line(1, "u1", "b", None, minute=5),
+            _line(2, "u1", "c", None, minute=60),
+            _line(3, "u2", "a", None, minute=61),
+        ]
+    )
+    assert _basket_ids(engine, "u2") == ["b"]
+
+
+def test_basket_scores_latest_session_newest_first() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", "s1"),
+            _line(1, "u1", "b", "s1"),
+            _line(2, "u1", "c", "s2", minute=5),
+            _line(3, "u1", "d", "s2", minute=5),
+        ]
+    )
+    model = engine.models["basket"]
+    assert isinstance(model, SessionCoOccurrenceModel)
+    rows = engine.catalog.index
+    assert model.scoring_items("u1") == [rows["d"], rows["c"]]
+
+
+def test_basket_newest_item_weighs_most() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", "s1"),
+            _line(1, "u1", "x", "s1"),
+            _line(2, "u2", "b", "s2"),
+            _line(3, "u2", "y", "s2"),
+            _line(4, "u3", "a", "s3", minute=5),
+            _line(5, "u3", "b", "s3", minute=5),
+        ]
+    )
+    rows = np.array([engine.catalog.index["x"], engine.catalog.index["y"]], dtype=np.int64)
+    scored, scores = engine.models["basket"].score("u3", rows)
+    assert scored.tolist() == rows.tolist()
+    assert scores[1] > scores[0]
+
+
+def test_basket_ignores_events_without_session() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", None),
+            _line(1, "u1", "b", None),
+            _line(2, "u2", "a", None, minute=1),
+        ]
+    )
+    assert _basket_ids(engine, "u2") == []
+    assert engine.models["basket"].state_bytes() == 0
+
+
+def test_basket_caps_session_items() -> None:
+    engine = Recommender(EngineConfig(basket_max_items=2))
+    engine.learn([_line(n, "u1", f"i{n}", "s1") for n in range(4)])
+    engine.learn([_line(9, "u2", "i0", "s2", minute=5)])
+    assert _basket_ids(engine, "u2") == ["i1"]
+
+
+def test_basket_rejects_invalid_settings() -> None:
+    with pytest.raises(ModelError, match="max_session_items is 0"):
+        SessionCoOccurrenceModel(max_session_items=0)
+    with pytest.raises(ModelError, match="score_items is 0"):
+        SessionCoOccurrenceModel(score_items=0)
+    with pytest.raises(ModelError, match="half_life_ms is 0"):
+        SessionCoOccurrenceModel(half_life_ms=0)
