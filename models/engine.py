@@ -700,11 +700,14 @@ class Recommender:
             return self._trending(user_id, k)
         scored = self.candidate_scores(user_id)
         scores = self.fused(scored, self.config.fusion)
-        n_explore = int(k * self.config.exploration)
+        # The share applies to the k items shown; a longer list asked for
+        # carries spares after them, which replace sold-out items.
+        shown = min(k, self.config.k)
+        n_explore = int(shown * self.config.exploration)
         rows, values = self.top_rows(scored, scores, k - n_explore)
         sources = self._sources(scored, rows)
         if n_explore:
-            self._explore(scored, rows, values, sources, n_explore)
+            self._explore(scored, rows, values, sources, n_explore, shown - n_explore)
         ids = self.catalog.ids
         return [
             RecommendedItem(ids[row], value, source)
@@ -737,6 +740,7 @@ class Recommender:
         values: list[float],
         sources: list[tuple[str, ...]],
         n_explore: int,
+        position: int,
     ) -> None:
         pool = self.models["trending"].candidates(scored.user_id, 10 * n_explore + len(rows))
         pool = self._blocked(scored.user_id, pool)
@@ -745,12 +749,18 @@ class Recommender:
         if not fresh:
             return
         picks = self._rng.choice(len(fresh), size=min(n_explore, len(fresh)), replace=False)
-        floor = values[-1] if values else 0.0
-        for pick in sorted(picks.tolist()):
-            floor = math.nextafter(floor, -math.inf)
-            rows.append(fresh[pick])
-            values.append(floor)
-            sources.append(("explore",))
+        picked = [fresh[pick] for pick in sorted(picks.tolist())]
+        at = min(position, len(rows))
+        rows[at:at] = picked
+        sources[at:at] = [("explore",)] * len(picked)
+        values[at:at] = [-math.inf] * len(picked)
+        # Scores stay strictly descending: each explored item scores just
+        # below the entry before it, and the spares after them below those.
+        previous = values[at - 1] if at else 0.0
+        for index in range(at, len(values)):
+            below = math.nextafter(previous, -math.inf)
+            values[index] = below if index < at + len(picked) else min(values[index], below)
+            previous = values[index]
 
     def _trending(self, user_id: str, k: int) -> list[RecommendedItem]:
         trending = self.models["trending"]

@@ -150,6 +150,85 @@ def test_purchased_item_left_out(run_settings, tmp_path):
     assert "hot" not in [entry["item_id"] for entry in lists[buyer]["items"]]
 
 
+def _catalog_events(users: int) -> list[Event]:
+    """Users who browse four categories of five items each, within one session."""
+    events = []
+    for n in range(users):
+        user = f"shopper-{n}"
+        for step in range(12):
+            category = f"cat-{(n + step) % 4}"
+            item = f"{category}-item-{(n * 3 + step) % 5}"
+            stamp = NOW_MS + n * 100 + step
+            events.append(Event(f"browse-{n}-{step}", "view", user, item, stamp, category=category))
+    return events
+
+
+def test_rebuyable_category_keeps_purchase(run_settings, tmp_path):
+    settings = replace(run_settings, fusion="weighted", rebuyable_categories="groceries")
+    events = _events_around("hot", users=30)
+    buyer = "user-3"
+    purchases = [
+        Event("buy-milk", "purchase", buyer, "milk", NOW_MS + 5_000, category="groceries"),
+        Event("buy-tv", "purchase", buyer, "tv", NOW_MS + 5_001, category="electronics"),
+    ]
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, events))
+        asyncio.run(wait_for_lists(settings, [buyer], 60))
+        since = int(time.time() * 1000)
+        asyncio.run(produce_events(settings, purchases))
+        lists = asyncio.run(wait_for_lists(settings, [buyer], 60, since_ms=since))
+        assert worker.terminate() == 0
+    items = [entry["item_id"] for entry in lists[buyer]["items"]]
+    assert "milk" in items
+    assert "tv" not in items
+
+
+def test_category_cap_and_exploration(run_settings, tmp_path):
+    settings = replace(run_settings, max_per_category=2, exploration=0.2)
+    events = _catalog_events(users=40)
+    users = [f"shopper-{n}" for n in range(40)]
+    explore_slots = int(settings.k * settings.exploration)
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, events))
+        lists = asyncio.run(wait_for_lists(settings, users, 120))
+        assert worker.terminate() == 0
+    for user, value in lists.items():
+        ranked = [entry for entry in value["items"] if entry["sources"] != ["explore"]]
+        per_category: dict[str, int] = {}
+        for entry in ranked:
+            category = entry["item_id"].split("-item-")[0]
+            per_category[category] = per_category.get(category, 0) + 1
+        assert max(per_category.values()) <= 2, user
+        explored = [entry for entry in value["items"] if entry["sources"] == ["explore"]]
+        assert len(explored) <= explore_slots, user
+    assert any(
+        entry["sources"] == ["explore"] for value in lists.values() for entry in value["items"]
+    )
+
+
+def test_new_item_enters_through_covisitation(run_settings, tmp_path):
+    settings = replace(run_settings, fusion="weighted")
+    events = _events_around("hot", users=40)
+    # Shoppers who view a shared item and then an item the models never saw.
+    for n in range(10):
+        stamp = NOW_MS + 60_000 + n * 100
+        events.append(Event(f"pair-a-{n}", "view", f"early-{n}", "anchor", stamp))
+        events.append(Event(f"pair-b-{n}", "view", f"early-{n}", "brand-new", stamp + 1))
+    late = Event("late-view", "view", "late-shopper", "anchor", NOW_MS + 120_000)
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, events))
+        asyncio.run(wait_for_lists(settings, ["early-9"], 60))
+        asyncio.run(produce_events(settings, [late]))
+        lists = asyncio.run(wait_for_lists(settings, ["late-shopper"], 60))
+        assert worker.terminate() == 0
+    entries = {entry["item_id"]: entry for entry in lists["late-shopper"]["items"]}
+    assert "brand-new" in entries
+    assert "covisit" in entries["brand-new"]["sources"]
+
+
 def test_refund_is_applied_not_rejected(run_settings, tmp_path):
     buy = Event("r-buy", "purchase", "refunder", "kettle", NOW_MS, quantity=2, price=20.0)
     refund = Event("r-back", "purchase", "refunder", "kettle", NOW_MS + 1000, quantity=-2, price=20)

@@ -211,6 +211,18 @@ def test_unproven_group_follows_fixed_weights() -> None:
         assert by_learned.tolist() == by_fixed.tolist(), group
 
 
+def test_exploration_lands_within_shown_items() -> None:
+    engine = Recommender(EngineConfig(k=5, exploration=0.4, fusion="weighted"))
+    events = [_event(n, f"u{n % 7}", f"i{n % 40}") for n in range(200)]
+    engine.learn(events)
+    entries = engine.recommend(["u1"], 12)[0]
+    shown = [entry.sources for entry in entries[:5]]
+    assert shown.count(("explore",)) == 2
+    assert ("explore",) not in [entry.sources for entry in entries[5:]]
+    scores = [entry.score for entry in entries]
+    assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
+
+
 def test_user_history_in_learned_order() -> None:
     engine = Recommender()
     engine.learn([_event(0, "u", "b"), _event(1, "u", "a"), _event(2, "u", "b")])
