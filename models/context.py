@@ -150,8 +150,8 @@ class ContextModel:
 
     def _sample_negatives(self, batch: EventBatch) -> IntArray:
         # The ring is rebuilt after a tenth of the catalog's size in events (at
-        # least 1,000), or once the catalog has grown by a tenth; items that
-        # arrived since the last rebuild are not drawn until the next.
+        # least 1,000), or once the catalog has grown by a tenth. Items that
+        # arrived since the last rebuild are not drawn until the next one.
         n_items = len(self.catalog)
         stale = self._events_since_sampler >= max(1000, n_items // 10)
         if stale or 10 * n_items > 11 * len(self._sampler):
