@@ -287,6 +287,19 @@ class DecayedScores:
         logger.debug("rescaled decayed scores to reference %d", time_ms)
 
 
+def scores_by_row(totals: dict[int, float]) -> tuple[IntArray, FloatArray]:
+    """Return the rows of ``totals`` in ascending order with their scores.
+
+    >>> rows, scores = scores_by_row({7: 0.5, 2: 1.5})
+    >>> rows.tolist(), scores.tolist()
+    ([2, 7], [1.5, 0.5])
+    """
+    rows = np.fromiter(totals.keys(), dtype=np.int64, count=len(totals))
+    scores = np.fromiter(totals.values(), dtype=np.float64, count=len(totals))
+    order = np.argsort(rows)
+    return rows[order], scores[order]
+
+
 def top_n(scores: FloatArray, n: int, rows: IntArray | None = None) -> IntArray:
     """Return the rows of the ``n`` highest positive scores, best first, ties by row.
 

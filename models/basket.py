@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from models.base import EventBatch, FloatArray, IntArray, ModelError
+from models.base import EventBatch, FloatArray, IntArray, ModelError, scores_by_row
 
 logger = logging.getLogger(__name__)
 
@@ -172,13 +172,7 @@ class SessionCoOccurrenceModel:
             for target, value in row.items():
                 similarity = value / (source_norm * counts[target] ** 0.5)
                 totals[target] = totals.get(target, 0.0) + similarity
-        if totals:
-            rows = np.fromiter(totals.keys(), dtype=np.int64, count=len(totals))
-            scores = np.fromiter(totals.values(), dtype=np.float64, count=len(totals))
-            order = np.argsort(rows)
-            result = (rows[order], scores[order])
-        else:
-            result = (_EMPTY_ROWS, _EMPTY_SCORES)
+        result = scores_by_row(totals) if totals else (_EMPTY_ROWS, _EMPTY_SCORES)
         self._memo_key = key
         self._memo = result
         return result

@@ -700,14 +700,14 @@ class Recommender:
             return self._trending(user_id, k)
         scored = self.candidate_scores(user_id)
         scores = self.fused(scored, self.config.fusion)
-        # The share applies to the k items shown; a longer list asked for
+        # The share applies to the k items shown. A longer list requested
         # carries spares after them, which replace sold-out items.
-        shown = min(k, self.config.k)
-        n_explore = int(shown * self.config.exploration)
+        visible = min(k, self.config.k)
+        n_explore = int(visible * self.config.exploration)
         rows, values = self.top_rows(scored, scores, k - n_explore)
         sources = self._sources(scored, rows)
         if n_explore:
-            self._explore(scored, rows, values, sources, n_explore, shown - n_explore)
+            self._explore(scored, rows, values, sources, n_explore, visible - n_explore)
         ids = self.catalog.ids
         return [
             RecommendedItem(ids[row], value, source)

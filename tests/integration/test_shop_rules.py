@@ -74,9 +74,9 @@ def _wait_until(predicate, timeout_s, message):
 
 
 def test_sold_out_item_leaves_every_list(run_settings, tmp_path):
-    # Fixed weights rank the best seller high in most lists, which this test
-    # needs; learned fusion orders 300 brand-new users' lists by what it has
-    # learned so far, and that varies with the sampled events.
+    # This test needs the best seller high in most lists, and fixed weights put
+    # it there. Learned fusion orders these new users' lists by what it has
+    # learned so far, which varies with the sampled events.
     run_settings = replace(run_settings, fusion="weighted")
     events = _events_around("hot", users=300)
     users = [f"user-{n}" for n in range(300)]

@@ -216,8 +216,8 @@ def test_exploration_lands_within_shown_items() -> None:
     events = [_event(n, f"u{n % 7}", f"i{n % 40}") for n in range(200)]
     engine.learn(events)
     entries = engine.recommend(["u1"], 12)[0]
-    shown = [entry.sources for entry in entries[:5]]
-    assert shown.count(("explore",)) == 2
+    visible_sources = [entry.sources for entry in entries[:5]]
+    assert visible_sources.count(("explore",)) == 2
     assert ("explore",) not in [entry.sources for entry in entries[5:]]
     scores = [entry.score for entry in entries]
     assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
