@@ -321,12 +321,20 @@ kafka_up() {
         -cp "${libs}/*"
     )
 
-    # A cluster id is 16 random bytes in unpadded base64url; the storage is
-    # formatted with it once and later formats are no-ops.
+    # A cluster id is 16 random bytes in unpadded base64url. The storage is
+    # formatted with it once and later formats are no-ops. An id that starts
+    # with "-" is drawn again, because the storage tool would read it as an
+    # option. About one id in 64 starts that way.
     local cluster_id_file="${KAFKA_DIR}/cluster.id" cluster_id
-    if [[ ! -s "${cluster_id_file}" ]]; then
-        head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"${cluster_id_file}"
+    if [[ -s "${cluster_id_file}" ]] && [[ "$(cat "${cluster_id_file}")" == -* ]]; then
+        rm -f "${cluster_id_file}"
     fi
+    while [[ ! -s "${cluster_id_file}" ]]; do
+        cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+        if [[ "${cluster_id}" != -* ]]; then
+            printf '%s' "${cluster_id}" >"${cluster_id_file}"
+        fi
+    done
     cluster_id="$(cat "${cluster_id_file}")"
     if ! "${java_bin}" "${java_opts[@]}" kafka.tools.StorageTool format -t "${cluster_id}" \
         -c "${KAFKA_DIR}/server.properties" --ignore-formatted >>"${logs_dir}/storage-format.log" 2>&1; then
