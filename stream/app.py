@@ -190,6 +190,9 @@ class Worker:
             self._take(outcome)
             if outcome.unavailable:
                 self.rewrite_without(outcome.unavailable)
+                # Lists left short by the rewrite are now dirty; an item update
+                # marks no user dirty by itself, so nothing else wakes the loop.
+                self._wake_refresher()
 
     def rewrite_without(self, item_rows: Sequence[int]) -> int:
         """Rewrite the served lists that hold any of ``item_rows``; return how many."""
@@ -312,6 +315,9 @@ class Worker:
         self.dead_letters.extend(outcome.dead_letters)
         if outcome.applied or outcome.dead_letters:
             self._changed_since_checkpoint = True
+        self._wake_refresher()
+
+    def _wake_refresher(self) -> None:
         if self._refresh_wakeup is not None and (self.dirty or self.dead_letters):
             self._refresh_wakeup.set()
 
