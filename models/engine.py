@@ -319,6 +319,19 @@ class Recommender:
         }
         self._users: dict[str, _UserState] = {}
         self._rng = np.random.default_rng(config.seed + 2)
+        # The last user's candidates, kept until the state changes, because
+        # the evaluation scores a user right before learned fusion scores the
+        # same user from the same state.
+        self._last_scored: CandidateScores | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_last_scored"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_last_scored", None)
+        self.__dict__.update(state)
 
     # Learning
 
@@ -350,6 +363,7 @@ class Recommender:
     def _learn_batch(self, events: Sequence[Event], keys: UInt64Array) -> None:
         if not events:
             return
+        self._last_scored = None
         batch = self._batch(events)
         batch._event_hashes = keys
         for model in self.models.values():
@@ -422,6 +436,7 @@ class Recommender:
 
     def update_item(self, update: ItemUpdate) -> None:
         """Apply a change of stock, price or category; it shows at the next `recommend`."""
+        self._last_scored = None
         row = self.catalog.add(update.item_id, update.category, update.price)
         if update.in_stock is not None:
             self.catalog.set_stock(row, update.in_stock)
@@ -431,6 +446,7 @@ class Recommender:
 
     def forget_user(self, user_id: str) -> None:
         """Remove every trace of the user from the engine and every model."""
+        self._last_scored = None
         self._users.pop(user_id, None)
         for model in self.models.values():
             model.forget_user(user_id)
@@ -493,6 +509,9 @@ class Recommender:
 
         ``exclude`` lists catalog rows to leave out beside the filters.
         """
+        last = self._last_scored
+        if last is not None and last.user_id == user_id and not exclude:
+            return last
         parts = [
             self.models[name].candidates(user_id, count)
             for name, count in self.candidate_counts.items()
@@ -516,7 +535,7 @@ class Recommender:
         normalized = normalize(scores, mask)
         groups = self._groups(user_id, items)
         rank_matrix = ranks(normalized, mask)
-        return CandidateScores(
+        result = CandidateScores(
             user_id,
             items,
             scores,
@@ -527,6 +546,9 @@ class Recommender:
             self.is_cold(user_id),
             self._fusion_ranks(normalized, mask, groups, rank_matrix),
         )
+        if not exclude:
+            self._last_scored = result
+        return result
 
     def _fusion_ranks(
         self, normalized: FloatArray, mask: BoolMatrix, groups: IntArray, rank_matrix: FloatArray

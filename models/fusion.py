@@ -35,21 +35,17 @@ def normalize(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     >>> normalize(s, m).tolist()
     [[0.5, 1.0, 0.0], [0.0, 0.5, 1.0]]
     """
-    out = np.zeros_like(scores)
-    for row in range(scores.shape[0]):
-        chosen = mask[row]
-        if not chosen.any():
-            continue
-        values = scores[row, chosen]
-        low = float(values.min())
-        high = float(values.max())
-        if low >= 0:
-            out[row, chosen] = values / high if high > 0 else 1.0
-        elif high > low:
-            out[row, chosen] = (values - low) / (high - low)
-        else:
-            out[row, chosen] = 1.0
-    return out
+    low = np.where(mask, scores, np.inf).min(axis=1, initial=np.inf)
+    high = np.where(mask, scores, -np.inf).max(axis=1, initial=-np.inf)
+    never_negative = low >= 0
+    offset = np.where(never_negative, 0.0, low)
+    span = np.where(never_negative, high, high - low)
+    # A row whose values are all equal, or all zero, gets 1 everywhere.
+    flat = ~(span > 0)
+    with np.errstate(invalid="ignore"):
+        values = (scores - offset[:, None]) / np.where(flat, 1.0, span)[:, None]
+    values[flat] = 1.0
+    return np.where(mask, values, 0.0)
 
 
 def ranks(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
@@ -58,6 +54,17 @@ def ranks(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     >>> ranks(np.array([[0.2, 0.9, 0.5]]), np.array([[True, True, False]])).tolist()
     [[2.0, 1.0, 0.0]]
     """
+    if not np.isfinite(scores[mask]).all():
+        # Infinite or missing scores would tie with the entries left out.
+        return _ranks_by_row(scores, mask)
+    order = np.argsort(np.where(mask, -scores, np.inf), axis=1, kind="stable")
+    out = np.empty_like(scores)
+    out[np.arange(scores.shape[0])[:, None], order] = np.arange(1, scores.shape[1] + 1)
+    out[~mask] = 0.0
+    return out
+
+
+def _ranks_by_row(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     out = np.zeros_like(scores)
     for row in range(scores.shape[0]):
         chosen = np.flatnonzero(mask[row])

@@ -135,10 +135,28 @@ class CategoryModel:
         self._member_arrays: dict[int, IntArray] = {}
         self._item_category = np.full(0, NO_CATEGORY, dtype=np.int64)
         self._recent: dict[str, list[int]] = {}
+        # Category to the requested count and its leading items, best first.
+        self._leaders: dict[int, tuple[int, IntArray]] = {}
+        self._leaders_reference: int | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        # The leaders are a cache, rebuilt on demand after a restore.
+        state = self.__dict__.copy()
+        state["_leaders"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("_leaders", {})
+        state.setdefault("_leaders_reference", None)
+        self.__dict__.update(state)
 
     def learn(self, batch: EventBatch) -> None:
         """Index new items by category and move each user's categories forward."""
         self.refresh_items(batch.items)
+        # Popularity changed only for the batch's items, so only their
+        # categories can have new leaders.
+        for category in np.unique(self._item_category[batch.items]).tolist():
+            self._leaders.pop(category, None)
         for event, category in zip(batch.events, batch.categories.tolist(), strict=True):
             if category == NO_CATEGORY:
                 continue
@@ -171,9 +189,11 @@ class CategoryModel:
             if old != NO_CATEGORY:
                 self._members[old].remove(row)
                 self._member_arrays.pop(old, None)
+                self._leaders.pop(old, None)
             if new != NO_CATEGORY:
                 self._members.setdefault(new, []).append(row)
                 self._member_arrays.pop(new, None)
+                self._leaders.pop(new, None)
             self._item_category[row] = new
 
     def user_categories(self, user_id: str) -> list[int]:
@@ -188,11 +208,25 @@ class CategoryModel:
         return rows
 
     def top_of(self, category: int, n: int) -> IntArray:
-        """Return the ``n`` most popular items of one category, best first."""
+        """Return the ``n`` most popular items of one category, best first.
+
+        The leaders of a category are kept until an event touches one of its
+        items, since scores of untouched items all decay at the same rate.
+        """
+        scores = self.popularity.scores
+        if scores.reference_ms != self._leaders_reference:
+            # A rescale can round the smallest scores down to zero.
+            self._leaders.clear()
+            self._leaders_reference = scores.reference_ms
+        cached = self._leaders.get(category)
+        if cached is not None and cached[0] >= n:
+            return cached[1][:n]
         rows = self._members_of(category)
         if len(rows) == 0:
             return _EMPTY_ROWS
-        return top_n(self.popularity.scores.raw()[rows], n, rows)
+        leaders = top_n(scores.raw()[rows], n, rows)
+        self._leaders[category] = (n, leaders)
+        return leaders
 
     def candidates(self, user_id: str, n: int) -> IntArray:
         """Return the leading items of the user's recent categories."""

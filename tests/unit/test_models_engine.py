@@ -314,3 +314,49 @@ def test_context_learn_every_skips_updates() -> None:
 def test_context_learn_every_rejects_zero() -> None:
     with pytest.raises(ModelError, match="learn_every is 0"):
         Recommender(EngineConfig(context_learn_every=0))
+
+
+def test_category_leaders_follow_new_events() -> None:
+    engine = Recommender()
+    engine.learn([_event(n, f"u{n}", "a", category="c") for n in range(3)])
+    engine.learn([_event(3, "u3", "b", category="c")])
+    category = engine.models["category"]
+    row = engine.catalog.category_row("c")
+    assert [engine.catalog.ids[r] for r in category.top_of(row, 2)] == ["a", "b"]
+
+    engine.learn([_event(n, f"v{n}", "b", "purchase", category="c") for n in range(4, 8)])
+    assert [engine.catalog.ids[r] for r in category.top_of(row, 2)] == ["b", "a"]
+    assert [engine.catalog.ids[r] for r in category.top_of(row, 1)] == ["b"]
+
+
+def test_category_leaders_follow_moved_item() -> None:
+    engine = Recommender()
+    engine.learn([_event(n, f"u{n}", "a", category="c") for n in range(3)])
+    category = engine.models["category"]
+    row = engine.catalog.category_row("c")
+    assert [engine.catalog.ids[r] for r in category.top_of(row, 2)] == ["a"]
+
+    engine.update_item(ItemUpdate("a", T0, category="d"))
+    assert len(category.top_of(row, 2)) == 0
+
+
+def test_candidate_scores_see_each_learned_event() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    before = engine.candidate_scores("u1")
+    assert engine.candidate_scores("u1") is before
+
+    engine.learn([_event(100, "u1", "fresh")])
+    after = engine.candidate_scores("u1")
+    assert after is not before
+    assert engine.catalog.index["fresh"] in after.items.tolist()
+
+
+def test_pickle_leaves_out_cached_scores() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.candidate_scores("u1")
+    restored = pickle.loads(pickle.dumps(engine))
+    assert restored._last_scored is None
+    assert restored.models["category"]._leaders == {}
+    assert _ids(restored, "u1") == _ids(engine, "u1")
