@@ -994,11 +994,24 @@ def _catalog_events(
     return events, next_item
 
 
+def _state_config(k: int, seed: int) -> Any:
+    """Return the default configuration without test-then-train fusion learning.
+
+    That learning scores the candidates of one event in four, which would
+    dominate building a catalog of a million items, and it keeps no state per
+    user or per item. Without it, lists come in the fixed-weight order that
+    learned fusion uses until it has seen enough hits.
+    """
+    from models.engine import EngineConfig
+
+    return EngineConfig(k=k, seed=seed, fusion_learn_every=0)
+
+
 def measure_refresh_cost(sizes: Sizes, seed: int, k: int) -> dict[str, Any]:
     """Time ``recommend`` as the catalog grows to each of ``sizes.catalog_sizes`` items."""
-    from models.engine import EngineConfig, Recommender
+    from models.engine import Recommender
 
-    engine = Recommender(EngineConfig(k=k, seed=seed))
+    engine = Recommender(_state_config(k, seed))
     rng = np.random.default_rng(seed)
     n_users = 20_000
     clock = [1_735_689_600_000]
@@ -1120,9 +1133,9 @@ def _user_events(
 
 def measure_user_memory(sizes: Sizes, seed: int, k: int) -> dict[str, Any]:
     """Measure RSS growth of the whole engine as users are added, up to the largest count."""
-    from models.engine import EngineConfig, Recommender
+    from models.engine import Recommender
 
-    engine = Recommender(EngineConfig(k=k, seed=seed))
+    engine = Recommender(_state_config(k, seed))
     rng = np.random.default_rng(seed + 1)
     clock = [1_735_689_600_000]
     n_items = sizes.items
