@@ -324,6 +324,8 @@ class Worker:
     async def refresher(self) -> None:
         """Recompute dirty users' lists in batches and hand them to the sink."""
         wakeup = self._refresh_wakeup = asyncio.Event()
+        # Lists owed by a restored checkpoint are due before any new event.
+        self._wake_refresher()
         while not self._stopping:
             await wakeup.wait()
             wakeup.clear()
