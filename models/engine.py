@@ -65,6 +65,9 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "mf": 0.2,
     "context": 0.2,
 }
+# Each model's position among the names in alphabetical order, which breaks
+# ties between models in the sources of a list entry.
+_NAME_ORDER = np.argsort(np.argsort(np.array(MODEL_NAMES)))
 # The orderings that learned fusion chooses from per candidate group. The
 # first, its own hit-rate sum, is the default.
 ORDER_POLICIES = ("learned", "weighted", "rrf", *MODEL_NAMES)
@@ -737,20 +740,24 @@ class Recommender:
         ]
 
     def _sources(self, scored: CandidateScores, rows: list[int]) -> list[tuple[str, ...]]:
+        """Name the models behind each row, largest weighted score first, ties by name.
+
+        Rows that are not among the candidates came from popularity padding.
+        """
+        if not rows or len(scored.items) == 0:
+            return [("popular",)] * len(rows)
+        targets = np.asarray(rows, dtype=np.int64)
+        positions = np.minimum(np.searchsorted(scored.items, targets), len(scored.items) - 1)
+        found = (scored.items[positions] == targets).tolist()
+        opinions = scored.mask[:, positions].T
+        weighted = (self.weights[:, None] * scored.normalized[:, positions]).T
+        keys = np.where(opinions, -weighted, np.inf)
+        order = np.lexsort((np.broadcast_to(_NAME_ORDER, keys.shape), keys), axis=-1)
+        counts = opinions.sum(axis=1).tolist()
         out: list[tuple[str, ...]] = []
-        for row in rows:
-            position = int(np.searchsorted(scored.items, row))
-            if position < len(scored.items) and scored.items[position] == row:
-                opinions = scored.mask[:, position]
-                named = [MODEL_NAMES[m] for m in np.flatnonzero(opinions).tolist()]
-                weights = self.weights[opinions]
-                named_sorted = [
-                    name
-                    for _, name in sorted(
-                        zip(-weights * scored.normalized[opinions, position], named, strict=True)
-                    )
-                ]
-                out.append(tuple(named_sorted))
+        for models, count, is_candidate in zip(order.tolist(), counts, found, strict=True):
+            if is_candidate:
+                out.append(tuple(MODEL_NAMES[m] for m in models[:count]))
             else:
                 out.append(("popular",))
         return out

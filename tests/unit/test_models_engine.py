@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.base import DecayedScores, ModelError, top_n
-from models.engine import EngineConfig, Recommender
+from models.engine import MODEL_NAMES, EngineConfig, Recommender
 from schemas import Event, ItemUpdate
 
 T0 = 1_700_000_000_000
@@ -155,6 +155,22 @@ def test_sources_name_models() -> None:
     for entry in engine.recommend(["u1"])[0]:
         assert entry.sources
         assert set(entry.sources) <= names
+
+
+def test_sources_ordered_by_weighted_score() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    rows = scored.items.tolist() + [10**9]
+    sources = engine._sources(scored, rows)
+    assert sources[-1] == ("popular",)
+    for position, names in enumerate(sources[:-1]):
+        opinions = {
+            name: -engine.weights[m] * scored.normalized[m, position]
+            for m, name in enumerate(MODEL_NAMES)
+            if scored.mask[m, position]
+        }
+        assert list(names) == sorted(opinions, key=lambda name: (opinions[name], name))
 
 
 def test_scores_sorted_and_finite() -> None:
