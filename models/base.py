@@ -287,6 +287,22 @@ class DecayedScores:
         logger.debug("rescaled decayed scores to reference %d", time_ms)
 
 
+def find_sorted(rows: IntArray, items: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:
+    """Return where each of ``items`` sits in the ascending ``rows``, and whether it is there.
+
+    Positions of missing items are clipped into range, so they index safely
+    but point at another row.
+
+    >>> positions, found = find_sorted(np.array([2, 5, 9]), np.array([5, 7, 12]))
+    >>> positions.tolist(), found.tolist()
+    ([1, 2, 2], [True, False, False])
+    """
+    if len(rows) == 0:
+        return np.zeros(len(items), dtype=np.int64), np.zeros(len(items), dtype=bool)
+    positions = np.minimum(np.searchsorted(rows, items), len(rows) - 1)
+    return positions, rows[positions] == items
+
+
 def scores_by_row(totals: dict[int, float]) -> tuple[IntArray, FloatArray]:
     """Return the rows of ``totals`` in ascending order with their scores.
 

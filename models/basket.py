@@ -7,7 +7,14 @@ import math
 
 import numpy as np
 
-from models.base import EventBatch, FloatArray, IntArray, ModelError, scores_by_row
+from models.base import (
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ModelError,
+    find_sorted,
+    scores_by_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +194,7 @@ class SessionCoOccurrenceModel:
         rows, scores = self._user_scores(user_id)
         if len(rows) == 0 or len(items) == 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        positions = np.minimum(np.searchsorted(rows, items), len(rows) - 1)
-        found = rows[positions] == items
+        positions, found = find_sorted(rows, items)
         return items[found], scores[positions[found]]
 
     def forget_user(self, user_id: str) -> None:

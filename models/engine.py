@@ -20,6 +20,7 @@ from models.base import (
     Model,
     ModelError,
     UInt64Array,
+    find_sorted,
     stable_hashes,
 )
 from models.basket import SessionCoOccurrenceModel
@@ -746,17 +747,16 @@ class Recommender:
         """
         if not rows or len(scored.items) == 0:
             return [("popular",)] * len(rows)
-        targets = np.asarray(rows, dtype=np.int64)
-        positions = np.minimum(np.searchsorted(scored.items, targets), len(scored.items) - 1)
-        found = (scored.items[positions] == targets).tolist()
+        positions, is_candidate = find_sorted(scored.items, np.asarray(rows, dtype=np.int64))
         opinions = scored.mask[:, positions].T
         weighted = (self.weights[:, None] * scored.normalized[:, positions]).T
         keys = np.where(opinions, -weighted, np.inf)
         order = np.lexsort((np.broadcast_to(_NAME_ORDER, keys.shape), keys), axis=-1)
         counts = opinions.sum(axis=1).tolist()
         out: list[tuple[str, ...]] = []
-        for models, count, is_candidate in zip(order.tolist(), counts, found, strict=True):
-            if is_candidate:
+        found = is_candidate.tolist()
+        for models, count, candidate in zip(order.tolist(), counts, found, strict=True):
+            if candidate:
                 out.append(tuple(MODEL_NAMES[m] for m in models[:count]))
             else:
                 out.append(("popular",))

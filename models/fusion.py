@@ -40,7 +40,7 @@ def normalize(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     never_negative = low >= 0
     offset = np.where(never_negative, 0.0, low)
     span = np.where(never_negative, high, high - low)
-    # A row whose values are all equal, or all zero, gets 1 everywhere.
+    # A row with nothing to scale by (all zero, or all equal and negative) gets 1.
     flat = ~(span > 0)
     with np.errstate(invalid="ignore"):
         values = (scores - offset[:, None]) / np.where(flat, 1.0, span)[:, None]
@@ -55,7 +55,7 @@ def ranks(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     [[2.0, 1.0, 0.0]]
     """
     if not np.isfinite(scores[mask]).all():
-        # Infinite or missing scores would tie with the entries left out.
+        # Infinite or NaN scores would tie with the entries left out.
         return _ranks_by_row(scores, mask)
     order = np.argsort(np.where(mask, -scores, np.inf), axis=1, kind="stable")
     out = np.empty_like(scores)

@@ -190,8 +190,8 @@ class Worker:
             self._take(outcome)
             if outcome.unavailable:
                 self.rewrite_without(outcome.unavailable)
-                # Lists left short by the rewrite are now dirty; an item update
-                # marks no user dirty by itself, so nothing else wakes the loop.
+                # An item update marks no user dirty by itself, so nothing else
+                # would wake the loop for the lists that the rewrite left short.
                 self._wake_refresher()
 
     def rewrite_without(self, item_rows: Sequence[int]) -> int:
