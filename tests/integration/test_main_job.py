@@ -9,10 +9,11 @@ import sys
 
 import orjson
 
-from schemas import validator
+from schemas import Event, validator
 from stream.runner import WorkerProcess, settings_env, wait_for_lists
 from stream.sources import read_events
 
+from kafka_io import produce_events
 from shared_data import TAOBAO, shared_file
 
 
@@ -25,8 +26,10 @@ def _cli(settings, *args: str) -> subprocess.CompletedProcess:
 
 def test_taobao_users_all_get_lists(run_settings, tmp_path):
     path = shared_file(TAOBAO)
-    users = sorted({event.user_id for event in read_events(path, "taobao").events})
+    events = read_events(path, "taobao").events
+    users = sorted({event.user_id for event in events})
     assert len(users) == 815
+    last_ms = max(event.timestamp_ms for event in events)
 
     with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
         worker.wait_ready()
@@ -36,11 +39,23 @@ def test_taobao_users_all_get_lists(run_settings, tmp_path):
         assert replay.returncode == 0, replay.stderr.decode()
         summary = orjson.loads(replay.stdout)
         assert summary["produced"] == 84_475
-        lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=280))
+        first = asyncio.run(wait_for_lists(run_settings, users, timeout_s=280))
+
+        # A list computed while the catalog still held fewer than k items is
+        # short, and it stays so until its user acts again. One more view per
+        # user, after the whole file, recomputes every list on the full catalog.
+        since_ms = max(int(value["computed_at"]) for value in first.values())
+        extra = [
+            Event(f"after-{user}", "view", user, events[0].item_id, last_ms + 1000)
+            for user in users
+        ]
+        asyncio.run(produce_events(run_settings, extra))
+        lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=280, since_ms=since_ms))
         assert worker.terminate() == 0
 
     check = validator("recommendations.schema.json")
     for user in users:
+        assert check.is_valid(first[user]), user
         assert check.is_valid(lists[user]), user
         assert len(lists[user]["items"]) == run_settings.k
 
