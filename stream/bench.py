@@ -751,6 +751,12 @@ async def measure_leg(
                 "dropped_by_reason": metric_by_label(text, "fusionrec_events_dropped_total"),
                 "duplicates": metric_total(text, "fusionrec_events_duplicate_total"),
                 "rejected": metric_total(text, "fusionrec_messages_rejected_total"),
+                "lists_written": metric_total(text, "fusionrec_lists_written_total"),
+            }
+            # Where the worker's time went over the whole leg, from its own histograms.
+            result["worker_seconds"] = {
+                part: metric_total(text, f"fusionrec_{part}_seconds_sum")
+                for part in ("learn", "refresh", "redis_write", "checkpoint")
             }
     finally:
         await watcher.close()
