@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 
@@ -12,8 +13,10 @@ from models.base import (
     FloatArray,
     IntArray,
     ModelError,
+    best_rows,
     find_sorted,
-    scores_by_row,
+    neighbour_row,
+    sum_by_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,8 @@ class SessionCoOccurrenceModel:
         self.score_items = score_items
         self.reference_ms: int | None = None
         self._rows: dict[int, dict[int, float]] = {}
-        self._counts: dict[int, float] = {}
+        # Decayed session count of each item, indexed by catalog row.
+        self._counts = np.zeros(0, dtype=np.float64)
         self._sessions: dict[str, _Session] = {}
         self._memo_key: tuple[str, int] | None = None
         self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
@@ -116,7 +120,9 @@ class SessionCoOccurrenceModel:
             if item in session.items or len(session.items) >= self.max_session_items:
                 continue
             scale = self._scale(time_ms)
-            self._counts[item] = self._counts.get(item, 0.0) + scale
+            if item >= len(self._counts):
+                self._grow(item)
+            self._counts[item] += scale
             for other in session.items:
                 self._add(other, item, scale)
                 self._add(item, other, scale)
@@ -148,14 +154,28 @@ class SessionCoOccurrenceModel:
             strongest = sorted(row.items(), key=lambda pair: (-pair[1], pair[0]))
             self._rows[source] = dict(strongest[: self.max_neighbors])
 
+    def _grow(self, item: int) -> None:
+        counts = np.zeros(max(item + 1, 2 * len(self._counts), 1024), dtype=np.float64)
+        counts[: len(self._counts)] = self._counts
+        self._counts = counts
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        counts = state.get("_counts")
+        if isinstance(counts, dict):
+            # State written before the counts became an array.
+            array = np.zeros(max(counts, default=-1) + 1, dtype=np.float64)
+            for item, count in counts.items():
+                array[item] = count
+            state["_counts"] = array
+        self.__dict__.update(state)
+
     def _rescale(self, time_ms: int) -> None:
         assert self.reference_ms is not None
         factor = math.exp2((self.reference_ms - time_ms) / self.half_life_ms)
         for row in self._rows.values():
             for target in row:
                 row[target] *= factor
-        for item in self._counts:
-            self._counts[item] *= factor
+        self._counts *= factor
         self.reference_ms = time_ms
 
     def scoring_items(self, user_id: str) -> list[int]:
@@ -169,17 +189,16 @@ class SessionCoOccurrenceModel:
         key = (user_id, self._version)
         if self._memo_key == key:
             return self._memo
-        totals: dict[int, float] = {}
+        parts: list[tuple[IntArray, FloatArray]] = []
         counts = self._counts
         for position, source in enumerate(self.scoring_items(user_id)):
             row = self._rows.get(source)
             if not row:
                 continue
-            source_norm = (1 + position) * counts[source] ** 0.5
-            for target, value in row.items():
-                similarity = value / (source_norm * counts[target] ** 0.5)
-                totals[target] = totals.get(target, 0.0) + similarity
-        result = scores_by_row(totals) if totals else (_EMPTY_ROWS, _EMPTY_SCORES)
+            source_norm = (1 + position) * math.sqrt(counts[source])
+            targets, values = neighbour_row(row)
+            parts.append((targets, values / (source_norm * np.sqrt(counts[targets]))))
+        result = sum_by_row(parts)
         self._memo_key = key
         self._memo = result
         return result
@@ -187,7 +206,7 @@ class SessionCoOccurrenceModel:
     def candidates(self, user_id: str, n: int) -> IntArray:
         """Return the items that co-occur most with the user's session."""
         rows, scores = self._user_scores(user_id)
-        return rows[np.lexsort((rows, -scores))[:n]]
+        return best_rows(rows, scores, n)
 
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the summed similarity of the given items to the user's session."""
@@ -207,4 +226,4 @@ class SessionCoOccurrenceModel:
         """Return an estimate: about 100 bytes per stored pair, item count and session item."""
         pairs = sum(len(row) for row in self._rows.values())
         sessions = sum(len(session.items) + 1 for session in self._sessions.values())
-        return 100 * (pairs + len(self._counts) + sessions)
+        return 100 * (pairs + sessions) + self._counts.nbytes

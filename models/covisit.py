@@ -12,8 +12,10 @@ from models.base import (
     FloatArray,
     IntArray,
     ModelError,
+    best_rows,
     find_sorted,
-    scores_by_row,
+    neighbour_row,
+    sum_by_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,15 +133,15 @@ class CoVisitationModel:
         key = (user_id, self._version)
         if self._memo_key == key:
             return self._memo
-        totals: dict[int, float] = {}
+        parts: list[tuple[IntArray, FloatArray]] = []
         for position, source in enumerate(self.user_items(user_id)):
             row = self._rows.get(source)
             if not row:
                 continue
             factor = 1.0 / ((1 + position) ** self.recency_power * self._totals[source])
-            for target, value in row.items():
-                totals[target] = totals.get(target, 0.0) + factor * value
-        result = scores_by_row(totals) if totals else (_EMPTY_ROWS, _EMPTY_SCORES)
+            targets, values = neighbour_row(row)
+            parts.append((targets, values * factor))
+        result = sum_by_row(parts)
         self._memo_key = key
         self._memo = result
         return result
@@ -147,10 +149,7 @@ class CoVisitationModel:
     def candidates(self, user_id: str, n: int) -> IntArray:
         """Return the strongest neighbours of the user's recent items."""
         rows, scores = self._user_scores(user_id)
-        if len(rows) <= n:
-            return rows[np.lexsort((rows, -scores))]
-        keep = np.lexsort((rows, -scores))[:n]
-        return rows[keep]
+        return best_rows(rows, scores, n)
 
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the neighbour scores of the given items."""

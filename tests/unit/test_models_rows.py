@@ -1,0 +1,42 @@
+"""Array helpers of the neighbour models, checked against plain Python definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.base import best_rows, neighbour_row, sum_by_row
+
+# Few distinct values and rows, so that ties and repeated rows come up often.
+_VALUES = st.sampled_from([0.1, 0.2, 0.3, 1.0 / 3.0, 1.5, 2.0, 1e-9])
+_ROWS = st.dictionaries(st.integers(0, 12), _VALUES, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_ROWS, st.sampled_from([1.0, 0.5, 1.0 / 3.0, 0.7])), max_size=6))
+def test_sum_by_row_equals_a_running_sum_to_the_last_bit(weighted_rows) -> None:
+    expected: dict[int, float] = {}
+    parts = []
+    for row, factor in weighted_rows:
+        for target, value in row.items():
+            expected[target] = expected.get(target, 0.0) + factor * value
+        targets, values = neighbour_row(row)
+        parts.append((targets, values * factor))
+    rows, sums = sum_by_row(parts)
+    assert rows.tolist() == sorted(expected)
+    assert sums.tolist() == [expected[row] for row in sorted(expected)]
+    assert rows.dtype == np.int64
+    assert sums.dtype == np.float64
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 50), _VALUES), max_size=20, unique_by=lambda p: p[0]),
+    st.integers(0, 25),
+)
+def test_best_rows_equals_a_full_sort(pairs, n) -> None:
+    rows = np.array([row for row, _ in pairs], dtype=np.int64)
+    scores = np.array([score for _, score in pairs], dtype=np.float64)
+    expected = sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n]
+    assert best_rows(rows, scores, n).tolist() == [row for row, _ in expected]
