@@ -105,6 +105,29 @@ class ContextModel:
         self._sampler = KeyedSampler()
         self._events_since_sampler = 0
         self._users: OrderedDict[str, _Context] = OrderedDict()
+        # The classifier's weight of each ``category=`` feature, at index
+        # category + 1 (0 holds the items without a category). A learning
+        # step changes only the weights of its own features, so the array is
+        # kept current one category at a time and scoring reads it whole.
+        self._category_weights = np.zeros(0, dtype=np.float64)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_category_weights" not in state:
+            # State written before the array existed.
+            self._category_weights = np.zeros(0, dtype=np.float64)
+            for key in self.classifier._weights.keys():
+                if key.startswith("category="):
+                    self._sync_category(int(key.removeprefix("category=")))
+
+    def _sync_category(self, category: int) -> None:
+        index = category + 1
+        if index >= len(self._category_weights):
+            grown = np.zeros(max(index + 1, 2 * len(self._category_weights), 64))
+            grown[: len(self._category_weights)] = self._category_weights
+            self._category_weights = grown
+        value = self.classifier._weights.get(f"category={category}")
+        self._category_weights[index] = value or 0.0
 
     def _features(self, context: _Context, item: int) -> dict[str, float]:
         category = int(self.catalog.categories[item])
@@ -143,10 +166,14 @@ class ContextModel:
                 self._users.move_to_end(event.user_id)
             self._positives += 1
             if context.hour >= 0 and self._positives % self.learn_every == 0:
-                self.classifier.learn_one(self._features(context, item), True)
+                self._learn_one(context, item, True)
                 if negatives[index] != item:
-                    self.classifier.learn_one(self._features(context, negatives[index]), False)
+                    self._learn_one(context, negatives[index], False)
             self._move(context, event.type, event.timestamp_ms, item, categories[index])
+
+    def _learn_one(self, context: _Context, item: int, label: bool) -> None:
+        self.classifier.learn_one(self._features(context, item), label)
+        self._sync_category(int(self.catalog.categories[item]))
 
     def _sample_negatives(self, batch: EventBatch) -> IntArray:
         # The ring is rebuilt after a tenth of the catalog's size in events (at
@@ -188,19 +215,21 @@ class ContextModel:
         logits = np.full(len(items), float(self.classifier.intercept), dtype=np.float64)
 
         categories = self.catalog.categories[items]
-        unique, inverse = np.unique(categories, return_inverse=True)
-        same = weights.get("same_category") or 0.0
-        recent = weights.get("recent_category") or 0.0
-        per_category = np.zeros(len(unique), dtype=np.float64)
-        for position, category in enumerate(unique.tolist()):
-            value = weights.get(f"category={category}") or 0.0
-            if category != NO_CATEGORY and context.categories:
-                if category == context.categories[0]:
-                    value += same
-                elif category in context.categories:
-                    value += recent
-            per_category[position] = value
-        logits += per_category[inverse]
+        table = self._category_weights
+        if len(items) and int(categories.max()) + 1 >= len(table):
+            table = np.zeros(int(categories.max()) + 2)
+            table[: len(self._category_weights)] = self._category_weights
+        per_item = table[categories + 1]
+        if context.categories:
+            same = weights.get("same_category") or 0.0
+            recent = weights.get("recent_category") or 0.0
+            newest = categories == context.categories[0]
+            older = np.isin(categories, context.categories[1:]) & ~newest
+            # Additions only where a feature is on, as the features of one
+            # item would sum them.
+            per_item = np.where(newest, per_item + same, per_item)
+            per_item = np.where(older, per_item + recent, per_item)
+        logits += per_item
 
         prices = self.catalog.prices[items]
         bands = np.full(len(items), -1, dtype=np.int64)

@@ -1,0 +1,91 @@
+"""Scoring shortcuts of the context and basket models against their definitions, and old state."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from models.basket import SessionCoOccurrenceModel
+from models.context import ContextModel
+from models.engine import Recommender
+from schemas import Event
+
+T0 = 1_700_000_000_000
+
+
+def _stream(n: int, seed: int = 3) -> list[Event]:
+    rng = random.Random(seed)
+    events = []
+    for index in range(n):
+        item = rng.randrange(40)
+        category = None if item % 7 == 0 else f"c{item % 6}"
+        events.append(
+            Event(
+                f"e{index}",
+                rng.choice(["view", "view", "click", "purchase"]),
+                f"u{rng.randrange(8)}",
+                f"i{item}",
+                T0 + 40_000 * index,
+                session_id=f"s{index // 5}",
+                price=float(item % 9) * 3.5,
+                category=category,
+            )
+        )
+    return events
+
+
+def _context_by_definition(model: ContextModel, user_id: str, items: np.ndarray) -> np.ndarray:
+    # The classifier's own prediction from each item's features.
+    context = model._users[user_id]
+    return np.array(
+        [
+            model.classifier.predict_proba_one(model._features(context, int(item)))[True]
+            for item in items
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def engine() -> Recommender:
+    engine = Recommender()
+    engine.learn(_stream(600))
+    return engine
+
+
+def test_context_scores_equal_the_classifier_prediction(engine: Recommender) -> None:
+    model = engine.models["context"]
+    assert isinstance(model, ContextModel)
+    items = np.arange(len(engine.catalog), dtype=np.int64)
+    for user_id in ("u0", "u3", "u7"):
+        scored, scores = model.score(user_id, items)
+        assert scored.tolist() == items.tolist()
+        expected = _context_by_definition(model, user_id, items)
+        np.testing.assert_allclose(scores, expected, rtol=1e-12)
+
+
+def test_context_state_without_the_category_table_is_rebuilt(engine: Recommender) -> None:
+    model = engine.models["context"]
+    old = dict(model.__dict__)
+    del old["_category_weights"]
+    restored = ContextModel.__new__(ContextModel)
+    restored.__setstate__(pickle.loads(pickle.dumps(old)))
+    items = np.arange(len(engine.catalog), dtype=np.int64)
+    assert restored.score("u2", items)[1].tolist() == model.score("u2", items)[1].tolist()
+
+
+def test_basket_state_with_counts_in_a_dict_is_converted(engine: Recommender) -> None:
+    model = engine.models["basket"]
+    assert isinstance(model, SessionCoOccurrenceModel)
+    state = dict(model.__dict__)
+    counts = state["_counts"]
+    state["_counts"] = {row: float(counts[row]) for row in np.flatnonzero(counts).tolist()}
+    restored = SessionCoOccurrenceModel.__new__(SessionCoOccurrenceModel)
+    restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    restored._memo_key = None
+    items = np.arange(len(engine.catalog), dtype=np.int64)
+    for user_id in ("u1", "u5"):
+        assert restored.score(user_id, items)[1].tolist() == model.score(user_id, items)[1].tolist()
+        assert restored.candidates(user_id, 5).tolist() == model.candidates(user_id, 5).tolist()
