@@ -32,7 +32,7 @@ from models.fusion import (
     LearnedFusion,
     OrderSelector,
     normalize,
-    ranks,
+    ranks_with_subset,
     rrf_fusion,
     weighted_fusion,
 )
@@ -538,7 +538,16 @@ class Recommender:
             mask[row, positions] = True
         normalized = normalize(scores, mask)
         groups = self._groups(user_id, items)
-        rank_matrix = ranks(normalized, mask)
+        untouched = groups == 0
+        separate = self.config.fusion_untouched_ranks and not untouched.all()
+        rank_matrix, among_untouched = ranks_with_subset(
+            normalized, mask, untouched if separate else None
+        )
+        if among_untouched is None:
+            fusion_ranks = rank_matrix
+        else:
+            # A list of items new to the user ranks them without the rest.
+            fusion_ranks = np.where(untouched[None, :], among_untouched, rank_matrix)
         result = CandidateScores(
             user_id,
             items,
@@ -548,20 +557,11 @@ class Recommender:
             rank_matrix,
             groups,
             self.is_cold(user_id),
-            self._fusion_ranks(normalized, mask, groups, rank_matrix),
+            fusion_ranks,
         )
         if not exclude:
             self._last_scored = result
         return result
-
-    def _fusion_ranks(
-        self, normalized: FloatArray, mask: BoolMatrix, groups: IntArray, rank_matrix: FloatArray
-    ) -> FloatArray:
-        untouched = groups == 0
-        if untouched.all() or not self.config.fusion_untouched_ranks:
-            return rank_matrix
-        among_untouched = ranks(normalized, mask & untouched[None, :])
-        return np.where(untouched[None, :], among_untouched, rank_matrix)
 
     def _groups(self, user_id: str, items: IntArray) -> IntArray:
         state = self._users.get(user_id)

@@ -54,14 +54,41 @@ def ranks(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     >>> ranks(np.array([[0.2, 0.9, 0.5]]), np.array([[True, True, False]])).tolist()
     [[2.0, 1.0, 0.0]]
     """
+    return ranks_with_subset(scores, mask, None)[0]
+
+
+def ranks_with_subset(
+    scores: FloatArray, mask: BoolMatrix, subset: npt.NDArray[np.bool_] | None
+) -> tuple[FloatArray, FloatArray | None]:
+    """Return `ranks` of the matrix and, from the same sort, the ranks among ``subset`` columns.
+
+    The second result equals ``ranks(scores, mask & subset[None, :])``: a
+    stable sort orders the columns of the subset among themselves as it
+    orders them among all columns, so the rank within the subset is the
+    count of subset columns up to each position. It is None when
+    ``subset`` is None.
+
+    >>> scores, mask = np.array([[0.2, 0.9, 0.5]]), np.ones((1, 3), dtype=bool)
+    >>> full, among = ranks_with_subset(scores, mask, np.array([True, False, True]))
+    >>> full.tolist(), among.tolist()
+    ([[3.0, 1.0, 2.0]], [[2.0, 0.0, 1.0]])
+    """
     if not np.isfinite(scores[mask]).all():
         # Infinite or NaN scores would tie with the entries left out.
-        return _ranks_by_row(scores, mask)
+        among = None if subset is None else _ranks_by_row(scores, mask & subset[None, :])
+        return _ranks_by_row(scores, mask), among
     order = np.argsort(np.where(mask, -scores, np.inf), axis=1, kind="stable")
+    rows = np.arange(scores.shape[0])[:, None]
     out = np.empty_like(scores)
-    out[np.arange(scores.shape[0])[:, None], order] = np.arange(1, scores.shape[1] + 1)
+    out[rows, order] = np.arange(1, scores.shape[1] + 1)
     out[~mask] = 0.0
-    return out
+    if subset is None:
+        return out, None
+    chosen = mask & subset[None, :]
+    among = np.empty_like(scores)
+    among[rows, order] = np.cumsum(chosen[rows, order], axis=1)
+    among[~chosen] = 0.0
+    return out, among
 
 
 def _ranks_by_row(scores: FloatArray, mask: BoolMatrix) -> FloatArray:

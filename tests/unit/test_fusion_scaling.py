@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from models.fusion import normalize, ranks
+from models.fusion import normalize, ranks, ranks_with_subset
 
 # Few distinct values, so that ties and constant rows come up often.
 _VALUES = st.sampled_from([-3.0, -0.5, 0.0, 0.25, 1.0, 2.0, 7.5])
@@ -60,3 +60,22 @@ def test_ranks_keep_infinite_scores_ranked() -> None:
     scores = np.array([[0.5, -np.inf, 2.0, np.inf]])
     mask = np.array([[True, True, False, True]])
     assert ranks(scores, mask).tolist() == [[2.0, 3.0, 0.0, 1.0]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_scored(), st.data())
+def test_ranks_among_a_subset_equal_ranks_of_the_subset_alone(scored, data) -> None:
+    scores, mask = scored
+    subset = data.draw(hnp.arrays(np.bool_, scores.shape[1]))
+    full, among = ranks_with_subset(scores, mask, subset)
+    assert full.tolist() == ranks(scores, mask).tolist()
+    assert among is not None
+    assert among.tolist() == ranks(scores, mask & subset[None, :]).tolist()
+
+
+def test_ranks_among_a_subset_keep_infinite_scores_ranked() -> None:
+    scores = np.array([[0.5, -np.inf, 2.0, np.inf]])
+    mask = np.array([[True, True, True, True]])
+    _, among = ranks_with_subset(scores, mask, np.array([True, True, False, False]))
+    assert among is not None
+    assert among.tolist() == [[1.0, 2.0, 0.0, 0.0]]
