@@ -169,6 +169,10 @@ class EventBatch:
         Event time in epoch milliseconds.
     categories
         Category row of each event's item after the event was applied.
+    first_touch
+        Whether each event is a positive event of a user on an item that the
+        user had not touched before, earlier in the batch included; None when
+        the batch was built without the users' histories.
 
     """
 
@@ -177,6 +181,7 @@ class EventBatch:
     weights: FloatArray
     times: IntArray
     categories: IntArray
+    first_touch: npt.NDArray[np.bool_] | None = None
     _event_hashes: UInt64Array | None = None
 
     @property

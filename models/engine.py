@@ -113,6 +113,7 @@ class EngineConfig:
     recent_max_items: int = 200
     category_recent: int = 3
     category_decay: float = 0.1
+    category_half_life_ms: float = 3 * DAY_MS
     covisit_window_items: int = 5
     covisit_window_ms: int = HOUR_MS
     covisit_half_life_ms: float = 30 * DAY_MS
@@ -271,12 +272,14 @@ class Recommender:
         config.validate()
         self.model_version = f"{VERSION}/{config.fusion}"
         self.catalog = ItemCatalog()
-        popular = PopularityModel("popular", config.popularity_half_life_ms)
         self.models: dict[str, Model] = {
-            "popular": popular,
+            "popular": PopularityModel("popular", config.popularity_half_life_ms),
             "trending": PopularityModel("trending", config.trending_half_life_ms),
             "category": CategoryModel(
-                self.catalog, popular, config.category_recent, config.category_decay
+                self.catalog,
+                config.category_half_life_ms,
+                config.category_recent,
+                config.category_decay,
             ),
             "covisit": CoVisitationModel(
                 window_items=config.covisit_window_items,
@@ -389,7 +392,20 @@ class Recommender:
             weights[index] = -purchase_weight if event.is_refund else weight
             times[index] = event.timestamp_ms
         categories = self.catalog.categories[items]
-        return EventBatch(events, items, weights, times, categories)
+        first_touch = self._first_touches(events, items)
+        return EventBatch(events, items, weights, times, categories, first_touch)
+
+    def _first_touches(self, events: Sequence[Event], items: IntArray) -> npt.NDArray[np.bool_]:
+        first = np.zeros(len(events), dtype=bool)
+        touched: set[tuple[str, int]] = set()
+        users = self._users
+        for index, (event, item) in enumerate(zip(events, items.tolist(), strict=True)):
+            if event.is_refund or (event.user_id, item) in touched:
+                continue
+            touched.add((event.user_id, item))
+            state = users.get(event.user_id)
+            first[index] = state is None or item not in state.seen
+        return first
 
     def _update_users(self, batch: EventBatch) -> None:
         items = batch.items.tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 
@@ -103,12 +104,15 @@ class PopularityModel:
 
 
 class CategoryModel:
-    """Popular items of the user's most recent categories, newest category first.
+    """Items that many users chose in the user's most recent categories, newest category first.
 
-    An item in the user's newest category scores its popularity share within
-    that category. In each older category the share is multiplied by
-    ``category_decay`` once more.
-    It has no opinion on users or items without a category.
+    Popularity here counts users, not events: an item gains 1 when a user
+    touches it for the first time, and the counts halve every
+    ``half_life_ms`` of event time. So a few users who view one item again
+    and again do not lift it over items that many users chose. An item in
+    the user's newest category scores its share of that category's leader.
+    In each older category the share is multiplied by ``category_decay`` once
+    more. It has no opinion on users or items without a category.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender
@@ -122,13 +126,14 @@ class CategoryModel:
     def __init__(
         self,
         catalog: ItemCatalog,
-        popularity: PopularityModel,
+        half_life_ms: float = 3 * 86_400_000,
         n_categories: int = 3,
         category_decay: float = 0.5,
     ) -> None:
         self.name = "category"
         self.catalog = catalog
-        self.popularity = popularity
+        # Decayed count of the users who touched each item.
+        self.scores = DecayedScores(half_life_ms)
         self.n_categories = n_categories
         self.category_decay = category_decay
         self._members: dict[int, list[int]] = {}
@@ -148,10 +153,21 @@ class CategoryModel:
     def __setstate__(self, state: dict[str, object]) -> None:
         state.setdefault("_leaders", {})
         state.setdefault("_leaders_reference", None)
+        popularity = state.pop("popularity", None)
+        if "scores" not in state and isinstance(popularity, PopularityModel):
+            # State written when this model ranked by the shared event
+            # popularity: start from a copy of it, and user counts take over.
+            state["scores"] = copy.deepcopy(popularity.scores)
         self.__dict__.update(state)
 
     def learn(self, batch: EventBatch) -> None:
-        """Index new items by category and move each user's categories forward."""
+        """Count first touches, index new items by category, move users' categories forward.
+
+        A batch without ``first_touch`` counts each positive event as a user.
+        """
+        first = batch.first_touch if batch.first_touch is not None else batch.positive
+        if first.any():
+            self.scores.add(batch.items[first], np.ones(int(first.sum())), batch.times[first])
         self.refresh_items(batch.items)
         # Popularity changed only for the batch's items, so only their
         # categories can have new leaders.
@@ -174,6 +190,7 @@ class CategoryModel:
     def refresh_items(self, items: IntArray) -> None:
         """Move the given items to their current catalog category."""
         size = len(self.catalog)
+        self.scores.ensure_size(size)
         if size > len(self._item_category):
             grown = np.full(max(size, 2 * len(self._item_category)), NO_CATEGORY, dtype=np.int64)
             grown[: len(self._item_category)] = self._item_category
@@ -213,7 +230,7 @@ class CategoryModel:
         The leaders of a category are kept until an event touches one of its
         items, since scores of untouched items all decay at the same rate.
         """
-        scores = self.popularity.scores
+        scores = self.scores
         if scores.reference_ms != self._leaders_reference:
             # A rescale can round the smallest scores down to zero.
             self._leaders.clear()
@@ -241,7 +258,7 @@ class CategoryModel:
         recent = self._recent.get(user_id)
         if not recent:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        raw = self.popularity.scores.raw()
+        raw = self.scores.raw()
         categories = self._item_category[items]
         out_items: list[IntArray] = []
         out_scores: list[FloatArray] = []
@@ -268,4 +285,4 @@ class CategoryModel:
         """Return an estimate of the category index and the per-user lists."""
         per_user = sum(sys.getsizeof(v) + 28 * len(v) for v in self._recent.values())
         index = 8 * len(self._item_category) + 36 * int(sum(map(len, self._members.values())))
-        return per_user + index
+        return per_user + index + int(self.scores.raw().nbytes)

@@ -376,3 +376,34 @@ def test_pickle_leaves_out_cached_scores() -> None:
     assert restored._last_scored is None
     assert restored.models["category"]._leaders == {}
     assert _ids(restored, "u1") == _ids(engine, "u1")
+
+
+def test_category_popularity_counts_users_not_events() -> None:
+    engine = Recommender()
+    # One user views "a" six times, in one batch and the next; two users view "b" once.
+    engine.learn([_event(n, "u1", "a", category="c") for n in range(3)])
+    engine.learn([_event(n, "u1", "a", category="c") for n in range(3, 6)])
+    engine.learn([_event(6, "u2", "b", category="c"), _event(7, "u3", "b", category="c")])
+    category = engine.models["category"]
+    row = engine.catalog.category_row("c")
+    assert [engine.catalog.ids[r] for r in category.top_of(row, 2)] == ["b", "a"]
+    # Event popularity ranks them the other way round.
+    assert [engine.catalog.ids[r] for r in engine.models["popular"].candidates("u9", 2)] == [
+        "a",
+        "b",
+    ]
+
+
+def test_first_touches_skip_refunds_and_repeats_in_a_batch() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", "purchase")])
+    events = [
+        _event(1, "u1", "a"),
+        _event(2, "u1", "b"),
+        _event(3, "u1", "b"),
+        _event(4, "u2", "a", "purchase", quantity=-1),
+        _event(5, "u2", "a"),
+    ]
+    batch = engine._batch(events)
+    assert batch.first_touch is not None
+    assert batch.first_touch.tolist() == [False, True, False, False, True]

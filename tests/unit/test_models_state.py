@@ -11,6 +11,7 @@ import pytest
 from models.basket import SessionCoOccurrenceModel
 from models.context import ContextModel
 from models.engine import Recommender
+from models.popularity import CategoryModel
 from schemas import Event
 
 T0 = 1_700_000_000_000
@@ -89,3 +90,19 @@ def test_basket_state_with_counts_in_a_dict_is_converted(engine: Recommender) ->
     for user_id in ("u1", "u5"):
         assert restored.score(user_id, items)[1].tolist() == model.score(user_id, items)[1].tolist()
         assert restored.candidates(user_id, 5).tolist() == model.candidates(user_id, 5).tolist()
+
+
+def test_category_state_without_user_counts_starts_from_event_popularity(
+    engine: Recommender,
+) -> None:
+    model = engine.models["category"]
+    assert isinstance(model, CategoryModel)
+    state = dict(model.__dict__)
+    del state["scores"]
+    state["popularity"] = engine.models["popular"]
+    restored = CategoryModel.__new__(CategoryModel)
+    restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert not hasattr(restored, "popularity")
+    popular = engine.models["popular"].scores.raw()
+    assert restored.scores.raw().tolist() == popular.tolist()
+    assert len(restored.candidates("u4", 5)) > 0
