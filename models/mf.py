@@ -7,7 +7,15 @@ import logging
 import numpy as np
 import numpy.typing as npt
 
-from models.base import EventBatch, FloatArray, IntArray, ItemCatalog, ModelError, stable_hash
+from models.base import (
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ItemCatalog,
+    ModelError,
+    best_rows,
+    stable_hash,
+)
 from models.sampling import KeyedSampler, keyed_normals
 
 logger = logging.getLogger(__name__)
@@ -191,12 +199,7 @@ class ImplicitMF:
         if vector is None or self._n_items == 0 or n <= 0:
             return _EMPTY_ROWS
         scores = self._item_factors[: self._n_items] @ vector
-        if n < len(scores):
-            leading = np.argpartition(-scores, n - 1)[:n]
-        else:
-            leading = np.arange(len(scores))
-        order = np.lexsort((leading, -scores[leading]))
-        return leading[order].astype(np.int64)
+        return best_rows(None, scores, n)
 
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the dot products of the user's vector with the given item vectors."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,3 +41,26 @@ def test_best_rows_equals_a_full_sort(pairs, n) -> None:
     scores = np.array([score for _, score in pairs], dtype=np.float64)
     expected = sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n]
     assert best_rows(rows, scores, n).tolist() == [row for row, _ in expected]
+
+
+def _large_score_arrays() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    size = 200_003
+    return [
+        ("uniform", rng.random(size)),
+        ("float32 normal", rng.standard_normal(size).astype(np.float32)),
+        ("ascending", np.arange(size, dtype=np.float64)),
+        ("descending", np.arange(size, 0, -1).astype(np.float64)),
+        ("few values", rng.integers(0, 5, size).astype(np.float64)),
+        ("constant", np.ones(size)),
+        # The evenly spaced sample sees only the low values.
+        ("spikes off the sample", np.where(np.arange(size) % 12 == 5, 9.0, rng.random(size))),
+    ]
+
+
+@pytest.mark.parametrize(("name", "scores"), _large_score_arrays())
+@pytest.mark.parametrize("n", [1, 100, 3000])
+def test_best_rows_of_a_long_array_equal_a_full_sort(name, scores, n) -> None:
+    rows = np.arange(len(scores), dtype=np.int64)
+    expected = rows[np.lexsort((rows, -scores))[:n]]
+    assert best_rows(rows, scores, n).tolist() == expected.tolist(), name
