@@ -130,6 +130,8 @@ class EngineConfig:
     mf_l2: float = 0.01
     mf_negatives: int = 3
     mf_sampling_power: float = 0.75
+    mf_index_min_items: int = 200_000
+    mf_index_scan_items: int = 100_000
     context_learning_rate: float = 0.05
     context_max_users: int = 100_000
     context_learn_every: int = 1
@@ -305,6 +307,8 @@ class Recommender:
                 negatives=config.mf_negatives,
                 sampling_power=config.mf_sampling_power,
                 seed=config.seed,
+                index_min_items=config.mf_index_min_items,
+                index_scan_items=config.mf_index_scan_items,
             ),
             "context": ContextModel(
                 self.catalog,

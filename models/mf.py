@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,7 @@ from models.base import (
     best_rows,
     stable_hash,
 )
+from models.retrieval import CellIndex
 from models.sampling import KeyedSampler, keyed_normals
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class ImplicitMF:
         sampling_power: float = 0.75,
         init_scale: float = 0.1,
         seed: int = 0,
+        index_min_items: int = 200_000,
+        index_scan_items: int = 100_000,
     ) -> None:
         if factors < 1:
             msg = f"factors is {factors}; expected at least 1"
@@ -87,6 +91,25 @@ class ImplicitMF:
         self._counts = np.zeros(0, dtype=np.float64)
         self._sampler_items = 0
         self._events_since_sampler = 0
+        self.index_min_items = index_min_items
+        self.index_scan_items = index_scan_items
+        self._seed = seed
+        self._index: CellIndex | None = None
+        self._learned_since_index = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The item index is a cache, rebuilt on demand after a restore.
+        state = self.__dict__.copy()
+        state["_index"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("index_min_items", 200_000)
+        state.setdefault("index_scan_items", 100_000)
+        state.setdefault("_seed", 0)
+        state.setdefault("_index", None)
+        state.setdefault("_learned_since_index", 0)
+        self.__dict__.update(state)
 
     @property
     def n_items(self) -> int:
@@ -162,6 +185,7 @@ class ImplicitMF:
         )
         negatives = self._sample_negatives(batch.event_hashes[positive])
         self._step(users, items, weights, negatives)
+        self._learned_since_index += len(positive)
         np.add.at(self._counts, items, 1.0)
         self._events_since_sampler += len(items)
 
@@ -192,14 +216,38 @@ class ImplicitMF:
             negatives.reshape(-1),
             -rate * negative_item_grad.reshape(-1, self.factors),
         )
+        if self._index is not None:
+            self._index.update(self._item_factors, np.union1d(items, negatives))
 
     def candidates(self, user_id: str, n: int) -> IntArray:
-        """Return the ``n`` items with the highest dot product, over the whole catalog."""
+        """Return the ``n`` items with the highest dot product.
+
+        The whole catalog is scanned below ``index_min_items`` items; above,
+        a `CellIndex` scans about ``index_scan_items`` of them.
+        """
         vector = self.user_vector(user_id)
         if vector is None or self._n_items == 0 or n <= 0:
             return _EMPTY_ROWS
+        if self._n_items >= self.index_min_items:
+            return self._current_index().search(self.item_factors(), vector, n)
         scores = self._item_factors[: self._n_items] @ vector
         return best_rows(None, scores, n)
+
+    def _current_index(self) -> CellIndex:
+        # Rebuilt once the catalog has grown by a tenth, since new items are
+        # scanned on every query, or once as many events as indexed items have
+        # moved vectors since the build, since items drift away from the
+        # centre of their cell.
+        index = self._index
+        if (
+            index is None
+            or 10 * self._n_items > 11 * index.built_items
+            or self._learned_since_index >= index.built_items
+        ):
+            index = CellIndex(self.item_factors(), self.index_scan_items, seed=self._seed)
+            self._index = index
+            self._learned_since_index = 0
+        return index
 
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the dot products of the user's vector with the given item vectors."""
@@ -221,4 +269,6 @@ class ImplicitMF:
         """Return the size of both tables, the counts and the user index."""
         tables = self._user_factors.nbytes + self._item_factors.nbytes + self._counts.nbytes
         tables += self._sampler.state_bytes()
+        if self._index is not None:
+            tables += self._index.nbytes()
         return int(tables + 100 * len(self.user_rows))

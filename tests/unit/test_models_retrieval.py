@@ -1,0 +1,123 @@
+"""The cell index of large item tables and its use by matrix factorization."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from models.base import ModelError
+from models.engine import EngineConfig, Recommender
+from models.retrieval import CellIndex, cells_for
+from schemas import Event
+
+T0 = 1_700_000_000_000
+
+
+def _table(n: int = 6000, factors: int = 8, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, factors)).astype(np.float32)
+
+
+def _exact(table: np.ndarray, query: np.ndarray, n: int) -> list[int]:
+    rows = np.arange(len(table))
+    scores = table @ query
+    return rows[np.lexsort((rows, -scores))[:n]].tolist()
+
+
+def test_scanning_every_cell_gives_the_exact_top() -> None:
+    table = _table()
+    index = CellIndex(table, scan_items=len(table))
+    assert index.n_cells == cells_for(len(table)) == 6
+    for query in table[:20]:
+        assert index.search(table, query, 25).tolist() == _exact(table, query, 25)
+
+
+def test_cells_hold_every_row_once() -> None:
+    table = _table()
+    index = CellIndex(table, scan_items=1000)
+    assert sorted(index.order.tolist()) == list(range(len(table)))
+    assert index.offsets[0] == 0
+    assert index.offsets[-1] == len(table)
+    assert (index.vectors == table[index.order]).all()
+
+
+def test_updated_vectors_are_found_where_their_cell_is_scanned() -> None:
+    table = _table()
+    index = CellIndex(table, scan_items=len(table))
+    query = table[3]
+    table[4000] = 50.0 * query
+    assert index.search(table, query, 1).tolist() != [4000]
+    index.update(table, np.array([4000, 7, 4000]))
+    assert index.search(table, query, 1).tolist() == [4000]
+
+
+def test_rows_added_after_the_build_are_always_scanned() -> None:
+    table = _table()
+    index = CellIndex(table[:5000], scan_items=1)
+    query = table[0]
+    table[5500] = 100.0 * query
+    assert index.search(table, query, 1).tolist() == [5500]
+    # Rows past the indexed ones are ignored by update.
+    index.update(table, np.array([5500]))
+    assert len(index.position) == 5000
+
+
+def test_a_query_scans_whole_cells_until_the_budget() -> None:
+    table = _table()
+    index = CellIndex(table, scan_items=1)
+    query = table[11]
+    # With the budget of one item, only the best cell is scanned, so every
+    # result lies in it.
+    best = int(np.argmax(index.centres @ query))
+    members = set(index.order[index.offsets[best] : index.offsets[best + 1]].tolist())
+    assert set(index.search(table, query, 10).tolist()) <= members
+
+
+def test_invalid_budget_is_rejected() -> None:
+    with pytest.raises(ModelError, match="scan_items is 0"):
+        CellIndex(_table(100), scan_items=0)
+
+
+def _views(n_items: int, start: int = 0) -> list[Event]:
+    return [
+        Event(f"e{i}", "view", f"u{i % 7}", f"i{i}", T0 + 1000 * i)
+        for i in range(start, start + n_items)
+    ]
+
+
+def test_mf_uses_the_index_above_its_size_and_rebuilds_as_the_catalog_grows() -> None:
+    # Learned fusion would score, and so build the index, in the middle of a batch.
+    config = EngineConfig(mf_index_min_items=300, mf_index_scan_items=100_000, fusion_learn_every=0)
+    engine = Recommender(config)
+    engine.learn(_views(200))
+    mf = engine.models["mf"]
+    mf.candidates("u1", 10)
+    assert mf._index is None
+
+    engine.learn(_views(200, start=200))
+    found = mf.candidates("u1", 10)
+    index = mf._index
+    assert index is not None
+    assert index.built_items == 400
+    # The budget covers every cell, so the index gives the exact scan.
+    table = mf.item_factors()
+    assert found.tolist() == _exact(table, mf.user_vector("u1"), 10)
+
+    engine.learn(_views(30, start=400))
+    mf.candidates("u1", 10)
+    assert mf._index is index
+    engine.learn(_views(20, start=430))
+    mf.candidates("u1", 10)
+    assert mf._index is not index
+    assert mf._index.built_items == 450
+
+
+def test_mf_index_is_left_out_of_the_pickle() -> None:
+    engine = Recommender(EngineConfig(mf_index_min_items=50))
+    engine.learn(_views(120))
+    before = engine.models["mf"].candidates("u2", 10)
+    assert engine.models["mf"]._index is not None
+    restored = pickle.loads(pickle.dumps(engine))
+    assert restored.models["mf"]._index is None
+    assert restored.models["mf"].candidates("u2", 10).tolist() == before.tolist()
