@@ -343,6 +343,12 @@ class Recommender:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_last_scored", None)
         self.__dict__.update(state)
+        category = self.models.get("category")
+        if isinstance(category, CategoryModel):
+            # A state written before the category model counted users starts
+            # from a copy of the event popularity, which carries the popular
+            # model's half-life; the counts decay at the configured one.
+            category.scores.half_life_ms = float(self.config.category_half_life_ms)
 
     # Learning
 
@@ -404,9 +410,14 @@ class Recommender:
         touched: set[tuple[str, int]] = set()
         users = self._users
         for index, (event, item) in enumerate(zip(events, items.tolist(), strict=True)):
-            if event.is_refund or (event.user_id, item) in touched:
+            key = (event.user_id, item)
+            if key in touched:
                 continue
-            touched.add((event.user_id, item))
+            # A refund is no first touch, but the user's history records its
+            # item, as the next batch would see it.
+            touched.add(key)
+            if event.is_refund:
+                continue
             state = users.get(event.user_id)
             first[index] = state is None or item not in state.seen
         return first

@@ -10,7 +10,7 @@ import pytest
 
 from models.basket import SessionCoOccurrenceModel
 from models.context import ContextModel
-from models.engine import Recommender
+from models.engine import EngineConfig, Recommender
 from models.popularity import CategoryModel
 from schemas import Event
 
@@ -106,3 +106,38 @@ def test_category_state_without_user_counts_starts_from_event_popularity(
     popular = engine.models["popular"].scores.raw()
     assert restored.scores.raw().tolist() == popular.tolist()
     assert len(restored.candidates("u4", 5)) > 0
+
+
+def test_engine_state_without_user_counts_decays_them_at_the_configured_half_life(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = CategoryModel.__getstate__
+
+    def old_layout(model: CategoryModel) -> dict[str, object]:
+        state = written(model)
+        del state["scores"]
+        state["popularity"] = engine.models["popular"]
+        return state
+
+    monkeypatch.setattr(CategoryModel, "__getstate__", old_layout)
+    blob = pickle.dumps(engine)
+    monkeypatch.undo()
+    restored = pickle.loads(blob)
+    half_life = restored.models["category"].scores.half_life_ms
+    assert half_life == restored.config.category_half_life_ms
+
+
+def test_category_counts_do_not_depend_on_the_batches() -> None:
+    # A refund of an item bought before the stream began, then a view of it.
+    events = [
+        Event("r1", "purchase", "u1", "a", T0, quantity=-1, category="c"),
+        Event("v1", "view", "u1", "a", T0 + 1000, category="c"),
+        Event("v2", "view", "u2", "a", T0 + 2000, category="c"),
+    ]
+    config = EngineConfig(fusion_learn_every=0)
+    whole, split = Recommender(config), Recommender(config)
+    whole.learn(events)
+    for event in events:
+        split.learn([event])
+    for engine in (whole, split):
+        assert engine.models["category"].scores.raw().tolist() == [1.0]
