@@ -97,12 +97,6 @@ class ImplicitMF:
         self._index: CellIndex | None = None
         self._learned_since_index = 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The item index is a cache, rebuilt on demand after a restore.
-        state = self.__dict__.copy()
-        state["_index"] = None
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("index_min_items", 200_000)
         state.setdefault("index_scan_items", 100_000)
@@ -110,6 +104,10 @@ class ImplicitMF:
         state.setdefault("_index", None)
         state.setdefault("_learned_since_index", 0)
         self.__dict__.update(state)
+        if self._index is not None:
+            # The pickle keeps the cells but not the index's copy of the
+            # vectors, which equals the item table in cell order.
+            self._index.attach(self.item_factors())
 
     @property
     def n_items(self) -> int:
@@ -186,6 +184,11 @@ class ImplicitMF:
         negatives = self._sample_negatives(batch.event_hashes[positive])
         self._step(users, items, weights, negatives)
         self._learned_since_index += len(positive)
+        if self._n_items >= self.index_min_items:
+            # Built while learning rather than at the first query that finds
+            # it stale, so that the cells depend on the events alone and not
+            # on when lists happened to be computed.
+            self._current_index()
         np.add.at(self._counts, items, 1.0)
         self._events_since_sampler += len(items)
 
@@ -223,7 +226,8 @@ class ImplicitMF:
         """Return the ``n`` items with the highest dot product.
 
         The whole catalog is scanned below ``index_min_items`` items; above,
-        a `CellIndex` scans about ``index_scan_items`` of them.
+        a `CellIndex` scans about ``index_scan_items`` of them. Learning
+        builds the index and rebuilds it when it is stale.
         """
         vector = self.user_vector(user_id)
         if vector is None or self._n_items == 0 or n <= 0:

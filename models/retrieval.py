@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -85,10 +86,7 @@ class CellIndex:
         self.order = np.argsort(cells, kind="stable").astype(np.int64)
         self.offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(np.bincount(cells, minlength=n_cells), out=self.offsets[1:])
-        # The vectors in cell order, and where each item row sits among them.
-        self.vectors = np.ascontiguousarray(vectors[self.order])
-        self.position = np.empty(n_items, dtype=np.int64)
-        self.position[self.order] = np.arange(n_items, dtype=np.int64)
+        self.attach(vectors)
         self.build_seconds = time.perf_counter() - started
         logger.info(
             "item index built: %d items in %d cells in %.2f s",
@@ -101,6 +99,21 @@ class CellIndex:
     def n_cells(self) -> int:
         """Number of cells."""
         return len(self.centres)
+
+    def attach(self, table: Float32Array) -> None:
+        """Copy the indexed rows of ``table`` in cell order, as after a build or a restore."""
+        # The vectors in cell order, and where each item row sits among them.
+        self.vectors = np.ascontiguousarray(table[self.order])
+        self.position = np.empty(self.built_items, dtype=np.int64)
+        self.position[self.order] = np.arange(self.built_items, dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The copy of the vectors equals the owner's table in cell order, so
+        # a pickle leaves it out and the owner attaches the table on load.
+        state = self.__dict__.copy()
+        del state["vectors"]
+        del state["position"]
+        return state
 
     def update(self, table: Float32Array, rows: IntArray) -> None:
         """Copy the current vectors of ``rows`` from ``table``; rows added later are ignored."""

@@ -1062,8 +1062,8 @@ def measure_refresh_cost(sizes: Sizes, seed: int, k: int) -> dict[str, Any]:
 def _time_refresh(engine: Any, rng: np.random.Generator, n_users: int, k: int) -> dict[str, Any]:
     known = [f"u{int(u)}" for u in rng.choice(n_users, size=600, replace=False)]
     users = [user for user in known if engine.has_user(user)][:300]
-    # The first call builds what the models build on demand, such as the MF
-    # item index of a large catalog; it is reported apart.
+    # The first call after learning fills what the models keep between calls,
+    # such as the leading items of each category; it is reported apart.
     started = time.perf_counter()
     engine.recommend(users[:1], k)
     first_ms = (time.perf_counter() - started) * 1000

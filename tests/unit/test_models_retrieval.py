@@ -113,11 +113,32 @@ def test_mf_uses_the_index_above_its_size_and_rebuilds_as_the_catalog_grows() ->
     assert mf._index.built_items == 450
 
 
-def test_mf_index_is_left_out_of_the_pickle() -> None:
-    engine = Recommender(EngineConfig(mf_index_min_items=50))
-    engine.learn(_views(120))
-    before = engine.models["mf"].candidates("u2", 10)
-    assert engine.models["mf"]._index is not None
-    restored = pickle.loads(pickle.dumps(engine))
-    assert restored.models["mf"]._index is None
-    assert restored.models["mf"].candidates("u2", 10).tolist() == before.tolist()
+def test_mf_index_depends_on_the_events_alone() -> None:
+    # A scan budget below the catalog makes the result depend on the cells.
+    config = EngineConfig(mf_index_min_items=1000, mf_index_scan_items=200, fusion_learn_every=0)
+    served, idle = Recommender(config), Recommender(config)
+    # The last views grow the catalog too little for a rebuild, so the served
+    # engine keeps the cells built at 2,000 items.
+    for start, n_items in ((0, 1000), (1000, 1000), (2000, 100)):
+        served.learn(_views(n_items, start=start))
+        idle.learn(_views(n_items, start=start))
+        served.models["mf"].candidates("u2", 10)
+    restored = pickle.loads(pickle.dumps(served))
+    users = ["u1", "u2", "u3"]
+    for engine in (idle, restored):
+        for user in users:
+            expected = served.models["mf"].candidates(user, 10).tolist()
+            assert engine.models["mf"].candidates(user, 10).tolist() == expected
+
+
+def test_index_pickle_leaves_out_the_copy_of_the_vectors() -> None:
+    table = _table()
+    index = CellIndex(table, scan_items=1000)
+    state = index.__getstate__()
+    assert "vectors" not in state
+    assert "position" not in state
+    restored = pickle.loads(pickle.dumps(index))
+    restored.attach(table)
+    assert (restored.vectors == index.vectors).all()
+    expected = index.search(table, table[9], 10).tolist()
+    assert restored.search(table, table[9], 10).tolist() == expected
