@@ -189,6 +189,11 @@ class EngineConfig:
         if self.learn_chunk < 1:
             msg = f"learn_chunk is {self.learn_chunk}; expected at least 1"
             raise ModelError(msg)
+        for name in ("mf_index_min_items", "mf_index_scan_items"):
+            value = getattr(self, name)
+            if value < 1:
+                msg = f"{name} is {value}; expected at least 1"
+                raise ModelError(msg)
         if self.max_per_category is not None and self.max_per_category < 1:
             msg = f"max_per_category is {self.max_per_category}; expected at least 1 or None"
             raise ModelError(msg)

@@ -41,6 +41,11 @@ def test_config_rejects_unknown_weight_name() -> None:
         Recommender(EngineConfig(weights={"nope": 1.0}))
 
 
+def test_config_rejects_empty_mf_index_budget() -> None:
+    with pytest.raises(ModelError, match="mf_index_scan_items is 0"):
+        Recommender(EngineConfig(mf_index_scan_items=0))
+
+
 def test_config_rejects_negative_weight() -> None:
     with pytest.raises(ModelError, match="weight of mf is -1.0"):
         Recommender(EngineConfig(weights={"mf": -1.0}))
