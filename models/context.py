@@ -106,9 +106,9 @@ class ContextModel:
         self._events_since_sampler = 0
         self._users: OrderedDict[str, _Context] = OrderedDict()
         # The classifier's weight of each ``category=`` feature, at index
-        # category + 1 (0 holds the items without a category). A learning
-        # step changes only the weights of its own features, so the array is
-        # kept current one category at a time and scoring reads it whole.
+        # category + 1, where index 0 is for items without a category. A
+        # learning step changes only the weights of its own features, so the
+        # array is updated one category at a time and scoring reads it whole.
         self._category_weights = np.zeros(0, dtype=np.float64)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -225,8 +225,8 @@ class ContextModel:
             recent = weights.get("recent_category") or 0.0
             newest = categories == context.categories[0]
             older = np.isin(categories, context.categories[1:]) & ~newest
-            # Additions only where a feature is on, as the features of one
-            # item would sum them.
+            # Each weight is added only where its feature is on, as summing the
+            # item's own features would.
             per_item = np.where(newest, per_item + same, per_item)
             per_item = np.where(older, per_item + recent, per_item)
         logits += per_item

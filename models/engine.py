@@ -351,8 +351,8 @@ class Recommender:
         category = self.models.get("category")
         if isinstance(category, CategoryModel):
             # A state written before the category model counted users starts
-            # from a copy of the event popularity, which carries the popular
-            # model's half-life; the counts decay at the configured one.
+            # from a copy of the event popularity and its half-life. The
+            # counts must decay at the configured half-life instead.
             category.scores.half_life_ms = float(self.config.category_half_life_ms)
 
     # Learning
@@ -418,8 +418,9 @@ class Recommender:
             key = (event.user_id, item)
             if key in touched:
                 continue
-            # A refund is no first touch, but the user's history records its
-            # item, as the next batch would see it.
+            # A refund is not a first touch, but the user's history records its
+            # item. So later events of the batch count as repeats, as they would
+            # in the next batch.
             touched.add(key)
             if event.is_refund:
                 continue

@@ -64,29 +64,20 @@ class CellIndex:
         self.built_items = n_items
         self.scan_items = scan_items
         n_cells = cells_for(n_items)
-        rng = np.random.default_rng(seed)
-        sample_size = min(n_items, 32 * n_cells)
-        sample = vectors[np.sort(rng.choice(n_items, size=sample_size, replace=False))]
-        centres = sample[rng.choice(sample_size, size=n_cells, replace=False)].copy()
-        for _ in range(iterations):
-            nearest = _nearest(sample, centres)
-            sums = np.zeros_like(centres)
-            np.add.at(sums, nearest, sample)
-            counts = np.bincount(nearest, minlength=n_cells)
-            filled = counts > 0
-            centres[filled] = sums[filled] / counts[filled, None]
+        self.centres = _kmeans(vectors, n_cells, np.random.default_rng(seed), iterations)
+
         cells = np.concatenate(
             [
-                _nearest(vectors[start : start + _ASSIGN_CHUNK], centres)
+                _nearest(vectors[start : start + _ASSIGN_CHUNK], self.centres)
                 for start in range(0, n_items, _ASSIGN_CHUNK)
             ]
         )
-        self.centres = centres
         # Item rows ordered by cell, then by row, and where each cell starts.
         self.order = np.argsort(cells, kind="stable").astype(np.int64)
         self.offsets = np.zeros(n_cells + 1, dtype=np.int64)
         np.cumsum(np.bincount(cells, minlength=n_cells), out=self.offsets[1:])
         self.attach(vectors)
+
         self.build_seconds = time.perf_counter() - started
         logger.info(
             "item index built: %d items in %d cells in %.2f s",
@@ -123,8 +114,9 @@ class CellIndex:
     def search(self, table: Float32Array, query: Float32Array, n: int) -> IntArray:
         """Return up to ``n`` item rows with the highest score among those scanned.
 
-        ``table`` is the current item table; its rows past the ones indexed
-        are always scanned.
+        ``table`` is the current item table, and its rows past the ones
+        indexed are always scanned. Fewer than ``n`` rows come back when
+        fewer are scanned, which needs ``n`` near ``scan_items``.
         """
         sizes = np.diff(self.offsets)
         by_centre = np.argsort(-(self.centres @ query), kind="stable")
@@ -150,6 +142,24 @@ class CellIndex:
         """Return the bytes of the cell table, the centres and the copy of the vectors."""
         arrays = (self.order, self.offsets, self.centres, self.vectors, self.position)
         return int(sum(array.nbytes for array in arrays))
+
+
+def _kmeans(
+    vectors: Float32Array, n_cells: int, rng: np.random.Generator, iterations: int
+) -> Float32Array:
+    # Lloyd's k-means on a sample of 32 vectors per cell, started from
+    # sampled vectors. A cell that loses every member keeps its centre.
+    sample_size = min(len(vectors), 32 * n_cells)
+    sample = vectors[np.sort(rng.choice(len(vectors), size=sample_size, replace=False))]
+    centres = sample[rng.choice(sample_size, size=n_cells, replace=False)].copy()
+    for _ in range(iterations):
+        nearest = _nearest(sample, centres)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, nearest, sample)
+        counts = np.bincount(nearest, minlength=n_cells)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
 
 
 def _nearest(vectors: Float32Array, centres: Float32Array) -> IntArray:

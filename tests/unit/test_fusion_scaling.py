@@ -64,7 +64,7 @@ def test_ranks_keep_infinite_scores_ranked() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(_scored(), st.data())
-def test_ranks_among_a_subset_equal_ranks_of_the_subset_alone(scored, data) -> None:
+def test_subset_ranks_match_subset_alone(scored, data) -> None:
     scores, mask = scored
     subset = data.draw(hnp.arrays(np.bool_, scores.shape[1]))
     full, among = ranks_with_subset(scores, mask, subset)
@@ -73,7 +73,7 @@ def test_ranks_among_a_subset_equal_ranks_of_the_subset_alone(scored, data) -> N
     assert among.tolist() == ranks(scores, mask & subset[None, :]).tolist()
 
 
-def test_ranks_among_a_subset_keep_infinite_scores_ranked() -> None:
+def test_subset_ranks_keep_infinite_scores() -> None:
     scores = np.array([[0.5, -np.inf, 2.0, np.inf]])
     mask = np.array([[True, True, True, True]])
     _, among = ranks_with_subset(scores, mask, np.array([True, True, False, False]))

@@ -383,7 +383,7 @@ def test_pickle_leaves_out_cached_scores() -> None:
     assert _ids(restored, "u1") == _ids(engine, "u1")
 
 
-def test_category_popularity_counts_users_not_events() -> None:
+def test_category_counts_users_not_events() -> None:
     engine = Recommender()
     # One user views "a" six times, in one batch and the next; two users view "b" once.
     engine.learn([_event(n, "u1", "a", category="c") for n in range(3)])
@@ -399,7 +399,7 @@ def test_category_popularity_counts_users_not_events() -> None:
     ]
 
 
-def test_first_touches_skip_refunds_and_repeats_in_a_batch() -> None:
+def test_first_touches_skip_refunds_repeats() -> None:
     engine = Recommender()
     engine.learn([_event(0, "u1", "a", "purchase")])
     events = [
@@ -411,5 +411,5 @@ def test_first_touches_skip_refunds_and_repeats_in_a_batch() -> None:
     ]
     batch = engine._batch(events)
     assert batch.first_touch is not None
-    # The refund puts a in u2's history, as a batch boundary after it would.
+    # The refund adds "a" to u2's history, as learning it in an earlier batch would.
     assert batch.first_touch.tolist() == [False, True, False, False, False]

@@ -25,7 +25,7 @@ def _exact(table: np.ndarray, query: np.ndarray, n: int) -> list[int]:
     return rows[np.lexsort((rows, -scores))[:n]].tolist()
 
 
-def test_scanning_every_cell_gives_the_exact_top() -> None:
+def test_index_full_budget_is_exact() -> None:
     table = _table()
     index = CellIndex(table, scan_items=len(table))
     assert index.n_cells == cells_for(len(table)) == 6
@@ -33,7 +33,7 @@ def test_scanning_every_cell_gives_the_exact_top() -> None:
         assert index.search(table, query, 25).tolist() == _exact(table, query, 25)
 
 
-def test_cells_hold_every_row_once() -> None:
+def test_index_cells_cover_rows_once() -> None:
     table = _table()
     index = CellIndex(table, scan_items=1000)
     assert sorted(index.order.tolist()) == list(range(len(table)))
@@ -42,7 +42,7 @@ def test_cells_hold_every_row_once() -> None:
     assert (index.vectors == table[index.order]).all()
 
 
-def test_updated_vectors_are_found_where_their_cell_is_scanned() -> None:
+def test_index_finds_updated_vector() -> None:
     table = _table()
     index = CellIndex(table, scan_items=len(table))
     query = table[3]
@@ -52,7 +52,7 @@ def test_updated_vectors_are_found_where_their_cell_is_scanned() -> None:
     assert index.search(table, query, 1).tolist() == [4000]
 
 
-def test_rows_added_after_the_build_are_always_scanned() -> None:
+def test_index_scans_rows_added_later() -> None:
     table = _table()
     index = CellIndex(table[:5000], scan_items=1)
     query = table[0]
@@ -63,7 +63,7 @@ def test_rows_added_after_the_build_are_always_scanned() -> None:
     assert len(index.position) == 5000
 
 
-def test_a_query_scans_whole_cells_until_the_budget() -> None:
+def test_index_budget_scans_best_cell() -> None:
     table = _table()
     index = CellIndex(table, scan_items=1)
     query = table[11]
@@ -74,7 +74,7 @@ def test_a_query_scans_whole_cells_until_the_budget() -> None:
     assert set(index.search(table, query, 10).tolist()) <= members
 
 
-def test_invalid_budget_is_rejected() -> None:
+def test_index_rejects_empty_budget() -> None:
     with pytest.raises(ModelError, match="scan_items is 0"):
         CellIndex(_table(100), scan_items=0)
 
@@ -86,7 +86,7 @@ def _views(n_items: int, start: int = 0) -> list[Event]:
     ]
 
 
-def test_mf_uses_the_index_above_its_size_and_rebuilds_as_the_catalog_grows() -> None:
+def test_mf_index_rebuilds_on_growth() -> None:
     # Learned fusion would score, and so build the index, in the middle of a batch.
     config = EngineConfig(mf_index_min_items=300, mf_index_scan_items=100_000, fusion_learn_every=0)
     engine = Recommender(config)
@@ -113,7 +113,7 @@ def test_mf_uses_the_index_above_its_size_and_rebuilds_as_the_catalog_grows() ->
     assert mf._index.built_items == 450
 
 
-def test_mf_index_depends_on_the_events_alone() -> None:
+def test_mf_index_ignores_query_timing() -> None:
     # A scan budget below the catalog makes the result depend on the cells.
     config = EngineConfig(mf_index_min_items=1000, mf_index_scan_items=200, fusion_learn_every=0)
     served, idle = Recommender(config), Recommender(config)
@@ -131,7 +131,7 @@ def test_mf_index_depends_on_the_events_alone() -> None:
             assert engine.models["mf"].candidates(user, 10).tolist() == expected
 
 
-def test_index_pickle_leaves_out_the_copy_of_the_vectors() -> None:
+def test_index_pickle_omits_vector_copy() -> None:
     table = _table()
     index = CellIndex(table, scan_items=1000)
     state = index.__getstate__()

@@ -16,7 +16,7 @@ _ROWS = st.dictionaries(st.integers(0, 12), _VALUES, max_size=8)
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_ROWS, st.sampled_from([1.0, 0.5, 1.0 / 3.0, 0.7])), max_size=6))
-def test_sum_by_row_equals_a_running_sum_to_the_last_bit(weighted_rows) -> None:
+def test_sum_by_row_matches_running_sum(weighted_rows) -> None:
     expected: dict[int, float] = {}
     parts = []
     for row, factor in weighted_rows:
@@ -36,7 +36,7 @@ def test_sum_by_row_equals_a_running_sum_to_the_last_bit(weighted_rows) -> None:
     st.lists(st.tuples(st.integers(0, 50), _VALUES), max_size=20, unique_by=lambda p: p[0]),
     st.integers(0, 25),
 )
-def test_best_rows_equals_a_full_sort(pairs, n) -> None:
+def test_best_rows_matches_full_sort(pairs, n) -> None:
     rows = np.array([row for row, _ in pairs], dtype=np.int64)
     scores = np.array([score for _, score in pairs], dtype=np.float64)
     expected = sorted(pairs, key=lambda pair: (-pair[1], pair[0]))[:n]
@@ -53,14 +53,14 @@ def _large_score_arrays() -> list[tuple[str, np.ndarray]]:
         ("descending", np.arange(size, 0, -1).astype(np.float64)),
         ("few values", rng.integers(0, 5, size).astype(np.float64)),
         ("constant", np.ones(size)),
-        # The evenly spaced sample sees only the low values.
+        # The evenly spaced sample contains only the low values.
         ("spikes off the sample", np.where(np.arange(size) % 12 == 5, 9.0, rng.random(size))),
     ]
 
 
 @pytest.mark.parametrize(("name", "scores"), _large_score_arrays())
 @pytest.mark.parametrize("n", [1, 100, 3000])
-def test_best_rows_of_a_long_array_equal_a_full_sort(name, scores, n) -> None:
+def test_best_rows_long_array_exact(name, scores, n) -> None:
     rows = np.arange(len(scores), dtype=np.int64)
     expected = rows[np.lexsort((rows, -scores))[:n]]
     assert best_rows(rows, scores, n).tolist() == expected.tolist(), name

@@ -56,7 +56,7 @@ def engine() -> Recommender:
     return engine
 
 
-def test_context_scores_equal_the_classifier_prediction(engine: Recommender) -> None:
+def test_context_scores_match_classifier(engine: Recommender) -> None:
     model = engine.models["context"]
     assert isinstance(model, ContextModel)
     items = np.arange(len(engine.catalog), dtype=np.int64)
@@ -67,7 +67,7 @@ def test_context_scores_equal_the_classifier_prediction(engine: Recommender) -> 
         np.testing.assert_allclose(scores, expected, rtol=1e-12)
 
 
-def test_context_state_without_the_category_table_is_rebuilt(engine: Recommender) -> None:
+def test_context_old_state_rebuilds_table(engine: Recommender) -> None:
     model = engine.models["context"]
     old = dict(model.__dict__)
     del old["_category_weights"]
@@ -77,7 +77,7 @@ def test_context_state_without_the_category_table_is_rebuilt(engine: Recommender
     assert restored.score("u2", items)[1].tolist() == model.score("u2", items)[1].tolist()
 
 
-def test_basket_state_with_counts_in_a_dict_is_converted(engine: Recommender) -> None:
+def test_basket_old_counts_convert(engine: Recommender) -> None:
     model = engine.models["basket"]
     assert isinstance(model, SessionCoOccurrenceModel)
     state = dict(model.__dict__)
@@ -92,7 +92,7 @@ def test_basket_state_with_counts_in_a_dict_is_converted(engine: Recommender) ->
         assert restored.candidates(user_id, 5).tolist() == model.candidates(user_id, 5).tolist()
 
 
-def test_category_state_without_user_counts_starts_from_event_popularity(
+def test_category_old_state_uses_popularity(
     engine: Recommender,
 ) -> None:
     model = engine.models["category"]
@@ -108,7 +108,7 @@ def test_category_state_without_user_counts_starts_from_event_popularity(
     assert len(restored.candidates("u4", 5)) > 0
 
 
-def test_engine_state_without_user_counts_decays_them_at_the_configured_half_life(
+def test_engine_old_state_sets_half_life(
     engine: Recommender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written = CategoryModel.__getstate__
@@ -127,7 +127,7 @@ def test_engine_state_without_user_counts_decays_them_at_the_configured_half_lif
     assert half_life == restored.config.category_half_life_ms
 
 
-def test_category_counts_do_not_depend_on_the_batches() -> None:
+def test_category_counts_ignore_batches() -> None:
     # A refund of an item bought before the stream began, then a view of it.
     events = [
         Event("r1", "purchase", "u1", "a", T0, quantity=-1, category="c"),
