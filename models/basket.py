@@ -223,7 +223,7 @@ class SessionCoOccurrenceModel:
         self._version += 1
 
     def state_bytes(self) -> int:
-        """Return an estimate: about 100 bytes per stored pair, item count and session item."""
+        """Return an estimate: about 100 bytes per stored pair and session item, and the counts."""
         pairs = sum(len(row) for row in self._rows.values())
         sessions = sum(len(session.items) + 1 for session in self._sessions.values())
         return 100 * (pairs + sessions) + self._counts.nbytes

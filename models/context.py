@@ -106,9 +106,9 @@ class ContextModel:
         self._events_since_sampler = 0
         self._users: OrderedDict[str, _Context] = OrderedDict()
         # The classifier's weight of each ``category=`` feature, at index
-        # category + 1, where index 0 is for items without a category. A
-        # learning step changes only the weights of its own features, so the
-        # array is updated one category at a time and scoring reads it whole.
+        # category + 1, where index 0 is for items without a category. In
+        # River 0.26 a learning step changes only the weights of its own
+        # features, so the array is updated one category at a time.
         self._category_weights = np.zeros(0, dtype=np.float64)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -216,8 +216,10 @@ class ContextModel:
 
         categories = self.catalog.categories[items]
         table = self._category_weights
-        if len(items) and int(categories.max()) + 1 >= len(table):
-            table = np.zeros(int(categories.max()) + 2)
+        highest = int(categories.max()) + 1
+        if highest >= len(table):
+            # Categories that no learning step has touched yet weigh 0.
+            table = np.zeros(highest + 1)
             table[: len(self._category_weights)] = self._category_weights
         per_item = table[categories + 1]
         if context.categories:
