@@ -31,11 +31,12 @@ class CoVisitationModel:
     When a user touches item j, every item i among their last ``window_items``
     items touched within ``window_ms`` gains ``weight / gap`` towards j, where
     gap 1 is the item just before. The pair from j towards i gains
-    ``backward`` times that, so the order of a basket or a session counts.
-    A user is scored from their last ``window_items`` items, the item at
-    position p (0 is the newest) weighing ``1 / (1 + p) ** recency_power``,
+    ``backward`` times that. Below 1, the order of a basket or a session
+    counts. A user is scored from their last ``window_items`` items, the item
+    at position p (0 is the newest) weighing ``1 / (1 + p) ** recency_power``,
     each neighbour row normalized by its total so that hub items do not drown
-    the rest.
+    the rest. The defaults, pairs of equal weight both ways and a power of 2,
+    scored best on the Online Retail invoices and no worse on Taobao browsing.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender
@@ -51,9 +52,9 @@ class CoVisitationModel:
         window_items: int = 5,
         window_ms: int = 3_600_000,
         half_life_ms: float = 30 * 86_400_000,
-        backward: float = 0.5,
+        backward: float = 1.0,
         max_neighbors: int = 200,
-        recency_power: float = 1.0,
+        recency_power: float = 2.0,
     ) -> None:
         if window_items < 1:
             msg = f"window_items is {window_items}; expected at least 1"

@@ -117,9 +117,9 @@ class EngineConfig:
     covisit_window_items: int = 5
     covisit_window_ms: int = HOUR_MS
     covisit_half_life_ms: float = 30 * DAY_MS
-    covisit_backward: float = 0.5
+    covisit_backward: float = 1.0
     covisit_max_neighbors: int = 200
-    covisit_recency_power: float = 1.0
+    covisit_recency_power: float = 2.0
     basket_session_gap_ms: int | None = None
     basket_max_items: int = 50
     basket_half_life_ms: float = 30 * DAY_MS
