@@ -103,11 +103,33 @@ def test_basket_ignores_events_without_session() -> None:
     assert engine.models["basket"].state_bytes() == 0
 
 
-def test_basket_caps_session_items() -> None:
+def test_basket_pairs_within_window() -> None:
     engine = Recommender(EngineConfig(basket_max_items=2))
     engine.learn([_line(n, "u1", f"i{n}", "s1") for n in range(4)])
     engine.learn([_line(9, "u2", "i0", "s2", minute=5)])
-    assert _basket_ids(engine, "u2") == ["i1"]
+    assert sorted(_basket_ids(engine, "u2")) == ["i1", "i2"]
+
+
+def test_basket_long_invoice_scores_latest_lines() -> None:
+    engine = Recommender(EngineConfig(basket_max_items=3))
+    engine.learn([_line(n, "u1", f"i{n}", "s1") for n in range(8)])
+    engine.learn([_line(8, "u1", "i2", "s1")])
+    model = engine.models["basket"]
+    assert isinstance(model, SessionCoOccurrenceModel)
+    rows = engine.catalog.index
+    assert model.scoring_items("u1") == [rows["i7"], rows["i6"], rows["i5"]]
+
+
+def test_basket_counts_repeated_line_once() -> None:
+    engine = Recommender(EngineConfig(basket_max_items=2))
+    engine.learn([_line(n, "u1", f"i{n}", "s1") for n in range(3)])
+    # i0 has left the window of two items, and comes back in the same invoice.
+    engine.learn([_line(3, "u1", "i0", "s1")])
+    model = engine.models["basket"]
+    assert isinstance(model, SessionCoOccurrenceModel)
+    rows = engine.catalog.index
+    assert model._counts[rows["i0"]] == 1.0
+    assert model.scoring_items("u1") == [rows["i2"], rows["i1"]]
 
 
 def test_basket_rejects_invalid_settings() -> None:

@@ -92,6 +92,19 @@ def test_basket_old_counts_convert(engine: Recommender) -> None:
         assert restored.candidates(user_id, 5).tolist() == model.candidates(user_id, 5).tolist()
 
 
+def test_basket_old_sessions_load(engine: Recommender) -> None:
+    model = engine.models["basket"]
+    assert isinstance(model, SessionCoOccurrenceModel)
+    restored = pickle.loads(pickle.dumps(model))
+    for session in restored._sessions.values():
+        # Sessions written before they kept the set of their items.
+        del session.seen
+    restored.__setstate__(dict(restored.__dict__))
+    for user_id, session in restored._sessions.items():
+        assert session.seen == set(model._sessions[user_id].items)
+    assert restored.state_bytes() == model.state_bytes()
+
+
 def test_category_old_state_uses_popularity(
     engine: Recommender,
 ) -> None:
