@@ -31,6 +31,8 @@ class _Session:
 
     def __init__(self) -> None:
         # The latest distinct items, oldest first, and every item of the session.
+        # NOTE: `seen` is not bounded. Invoices end, but a run split only by
+        # ``session_gap_ms`` grows for as long as the user keeps within the gap.
         self.items: list[int] = []
         self.seen: set[int] = set()
         self.session_id: str | None = None
@@ -62,7 +64,8 @@ class SessionCoOccurrenceModel:
     session, which is still the previous basket when a new one starts. The
     item at position p (0 is the newest) weighs ``1 / (1 + p)``, because on
     Online Retail the newest lines of a basket predict the next line better
-    than the whole basket does.
+    than the whole basket does. The window limits that to at most
+    ``max_session_items`` items.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender

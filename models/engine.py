@@ -367,8 +367,12 @@ class Recommender:
         The events between two of those are applied as one batch of at most
         ``learn_chunk``. So the fusion learns from what the models would have
         served, whenever lists happen to be refreshed, and a restarted worker
-        that takes a backlog in large batches learns what a worker that took
-        the events one by one learns.
+        that takes a backlog in large batches learns nearly what a worker that
+        took the events one by one learns.
+
+        NOTE: matrix factorization takes one SGD step per batch, and where a
+        batch ends depends on where the call started, so `mf` and the lists
+        it feeds still differ slightly between two such workers.
         """
         every = self.config.fusion_learn_every
         keys = stable_hashes(event.event_id for event in events)

@@ -130,6 +130,8 @@ def test_basket_counts_repeated_line_once() -> None:
     rows = engine.catalog.index
     assert model._counts[rows["i0"]] == 1.0
     assert model.scoring_items("u1") == [rows["i2"], rows["i1"]]
+    # Pairs i0-i1, i0-i2 and i1-i2 both ways, two items in the window, three seen.
+    assert model.state_bytes() == 100 * (6 + 2 + 3 + 1) + model._counts.nbytes
 
 
 def test_basket_rejects_invalid_settings() -> None:

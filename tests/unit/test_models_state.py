@@ -92,17 +92,27 @@ def test_basket_old_counts_convert(engine: Recommender) -> None:
         assert restored.candidates(user_id, 5).tolist() == model.candidates(user_id, 5).tolist()
 
 
-def test_basket_old_sessions_load(engine: Recommender) -> None:
+def test_basket_old_sessions_load() -> None:
+    engine = Recommender()
+    engine.learn(_stream(600))
     model = engine.models["basket"]
     assert isinstance(model, SessionCoOccurrenceModel)
-    restored = pickle.loads(pickle.dumps(model))
-    for session in restored._sessions.values():
+    old = pickle.loads(pickle.dumps(model))
+    for session in old._sessions.values():
         # Sessions written before they kept the set of their items.
         del session.seen
-    restored.__setstate__(dict(restored.__dict__))
+    restored = pickle.loads(pickle.dumps(old))
     for user_id, session in restored._sessions.items():
         assert session.seen == set(model._sessions[user_id].items)
     assert restored.state_bytes() == model.state_bytes()
+    more = [
+        Event(f"x{n}", "purchase", "u1", f"i{n % 50}", T0 + 10**9 + n, session_id="later")
+        for n in range(12)
+    ]
+    copy = pickle.loads(pickle.dumps(model))
+    restored.learn(engine._batch(more))
+    copy.learn(engine._batch(more))
+    assert restored.candidates("u1", 10).tolist() == copy.candidates("u1", 10).tolist()
 
 
 def test_category_old_state_uses_popularity(
