@@ -31,14 +31,15 @@ class CoVisitationModel:
     When a user touches item j, every item i among their last ``window_items``
     items touched within ``window_ms`` gains ``weight / gap`` towards j, where
     gap 1 is the item just before. The pair from j towards i gains
-    ``backward`` times that. Unless it is 1, the order of a basket or a
-    session counts. A user is scored from their last ``window_items`` items, the item
-    at position p (0 is the newest) weighing ``1 / (1 + p) ** recency_power``,
-    each neighbour row normalized by its total so that hub items do not drown
-    the rest. The defaults, pairs of equal weight both ways and a power of 2,
-    scored best of the variants tried on the Online Retail invoices, and they
-    changed the Taobao default list by 10 of 4,663 all-events hits and 1 of
-    195 new-to-user hits (docs/evaluation.md).
+    ``backward`` times that, so unless it is 1 the order of a basket or a
+    session counts. A user is scored from their last ``window_items`` items,
+    the item at position p (0 is the newest) weighing
+    ``1 / (1 + p) ** recency_power``, each neighbour row normalized by its
+    total so that hub items do not drown the rest.
+
+    The defaults, equal weights both ways and a power of 2, scored best of the
+    variants tried on Online Retail invoices. On Taobao they moved the default
+    list by 10 of 4,663 all-events hits and 1 of 195 new-to-user hits.
 
     >>> from schemas import Event
     >>> from models.engine import Recommender

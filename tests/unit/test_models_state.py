@@ -109,10 +109,10 @@ def test_basket_old_sessions_load() -> None:
         Event(f"x{n}", "purchase", "u1", f"i{n % 50}", T0 + 10**9 + n, session_id="later")
         for n in range(12)
     ]
-    copy = pickle.loads(pickle.dumps(model))
+    current = pickle.loads(pickle.dumps(model))
     restored.learn(engine._batch(more))
-    copy.learn(engine._batch(more))
-    assert restored.candidates("u1", 10).tolist() == copy.candidates("u1", 10).tolist()
+    current.learn(engine._batch(more))
+    assert restored.candidates("u1", 10).tolist() == current.candidates("u1", 10).tolist()
 
 
 def test_category_old_state_uses_popularity(

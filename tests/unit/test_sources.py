@@ -38,12 +38,10 @@ def test_retail_line_to_purchase(tmp_path: Path) -> None:
         ("85123A", "8512", "536370"),
     ]
     first = events[0]
-    assert (first.type, first.user_id, first.quantity, first.price) == (
-        "purchase",
-        "12583",
-        24,
-        3.75,
-    )
+    assert first.type == "purchase"
+    assert first.user_id == "12583"
+    assert first.quantity == 24
+    assert first.price == 3.75
     assert first.event_id == "retail.csv.gz:2"
 
 
