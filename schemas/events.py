@@ -20,6 +20,7 @@ import orjson
 EVENT_TYPES: Final = ("view", "click", "purchase")
 MAX_ID_LENGTH: Final = 256
 MAX_TEXT_LENGTH: Final = 256
+MAX_TITLE_LENGTH: Final = 512
 MAX_CURRENCY_LENGTH: Final = 16
 MAX_TIMESTAMP_TEXT_LENGTH: Final = 64
 MAX_QUANTITY: Final = 1_000_000
@@ -51,11 +52,14 @@ _EVENT_FIELDS: Final = frozenset(
         "session_id",
         "currency",
         "category",
+        "title",
         "quantity",
         "price",
     }
 )
-_ITEM_UPDATE_FIELDS: Final = frozenset({"item_id", "timestamp", "in_stock", "price", "category"})
+_ITEM_UPDATE_FIELDS: Final = frozenset(
+    {"item_id", "timestamp", "in_stock", "price", "category", "title"}
+)
 _FORGET_FIELDS: Final = frozenset({"user_id", "timestamp"})
 
 
@@ -104,6 +108,7 @@ class Event:
     price: float | None = None
     currency: str | None = None
     category: str | None = None
+    title: str | None = None
 
     @property
     def is_refund(self) -> bool:
@@ -123,7 +128,7 @@ class Event:
             "item_id": self.item_id,
             "timestamp": self.timestamp_ms,
         }
-        for name in ("session_id", "quantity", "price", "currency", "category"):
+        for name in ("session_id", "quantity", "price", "currency", "category", "title"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -132,13 +137,14 @@ class Event:
 
 @dataclass(slots=True)
 class ItemUpdate:
-    """A change of stock, price or category; ``None`` fields keep their value."""
+    """A change of stock, price, category or title; ``None`` fields keep their value."""
 
     item_id: str
     timestamp_ms: int
     in_stock: bool | None = None
     price: float | None = None
     category: str | None = None
+    title: str | None = None
 
 
 @dataclass(slots=True)
@@ -279,14 +285,17 @@ def event_from_object(obj: dict[str, Any]) -> Event:
         price=price,
         currency=_optional_text(obj, "currency", MAX_CURRENCY_LENGTH),
         category=_optional_text(obj, "category", MAX_TEXT_LENGTH),
+        title=_optional_text(obj, "title", MAX_TITLE_LENGTH),
     )
 
 
 def decode_item_update(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ItemUpdate:
     """Decode one message of items.updates, or raise `SchemaError`.
 
-    >>> decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000, "in_stock": false}')
-    ItemUpdate(item_id='i1', timestamp_ms=1700000000000, in_stock=False, price=None, category=None)
+    >>> update = decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000,'
+    ...                             b' "in_stock": false}')
+    >>> update.item_id, update.in_stock, update.price
+    ('i1', False, None)
     """
     obj = parse_object(raw, max_bytes=max_bytes)
     _reject_unknown_fields(obj, _ITEM_UPDATE_FIELDS)
@@ -300,10 +309,13 @@ def decode_item_update(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Ite
     if price is not None:
         price = _price(price, "price")
     category = _optional_text(obj, "category", MAX_TEXT_LENGTH)
-    if in_stock is None and price is None and category is None:
-        msg = "item update changes nothing; expected at least one of in_stock, price, category"
+    title = _optional_text(obj, "title", MAX_TITLE_LENGTH)
+    if in_stock is None and price is None and category is None and title is None:
+        msg = (
+            "item update changes nothing; expected at least one of in_stock, price, category, title"
+        )
         raise SchemaError("missing_field", msg, None)
-    return ItemUpdate(item_id, timestamp_ms, in_stock, price, category)
+    return ItemUpdate(item_id, timestamp_ms, in_stock, price, category, title)
 
 
 def decode_forget(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ForgetRequest:

@@ -48,7 +48,7 @@ class WorkerMetrics:
         )
         self.item_updates = Counter(
             "fusionrec_item_updates_applied",
-            "Item stock, price and category updates applied.",
+            "Item stock, price, category and title updates applied.",
             registry=registry,
         )
         self.forgets = Counter(

@@ -210,7 +210,7 @@ class Processor:
     # -- item updates and forget requests -----------------------------------
 
     def process_item_updates(self, messages: Iterable[Message]) -> BatchOutcome:
-        """Apply stock, price and category changes."""
+        """Apply stock, price, category and title changes."""
         outcome = BatchOutcome()
         now_ms = int(self.clock() * 1000)
         for message in messages:

@@ -90,6 +90,22 @@ def test_item_update_needs_a_change():
     assert caught.value.reason == "missing_field"
 
 
+def test_item_update_may_change_only_the_title():
+    update = decode_item_update(
+        b'{"item_id": "i1", "timestamp": 1700000000000, "title": "ALARM CLOCK PINK"}'
+    )
+    assert update.title == "ALARM CLOCK PINK"
+    assert update.in_stock is None
+
+
+def test_overlong_title_rejected_with_its_length():
+    with pytest.raises(SchemaError) as caught:
+        decode_event(orjson.dumps(event(title="x" * 513)))
+    assert caught.value.reason == "text_too_long"
+    assert caught.value.field == "title"
+    assert "513 characters" in caught.value.detail
+
+
 def test_item_update_rejects_string_stock():
     with pytest.raises(SchemaError) as caught:
         decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000, "in_stock": "no"}')
@@ -132,7 +148,7 @@ def valid_events(draw):
         "item_id": draw(ids),
         "timestamp": draw(st.integers(946_684_800_000, 4_102_444_800_000)),
     }
-    for name in ("session_id", "currency", "category"):
+    for name in ("session_id", "currency", "category", "title"):
         value = draw(optional_text)
         if value is not None:
             obj[name] = value[:16] if name == "currency" else value
