@@ -12,7 +12,8 @@ Three formats are understood:
     cancellations and become purchases with a negative quantity (refunds).
     Invoice times are UK local time. The file has no category column, so an
     item's category is its product family, the first four characters of its
-    stock code (see `retail_family`).
+    stock code (see `retail_family`). The optional ``Description`` column
+    becomes the item's title.
 ``jsonl``
     One event of the wire contract per line; events keep their own ids.
 
@@ -41,6 +42,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from schemas import Event, SchemaError, event_from_object, parse_timestamp
+from schemas.events import MAX_TITLE_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,8 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     reader = csv.reader(handle)
     expected = ("InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID")
     col = _header(reader, expected, name)
-    width = max(col.values()) + 1
+    width = max(col[column] for column in expected) + 1
+    description = col.get("Description")
     # Many lines share an invoice time, so the conversion is cached.
     times: dict[str, int] = {}
 
@@ -249,10 +252,18 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             timestamp_ms=timestamp_ms,
             session_id=invoice,
             category=retail_family(code),
+            title=_description(row, description),
             quantity=quantity,
             price=price,
             currency="GBP",
         )
+
+
+def _description(row: list[str], column: int | None) -> str | None:
+    if column is None or column >= len(row):
+        return None
+    text = row[column].strip()[:MAX_TITLE_LENGTH]
+    return text or None
 
 
 def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:

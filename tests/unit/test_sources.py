@@ -43,6 +43,19 @@ def test_retail_line_to_purchase(tmp_path: Path) -> None:
     assert first.quantity == 24
     assert first.price == 3.75
     assert first.event_id == "retail.csv.gz:2"
+    assert first.title == "ALARM CLOCK PINK"
+
+
+def test_retail_without_descriptions_has_no_titles(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "retail.csv",
+        "InvoiceNo,StockCode,Quantity,InvoiceDate,UnitPrice,CustomerID\n"
+        "536370,22728,24,2010-12-01 08:45:00,3.75,12583\n",
+    )
+
+    events = read_events(path, "online-retail").events
+
+    assert [(e.item_id, e.title) for e in events] == [("22728", None)]
 
 
 def test_retail_skip_reasons(tmp_path: Path) -> None:
