@@ -39,6 +39,7 @@ from models.fusion import (
 from models.history import RecentItemsModel
 from models.mf import ImplicitMF
 from models.popularity import CategoryModel, PopularityModel
+from models.title import TitleModel
 from schemas import EVENT_TYPES, Event, ItemUpdate, RecommendedItem
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ MODEL_NAMES = (
     "recent",
     "mf",
     "context",
+    "title",
 )
 DEFAULT_WEIGHTS: dict[str, float] = {
     "popular": 0.05,
@@ -65,6 +67,7 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "recent": 1.0,
     "mf": 0.2,
     "context": 0.2,
+    "title": 0.5,
 }
 # Each model's position among the names in alphabetical order, which breaks
 # ties between models in the sources of a list entry.
@@ -81,6 +84,7 @@ DEFAULT_CANDIDATES: dict[str, int] = {
     "recent": 50,
     "mf": 100,
     "context": 0,
+    "title": 100,
 }
 
 
@@ -135,6 +139,9 @@ class EngineConfig:
     context_learning_rate: float = 0.05
     context_max_users: int = 100_000
     context_learn_every: int = 1
+    title_recent_items: int = 5
+    title_recency_power: float = 2.0
+    title_max_word_items: int = 5_000
     fusion_prior_rate: float = 0.001
     fusion_learn_every: int = 4
     fusion_min_hits: int = 100
@@ -322,6 +329,11 @@ class Recommender:
                 learn_every=config.context_learn_every,
                 seed=config.seed + 1,
             ),
+            "title": TitleModel(
+                recent_items=config.title_recent_items,
+                recency_power=config.title_recency_power,
+                max_word_items=config.title_max_word_items,
+            ),
         }
         weights = config.model_weights()
         self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
@@ -348,12 +360,31 @@ class Recommender:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_last_scored", None)
         self.__dict__.update(state)
+        if "title" not in self.models:
+            self._add_title_model()
         category = self.models.get("category")
         if isinstance(category, CategoryModel):
             # A state written before the category model counted users starts
             # from a copy of the event popularity and its half-life. The
             # counts must decay at the configured half-life instead.
             category.scores.half_life_ms = float(self.config.category_half_life_ms)
+
+    def _add_title_model(self) -> None:
+        # A state written before the title model starts it empty: titles
+        # arrive again with events and item updates. Learned fusion and the
+        # order selector count it from their priors, as for a new worker.
+        config = self.config
+        self.models["title"] = TitleModel(
+            recent_items=config.title_recent_items,
+            recency_power=config.title_recency_power,
+            max_word_items=config.title_max_word_items,
+        )
+        self.fusion.add_model("title", config.fusion_prior_rate)
+        self.selector.add_policy("title")
+        weights = config.model_weights()
+        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self.candidate_counts = config.candidate_counts()
+        logger.info("added the title model to a state written without it")
 
     # Learning
 
@@ -480,11 +511,15 @@ class Recommender:
     # Item updates and erasure
 
     def update_item(self, update: ItemUpdate) -> None:
-        """Apply a change of stock, price or category; it shows at the next `recommend`."""
+        """Apply a change of stock, price, category or title; it shows at the next `recommend`."""
         self._last_scored = None
         row = self.catalog.add(update.item_id, update.category, update.price)
         if update.in_stock is not None:
             self.catalog.set_stock(row, update.in_stock)
+        if update.title is not None:
+            title_model = self.models["title"]
+            assert isinstance(title_model, TitleModel)
+            title_model.set_title(row, update.title)
         category_model = self.models["category"]
         assert isinstance(category_model, CategoryModel)
         category_model.refresh_items(np.array([row], dtype=np.int64))

@@ -125,6 +125,8 @@ N_RANK_BUCKETS = len(RANK_EDGES) + 1
 # Candidate groups: not touched by the user, touched in the current session,
 # touched in an earlier session.
 N_GROUPS = 3
+# How many served candidates the prior hit rate of learned fusion weighs as.
+PRIOR_SHOWN = 10.0
 
 
 def rank_buckets(rank_matrix: FloatArray) -> npt.NDArray[np.int64]:
@@ -162,17 +164,28 @@ class LearnedFusion:
         self,
         model_names: Sequence[str],
         prior_rate: float = 0.001,
-        prior_shown: float = 10.0,
+        prior_shown: float = PRIOR_SHOWN,
     ) -> None:
         if not 0.0 < prior_rate < 1.0:
             msg = f"prior_rate is {prior_rate}; expected a rate in (0, 1)"
             raise ModelError(msg)
         self.model_names = list(model_names)
+        self.prior_shown = prior_shown
         shape = (len(self.model_names), N_GROUPS, N_RANK_BUCKETS)
         self.hits = {cold: np.full(shape, prior_rate * prior_shown) for cold in (True, False)}
         self.shown = {cold: np.full(shape, prior_shown) for cold in (True, False)}
         self.group_hits = {cold: np.zeros(N_GROUPS, dtype=np.int64) for cold in (True, False)}
         self.updates = {True: 0, False: 0}
+
+    def add_model(self, name: str, prior_rate: float) -> None:
+        """Append a model whose counts start from the prior, after the existing ones."""
+        # States written before the prior was stored used the default.
+        prior_shown = getattr(self, "prior_shown", PRIOR_SHOWN)
+        self.model_names.append(name)
+        for cold in (True, False):
+            row = np.full((1, N_GROUPS, N_RANK_BUCKETS), prior_shown)
+            self.hits[cold] = np.concatenate([self.hits[cold], prior_rate * row])
+            self.shown[cold] = np.concatenate([self.shown[cold], row])
 
     def rates(self, cold: bool) -> FloatArray:
         """Return the observed hit rates, shaped ``(n_models, N_GROUPS, N_RANK_BUCKETS)``."""
@@ -263,6 +276,13 @@ class OrderSelector:
         self.credit = {cold: np.zeros(shape) for cold in (True, False)}
         self.lead = {cold: np.zeros(shape) for cold in (True, False)}
         self.lead_squares = {cold: np.zeros(shape) for cold in (True, False)}
+
+    def add_policy(self, name: str) -> None:
+        """Append a policy with no credit yet, after the existing ones."""
+        self.policy_names.append(name)
+        for counts in (self.credit, self.lead, self.lead_squares):
+            for cold in (True, False):
+                counts[cold] = np.concatenate([counts[cold], np.zeros((N_GROUPS, 1))], axis=1)
 
     def record(
         self, keys: FloatArray, groups: npt.NDArray[np.int64], target: int, cold: bool

@@ -229,6 +229,36 @@ def test_new_item_enters_through_covisitation(run_settings, tmp_path):
     assert "covisit" in entries["brand-new"]["sources"]
 
 
+def test_titled_item_enters_lists_through_its_title(run_settings, tmp_path):
+    settings = replace(run_settings, fusion="weighted")
+    events = _events_around("hot", users=20)
+    # An item that no one has touched yet, known only from an item update.
+    update = {"item_id": "clock-blue", "timestamp": NOW_MS, "title": "ALARM CLOCK BAKELIKE BLUE"}
+    shopper = Event(
+        "title-1",
+        "view",
+        "clock-shopper",
+        "clock-pink",
+        NOW_MS + 60_000,
+        title="ALARM CLOCK BAKELIKE PINK",
+    )
+    with WorkerProcess(settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(settings, events))
+        asyncio.run(produce_raw(settings, [(ITEMS_TOPIC, b"clock-blue", orjson.dumps(update))]))
+        _wait_until(
+            lambda: "fusionrec_item_updates_applied_total 1.0" in worker.metrics(),
+            60,
+            "the item update was not applied",
+        )
+        asyncio.run(produce_events(settings, [shopper]))
+        lists = asyncio.run(wait_for_lists(settings, ["clock-shopper"], 60))
+        assert worker.terminate() == 0
+    entries = {entry["item_id"]: entry for entry in lists["clock-shopper"]["items"]}
+    assert "clock-blue" in entries
+    assert "title" in entries["clock-blue"]["sources"]
+
+
 def test_refund_is_applied_not_rejected(run_settings, tmp_path):
     buy = Event("r-buy", "purchase", "refunder", "kettle", NOW_MS, quantity=2, price=20.0)
     refund = Event("r-back", "purchase", "refunder", "kettle", NOW_MS + 1000, quantity=-2, price=20)

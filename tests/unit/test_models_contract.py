@@ -12,6 +12,8 @@ from models.base import Model
 from models.engine import MODEL_NAMES, EngineConfig, Recommender
 from schemas import Event
 
+_TITLES = ("red alarm clock", "green alarm clock", "lunch box", "red lunch bag", "tea set")
+
 
 def _stream() -> list[Event]:
     events = []
@@ -29,6 +31,7 @@ def _stream() -> list[Event]:
                 category=f"c{(n * 7) % 11 % 3}",
                 price=1.5 * (n % 5),
                 session_id=f"{user}-s{n // 20}",
+                title=_TITLES[(n * 7) % 11 % len(_TITLES)],
             )
         )
     return events

@@ -1,0 +1,231 @@
+"""Item similarity from titles: items whose names share rare words."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import numpy as np
+
+from models.base import (
+    EventBatch,
+    FloatArray,
+    IntArray,
+    ModelError,
+    best_rows,
+    find_sorted,
+    sum_by_row,
+)
+
+logger = logging.getLogger(__name__)
+
+_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
+_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
+# A word is a run of three or more letters; digits, punctuation and shorter
+# runs such as "of" or sizes like "6" link too many unrelated items.
+_WORD = re.compile(r"[^\W\d_]{3,}")
+
+
+def title_words(title: str) -> list[str]:
+    """Return the distinct words of a title, lower-cased and sorted.
+
+    >>> title_words("ALARM CLOCK BAKELIKE PINK, alarm clock")
+    ['alarm', 'bakelike', 'clock', 'pink']
+    >>> title_words("SET OF 6 T-LIGHTS")
+    ['lights', 'set']
+    """
+    return sorted(set(_WORD.findall(title.lower())))
+
+
+class TitleModel:
+    """Items whose titles share rare words with the items the user touched last.
+
+    Two items are as similar as the cosine of their title words weighted by
+    inverse document frequency, ``log((1 + n) / df)``, where n counts the
+    items with a title and df those whose title has the word. A
+    user is scored from their last ``recent_items`` distinct items, the item
+    at position p (0 is the newest) weighing ``1 / (1 + p) ** recency_power``;
+    an item is never its own neighbour.
+
+    Titles arrive on events and item updates, and an item whose title
+    changes is re-indexed. Scores read the word counts as they stand, so an
+    item reaches lists with its first title. Only item norms, which scale an
+    item's similarities to every other item, are recomputed in bulk, once
+    the number of titled items has grown by ``norm_refresh_share`` since the
+    last time; between those times a new item gets its norm on arrival.
+    Words carried by more than ``max_word_items`` items link no items,
+    because their weight is near 0 and scanning them costs time.
+
+    Co-visitation needs items to have been bought together; titles link a
+    new product line to the one the user is buying before anyone has bought
+    both. On Online Retail invoices, the names of products in one line share
+    words across stock-code families ("LUNCH BOX", "JUMBO BAG").
+
+    >>> from schemas import Event
+    >>> from models.engine import Recommender
+    >>> engine = Recommender()
+    >>> engine.learn([
+    ...     Event("e1", "purchase", "u1", "a", 0, title="alarm clock pink"),
+    ...     Event("e2", "purchase", "u2", "b", 1000, title="alarm clock red"),
+    ...     Event("e3", "purchase", "u2", "c", 2000, title="lunch box"),
+    ... ])
+    >>> [engine.catalog.ids[row] for row in engine.models["title"].candidates("u1", 5)]
+    ['b']
+    """
+
+    def __init__(
+        self,
+        recent_items: int = 5,
+        recency_power: float = 2.0,
+        max_word_items: int = 5_000,
+        norm_refresh_share: float = 0.01,
+    ) -> None:
+        if recent_items < 1:
+            msg = f"recent_items is {recent_items}; expected at least 1"
+            raise ModelError(msg)
+        if max_word_items < 1:
+            msg = f"max_word_items is {max_word_items}; expected at least 1"
+            raise ModelError(msg)
+        if not norm_refresh_share >= 0:
+            msg = f"norm_refresh_share is {norm_refresh_share}; expected a share >= 0"
+            raise ModelError(msg)
+        self.name = "title"
+        self.recent_items = recent_items
+        self.recency_power = recency_power
+        self.max_word_items = max_word_items
+        self.norm_refresh_share = norm_refresh_share
+        self._vocabulary: dict[str, int] = {}
+        self._postings: list[list[int]] = []
+        self._item_words: dict[int, tuple[int, ...]] = {}
+        self._norms = np.zeros(0, dtype=np.float64)
+        self._norms_at = 0
+        self._recent: dict[str, list[int]] = {}
+        self._memo_key: tuple[str, int] | None = None
+        self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
+        self._version = 0
+
+    @property
+    def n_titled(self) -> int:
+        """The number of items with a title."""
+        return len(self._item_words)
+
+    def set_title(self, item: int, title: str) -> None:
+        """Index item row ``item`` under the words of ``title``, replacing its old title."""
+        words = tuple(self._word_id(word) for word in title_words(title))
+        old = self._item_words.get(item)
+        if old == words:
+            return
+        self._version += 1
+        if old is not None:
+            for word in old:
+                self._postings[word].remove(item)
+        if not words:
+            self._item_words.pop(item, None)
+            return
+        for word in words:
+            self._postings[word].append(item)
+        self._item_words[item] = words
+        if len(self._norms) <= item:
+            grown = np.zeros(max(item + 1, 2 * len(self._norms), 16), dtype=np.float64)
+            grown[: len(self._norms)] = self._norms
+            self._norms = grown
+        if self.n_titled > self._norms_at * (1.0 + self.norm_refresh_share):
+            self._refresh_norms()
+        else:
+            self._norms[item] = self._norm(words)
+
+    def _word_id(self, word: str) -> int:
+        word_id = self._vocabulary.get(word)
+        if word_id is None:
+            word_id = self._vocabulary[word] = len(self._postings)
+            self._postings.append([])
+        return word_id
+
+    def _idf(self, word: int) -> float:
+        return math.log((1 + self.n_titled) / len(self._postings[word]))
+
+    def _norm(self, words: tuple[int, ...]) -> float:
+        return math.sqrt(sum(self._idf(word) ** 2 for word in words))
+
+    def _refresh_norms(self) -> None:
+        for item, words in self._item_words.items():
+            self._norms[item] = self._norm(words)
+        self._norms_at = self.n_titled
+        logger.debug("recomputed title norms of %d items", self._norms_at)
+
+    def learn(self, batch: EventBatch) -> None:
+        """Index the titles that events carry and track each user's last items."""
+        self._version += 1
+        items = batch.items.tolist()
+        weights = batch.weights.tolist()
+        for event, item, weight in zip(batch.events, items, weights, strict=True):
+            if event.title:
+                self.set_title(item, event.title)
+            if weight <= 0:
+                continue
+            recent = self._recent.setdefault(event.user_id, [])
+            if item in recent:
+                recent.remove(item)
+            recent.append(item)
+            del recent[: -self.recent_items]
+
+    def user_items(self, user_id: str) -> list[int]:
+        """Return the user's last items, newest first."""
+        return list(reversed(self._recent.get(user_id, ())))
+
+    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
+        key = (user_id, self._version)
+        if self._memo_key == key:
+            return self._memo
+        parts: list[tuple[IntArray, FloatArray]] = []
+        for position, source in enumerate(self.user_items(user_id)):
+            words = self._item_words.get(source)
+            if not words:
+                continue
+            norm = self._norm(words)
+            if norm == 0.0:
+                continue
+            factor = 1.0 / ((1 + position) ** self.recency_power * norm)
+            for word in words:
+                posting = self._postings[word]
+                if len(posting) > self.max_word_items:
+                    continue
+                idf = self._idf(word)
+                rows = np.array(posting, dtype=np.int64)
+                rows = rows[rows != source]
+                parts.append((rows, np.full(len(rows), factor * idf * idf)))
+        rows, scores = sum_by_row(parts)
+        if len(rows):
+            norms = self._norms[rows]
+            keep = norms > 0
+            rows = rows[keep]
+            scores = scores[keep] / norms[keep]
+        self._memo_key = key
+        self._memo = (rows, scores)
+        return self._memo
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return the items whose titles are closest to the user's last items."""
+        rows, scores = self._user_scores(user_id)
+        return best_rows(rows, scores, n)
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return the title similarity of the given items to the user's last items."""
+        rows, scores = self._user_scores(user_id)
+        if len(rows) == 0 or len(items) == 0:
+            return _EMPTY_ROWS, _EMPTY_SCORES
+        positions, found = find_sorted(rows, items)
+        return items[found], scores[positions[found]]
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop the user's last items; titles hold no user id."""
+        self._recent.pop(user_id, None)
+        self._memo_key = None
+        self._version += 1
+
+    def state_bytes(self) -> int:
+        """Return an estimate: about 100 bytes per word, indexed title word and recent item."""
+        indexed = sum(len(words) for words in self._item_words.values())
+        recent = sum(len(items) for items in self._recent.values())
+        return 100 * (len(self._vocabulary) + 2 * indexed + recent) + self._norms.nbytes

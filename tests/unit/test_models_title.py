@@ -1,0 +1,246 @@
+"""Title similarity: word weights, recency, title changes, limits and old states."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.base import EventBatch, ModelError
+from models.engine import MODEL_NAMES, EngineConfig, Recommender
+from models.title import TitleModel, title_words
+from schemas import Event, ItemUpdate
+
+T0 = 1_700_000_000_000
+
+
+def _buy(n: int, user: str, item: str, title: str | None = None, quantity: int = 1) -> Event:
+    return Event(f"e{n}", "purchase", user, item, T0 + n * 1000, quantity=quantity, title=title)
+
+
+def _title_ids(engine: Recommender, user: str, n: int = 10) -> list[str]:
+    rows = engine.models["title"].candidates(user, n)
+    return [engine.catalog.ids[row] for row in rows]
+
+
+def _catalog(engine: Recommender, titles: dict[str, str]) -> None:
+    engine.learn([_buy(n, "shop", item, title) for n, (item, title) in enumerate(titles.items())])
+
+
+def test_title_words_keep_letters_only() -> None:
+    assert title_words("Müsli-Riegel 6er, MÜSLI") == ["müsli", "riegel"]
+    assert title_words("12 x 3 cm") == []
+
+
+def test_shared_rare_word_outranks_shared_common_word() -> None:
+    engine = Recommender()
+    _catalog(
+        engine,
+        {
+            "clock": "set vintage alarm clock",
+            "lamp": "set vintage lamp",
+            "spoons": "set spoons",
+            "cups": "set cups",
+            "plates": "set plates",
+            "bowls": "set bowls",
+        },
+    )
+    engine.learn([_buy(10, "u1", "clock")])
+
+    ranked = _title_ids(engine, "u1")
+
+    assert ranked[0] == "lamp"
+    assert "clock" not in ranked
+
+
+def test_unrelated_titles_give_no_opinion() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "lunch box", "c": "tea towel"})
+    engine.learn([_buy(10, "u1", "a")])
+    items, _ = engine.models["title"].score("u1", np.arange(3, dtype=np.int64))
+    assert items.tolist() == []
+
+
+def test_newest_item_weighs_most() -> None:
+    engine = Recommender()
+    _catalog(
+        engine,
+        {
+            "clock": "alarm clock pink",
+            "clock2": "alarm clock green",
+            "box": "lunch box spaceboy",
+            "box2": "lunch box dolly",
+        },
+    )
+    engine.learn([_buy(10, "u1", "clock"), _buy(11, "u1", "box")])
+    assert _title_ids(engine, "u1") == ["box2", "clock2"]
+    engine.learn([_buy(12, "u1", "clock")])
+    assert _title_ids(engine, "u1") == ["clock2", "box2"]
+
+
+def test_item_update_title_brings_a_new_item_at_once() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "lunch box", "c": "tea towel"})
+    engine.learn([_buy(10, "u1", "a")])
+
+    engine.update_item(ItemUpdate("new", T0 + 20_000, title="ALARM CLOCK BLUE"))
+
+    entries = engine.recommend(["u1"])[0]
+    sources = {entry.item_id: entry.sources for entry in entries}
+    assert "title" in sources["new"]
+
+
+def test_title_change_reindexes_the_item() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red", "c": "garden hose"})
+    engine.learn([_buy(10, "u1", "a")])
+    assert _title_ids(engine, "u1") == ["b"]
+
+    engine.update_item(ItemUpdate("b", T0 + 20_000, title="garden hose reel"))
+
+    assert _title_ids(engine, "u1") == []
+    engine.learn([_buy(11, "u2", "c")])
+    assert _title_ids(engine, "u2") == ["b"]
+
+
+def test_empty_title_removes_the_item() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red", "c": "tea towel"})
+    engine.update_item(ItemUpdate("b", T0 + 20_000, title=""))
+    engine.learn([_buy(10, "u1", "a")])
+    assert _title_ids(engine, "u1") == []
+    assert engine.models["title"].n_titled == 2
+
+
+def test_common_words_beyond_the_limit_link_nothing() -> None:
+    engine = Recommender(EngineConfig(title_max_word_items=2))
+    _catalog(engine, {"a": "red clock", "b": "red lamp", "c": "red towel", "d": "blue clock"})
+    engine.learn([_buy(10, "u1", "a")])
+    assert _title_ids(engine, "u1") == ["d"]
+
+
+def test_refund_is_not_a_recent_item() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red"})
+    engine.learn([_buy(10, "u1", "a", quantity=-1)])
+    assert _title_ids(engine, "u1") == []
+
+
+def test_forget_user_drops_recent_items_only() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red"})
+    engine.learn([_buy(10, "u1", "a")])
+    engine.forget_user("u1")
+    assert _title_ids(engine, "u1") == []
+    engine.learn([_buy(11, "u2", "a")])
+    assert _title_ids(engine, "u2") == ["b"]
+
+
+def test_state_bytes_grow_with_titles() -> None:
+    model = TitleModel()
+    before = model.state_bytes()
+    model.set_title(0, "alarm clock pink")
+    assert model.state_bytes() > before
+
+
+def test_invalid_settings_are_named() -> None:
+    with pytest.raises(ModelError, match="recent_items is 0"):
+        TitleModel(recent_items=0)
+    with pytest.raises(ModelError, match="max_word_items is 0"):
+        TitleModel(max_word_items=0)
+
+
+WORDS = ("red", "blue", "clock", "lamp", "box", "bag", "tea", "set")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    titles=st.lists(
+        st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), min_size=2, max_size=12
+    ),
+    history=st.lists(st.integers(0, 11), min_size=1, max_size=8),
+)
+def test_scores_equal_idf_cosine_sums(titles: list[list[str]], history: list[int]) -> None:
+    model = TitleModel(recent_items=3, recency_power=2.0, norm_refresh_share=0.0)
+    for row, words in enumerate(titles):
+        model.set_title(row, " ".join(words))
+    items = np.array([row % len(titles) for row in history], dtype=np.int64)
+    model.learn(_batch(items))
+
+    recent: list[int] = []
+    for row in items.tolist():
+        if row in recent:
+            recent.remove(row)
+        recent.append(row)
+    recent = recent[-3:][::-1]
+    sets = [set(words) for words in titles]
+    n = len(sets)
+    idf = {w: math.log((1 + n) / sum(w in s for s in sets)) for w in set().union(*sets)}
+
+    def cosine(a: set[str], b: set[str]) -> float:
+        dot = sum(idf[w] ** 2 for w in a & b)
+        norm_a = math.sqrt(sum(idf[w] ** 2 for w in a))
+        norm_b = math.sqrt(sum(idf[w] ** 2 for w in b))
+        return dot / (norm_a * norm_b)
+
+    expected = {}
+    for position, source in enumerate(recent):
+        for row in range(n):
+            if row != source and sets[row] & sets[source]:
+                expected[row] = (
+                    expected.get(row, 0.0) + cosine(sets[source], sets[row]) / (1 + position) ** 2
+                )
+    rows, scores = model.score("u", np.arange(n, dtype=np.int64))
+    assert rows.tolist() == sorted(expected)
+    assert np.allclose(scores, [expected[row] for row in rows.tolist()])
+
+
+def _batch(items: np.ndarray) -> EventBatch:
+    events = [_buy(n, "u", f"i{row}") for n, row in enumerate(items.tolist())]
+    weights = np.ones(len(items))
+    times = np.array([event.timestamp_ms for event in events], dtype=np.int64)
+    return EventBatch(events, items, weights, times, np.full(len(items), -1))
+
+
+def test_state_without_title_model_loads_and_learns() -> None:
+    engine = Recommender()
+    _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red", "c": "tea towel"})
+    engine.learn([_buy(10, "u1", "a"), _buy(11, "u1", "c")])
+    engine.recommend(["u1"])
+    # Write the state as a worker from before the title model would have.
+    state = engine.__getstate__()
+    old = dict(state)
+    old["models"] = {name: model for name, model in state["models"].items() if name != "title"}
+    old["weights"] = state["weights"][:-1]
+    old["candidate_counts"] = {k: v for k, v in state["candidate_counts"].items() if k != "title"}
+    fusion = pickle.loads(pickle.dumps(engine.fusion))
+    fusion.model_names = fusion.model_names[:-1]
+    for cold in (True, False):
+        fusion.hits[cold] = fusion.hits[cold][:-1]
+        fusion.shown[cold] = fusion.shown[cold][:-1]
+    del fusion.prior_shown
+    old["fusion"] = fusion
+    selector = pickle.loads(pickle.dumps(engine.selector))
+    selector.policy_names = selector.policy_names[:-1]
+    for counts in (selector.credit, selector.lead, selector.lead_squares):
+        for cold in (True, False):
+            counts[cold] = counts[cold][:, :-1]
+    old["selector"] = selector
+    restored = Recommender.__new__(Recommender)
+    restored.__setstate__(pickle.loads(pickle.dumps(old)))
+
+    assert list(restored.models) == list(MODEL_NAMES)
+    assert restored.fusion.hits[False].shape == engine.fusion.hits[False].shape
+    assert (restored.fusion.shown[True][-1] == 10.0).all()
+    assert restored.selector.credit[False].shape == engine.selector.credit[False].shape
+    assert len(restored.weights) == len(MODEL_NAMES)
+    # Titles learned before the restart are gone until they arrive again.
+    restored.learn([_buy(12, "u1", "a")])
+    assert restored.models["title"].candidates("u1", 5).tolist() == []
+    restored.learn([_buy(13, "u2", "x", "alarm clock blue"), _buy(14, "u1", "a", "alarm clock")])
+    sources = {entry.item_id: entry.sources for entry in restored.recommend(["u1"])[0]}
+    assert "title" in sources["x"]
