@@ -196,7 +196,17 @@ class EngineConfig:
         if self.learn_chunk < 1:
             msg = f"learn_chunk is {self.learn_chunk}; expected at least 1"
             raise ModelError(msg)
-        for name in ("mf_index_min_items", "mf_index_scan_items"):
+        for name in ("covisit_recency_power", "title_recency_power"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                msg = f"{name} is {value}; expected a finite number >= 0"
+                raise ModelError(msg)
+        for name in (
+            "mf_index_min_items",
+            "mf_index_scan_items",
+            "title_recent_items",
+            "title_max_word_items",
+        ):
             value = getattr(self, name)
             if value < 1:
                 msg = f"{name} is {value}; expected at least 1"

@@ -51,11 +51,13 @@ class TitleModel:
     Titles arrive on events and item updates, and an item whose title
     changes is re-indexed. Scores read the word counts as they stand, so an
     item reaches lists with its first title. Only item norms, which scale an
-    item's similarities to every other item, are recomputed in bulk, once
-    the number of titled items has grown by ``norm_refresh_share`` since the
-    last time; between those times a new item gets its norm on arrival.
-    Words carried by more than ``max_word_items`` items link no items,
-    because their weight is near 0 and scanning them costs time.
+    item's similarities to every other item, are kept: all of them are
+    recomputed once the number of titled items has moved by
+    ``norm_refresh_share`` since the last time. Between those times a new
+    item gets its norm on arrival, and a changed title recomputes the norms
+    of the items that share its old or new words. Words carried by more
+    than ``max_word_items`` items link no items, because their weight is
+    near 0 and scanning them costs time.
 
     Co-visitation needs items to have been bought together; titles link a
     new product line to the one the user is buying before anyone has bought
@@ -111,7 +113,10 @@ class TitleModel:
         return len(self._item_words)
 
     def set_title(self, item: int, title: str) -> None:
-        """Index item row ``item`` under the words of ``title``, replacing its old title."""
+        """Index item row ``item`` under the words of ``title``, replacing its old title.
+
+        An empty title, or one without words, removes the item from the index.
+        """
         words = tuple(self._word_id(word) for word in title_words(title))
         old = self._item_words.get(item)
         if old == words:
@@ -120,20 +125,28 @@ class TitleModel:
         if old is not None:
             for word in old:
                 self._postings[word].remove(item)
-        if not words:
-            self._item_words.pop(item, None)
-            return
-        for word in words:
-            self._postings[word].append(item)
-        self._item_words[item] = words
-        if len(self._norms) <= item:
-            grown = np.zeros(max(item + 1, 2 * len(self._norms), 16), dtype=np.float64)
-            grown[: len(self._norms)] = self._norms
-            self._norms = grown
-        if self.n_titled > self._norms_at * (1.0 + self.norm_refresh_share):
-            self._refresh_norms()
+        if words:
+            for word in words:
+                self._postings[word].append(item)
+            self._item_words[item] = words
+            if len(self._norms) <= item:
+                grown = np.zeros(max(item + 1, 2 * len(self._norms), 16), dtype=np.float64)
+                grown[: len(self._norms)] = self._norms
+                self._norms = grown
         else:
+            self._item_words.pop(item, None)
+            if item < len(self._norms):
+                self._norms[item] = 0.0
+        if abs(self.n_titled - self._norms_at) > self.norm_refresh_share * self._norms_at:
+            self._refresh_norms()
+        elif old is None:
             self._norms[item] = self._norm(words)
+        else:
+            # A changed title moves the document frequency of its old and new
+            # words, and with it the norm of every item that carries them.
+            self._refresh_word_norms({*old, *words})
+            if words:
+                self._norms[item] = self._norm(words)
 
     def _word_id(self, word: str) -> int:
         word_id = self._vocabulary.get(word)
@@ -147,6 +160,14 @@ class TitleModel:
 
     def _norm(self, words: tuple[int, ...]) -> float:
         return math.sqrt(sum(self._idf(word) ** 2 for word in words))
+
+    def _refresh_word_norms(self, words: set[int]) -> None:
+        for word in words:
+            posting = self._postings[word]
+            if len(posting) > self.max_word_items:
+                continue
+            for item in posting:
+                self._norms[item] = self._norm(self._item_words[item])
 
     def _refresh_norms(self) -> None:
         for item, words in self._item_words.items():

@@ -147,6 +147,20 @@ def test_state_bytes_grow_with_titles() -> None:
     assert model.state_bytes() > before
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("title_recency_power", float("nan")),
+        ("title_recency_power", -1.0),
+        ("title_recent_items", 0),
+        ("title_max_word_items", 0),
+    ],
+)
+def test_engine_names_an_invalid_title_setting(setting: str, value: float) -> None:
+    with pytest.raises(ModelError, match=f"{setting} is"):
+        Recommender(EngineConfig(**{setting: value}))
+
+
 def test_invalid_settings_are_named() -> None:
     with pytest.raises(ModelError, match="recent_items is 0"):
         TitleModel(recent_items=0)
@@ -157,17 +171,29 @@ def test_invalid_settings_are_named() -> None:
 WORDS = ("red", "blue", "clock", "lamp", "box", "bag", "tea", "set")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     titles=st.lists(
         st.lists(st.sampled_from(WORDS), min_size=1, max_size=4), min_size=2, max_size=12
     ),
+    changes=st.lists(
+        st.tuples(st.integers(0, 11), st.lists(st.sampled_from(WORDS), max_size=3)), max_size=3
+    ),
     history=st.lists(st.integers(0, 11), min_size=1, max_size=8),
 )
-def test_scores_equal_idf_cosine_sums(titles: list[list[str]], history: list[int]) -> None:
+def test_scores_equal_idf_cosine_sums(
+    titles: list[list[str]], changes: list[tuple[int, list[str]]], history: list[int]
+) -> None:
+    # With a refresh share of 0 the model must match the exact IDF cosine,
+    # also after titles change or are removed.
     model = TitleModel(recent_items=3, recency_power=2.0, norm_refresh_share=0.0)
     for row, words in enumerate(titles):
         model.set_title(row, " ".join(words))
+    final = [set(words) for words in titles]
+    for row, words in changes:
+        row %= len(titles)
+        model.set_title(row, " ".join(words))
+        final[row] = set(words)
     items = np.array([row % len(titles) for row in history], dtype=np.int64)
     model.learn(_batch(items))
 
@@ -177,9 +203,9 @@ def test_scores_equal_idf_cosine_sums(titles: list[list[str]], history: list[int
             recent.remove(row)
         recent.append(row)
     recent = recent[-3:][::-1]
-    sets = [set(words) for words in titles]
-    n = len(sets)
-    idf = {w: math.log((1 + n) / sum(w in s for s in sets)) for w in set().union(*sets)}
+    titled = [words for words in final if words]
+    n = len(titled)
+    idf = {w: math.log((1 + n) / sum(w in s for s in titled)) for w in set().union(*titled)}
 
     def cosine(a: set[str], b: set[str]) -> float:
         dot = sum(idf[w] ** 2 for w in a & b)
@@ -187,16 +213,32 @@ def test_scores_equal_idf_cosine_sums(titles: list[list[str]], history: list[int
         norm_b = math.sqrt(sum(idf[w] ** 2 for w in b))
         return dot / (norm_a * norm_b)
 
-    expected = {}
+    expected: dict[int, float] = {}
     for position, source in enumerate(recent):
-        for row in range(n):
-            if row != source and sets[row] & sets[source]:
-                expected[row] = (
-                    expected.get(row, 0.0) + cosine(sets[source], sets[row]) / (1 + position) ** 2
-                )
-    rows, scores = model.score("u", np.arange(n, dtype=np.int64))
+        for row in range(len(final)):
+            if row != source and final[row] & final[source]:
+                share = cosine(final[source], final[row]) / (1 + position) ** 2
+                expected[row] = expected.get(row, 0.0) + share
+    rows, scores = model.score("u", np.arange(len(final), dtype=np.int64))
     assert rows.tolist() == sorted(expected)
     assert np.allclose(scores, [expected[row] for row in rows.tolist()])
+
+
+@pytest.mark.parametrize("new_title", ["garden hose", ""])
+def test_identical_titles_stay_at_cosine_one_after_a_change(new_title: str) -> None:
+    # A changed or removed title moves the weights of its words, and so the
+    # norms of the other items that carry them; items 0 and 1 share every
+    # word, so their cosine stays 1 whatever the weights.
+    model = TitleModel()
+    for row, title in enumerate(["alarm clock", "alarm clock", "alarm clock", "tea towel"]):
+        model.set_title(row, title)
+    model.learn(_batch(np.array([1])))
+
+    model.set_title(2, new_title)
+
+    rows, scores = model.score("u", np.arange(4, dtype=np.int64))
+    assert rows.tolist() == [0]
+    assert scores[0] == pytest.approx(1.0)
 
 
 def _batch(items: np.ndarray) -> EventBatch:
