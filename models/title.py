@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 _EMPTY_ROWS = np.zeros(0, dtype=np.int64)
 _EMPTY_SCORES = np.zeros(0, dtype=np.float64)
-# A word is a run of three or more letters; digits, punctuation and shorter
-# runs such as "of" or sizes like "6" link too many unrelated items.
+# A word is a run of three or more letters. Digits, punctuation and shorter
+# runs such as "of" or sizes like "6" would link too many unrelated items.
 _WORD = re.compile(r"[^\W\d_]{3,}")
 
 
@@ -59,9 +59,9 @@ class TitleModel:
     than ``max_word_items`` items link no items, because their weight is
     near 0 and scanning them costs time.
 
-    Co-visitation needs items to have been bought together; titles link a
-    new product line to the one the user is buying before anyone has bought
-    both. On Online Retail invoices, the names of products in one line share
+    Co-visitation links only items that were bought together. Titles also
+    link a new item to the product line the user is buying, before anyone
+    has bought both. On Online Retail invoices, the names of products in one line share
     words across stock-code families ("LUNCH BOX", "JUMBO BAG").
 
     >>> from schemas import Event

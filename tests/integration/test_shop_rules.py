@@ -229,7 +229,7 @@ def test_new_item_enters_through_covisitation(run_settings, tmp_path):
     assert "covisit" in entries["brand-new"]["sources"]
 
 
-def test_titled_item_enters_lists_through_its_title(run_settings, tmp_path):
+def test_item_enters_lists_by_title(run_settings, tmp_path):
     settings = replace(run_settings, fusion="weighted")
     events = _events_around("hot", users=20)
     # An item that no one has touched yet, known only from an item update.

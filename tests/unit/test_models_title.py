@@ -36,7 +36,7 @@ def test_title_words_keep_letters_only() -> None:
     assert title_words("12 x 3 cm") == []
 
 
-def test_shared_rare_word_outranks_shared_common_word() -> None:
+def test_rare_word_outranks_common_word() -> None:
     engine = Recommender()
     _catalog(
         engine,
@@ -82,7 +82,7 @@ def test_newest_item_weighs_most() -> None:
     assert _title_ids(engine, "u1") == ["clock2", "box2"]
 
 
-def test_item_update_title_brings_a_new_item_at_once() -> None:
+def test_titled_update_reaches_lists_at_once() -> None:
     engine = Recommender()
     _catalog(engine, {"a": "alarm clock pink", "b": "lunch box", "c": "tea towel"})
     engine.learn([_buy(10, "u1", "a")])
@@ -116,7 +116,7 @@ def test_empty_title_removes_the_item() -> None:
     assert engine.models["title"].n_titled == 2
 
 
-def test_common_words_beyond_the_limit_link_nothing() -> None:
+def test_overcommon_words_link_nothing() -> None:
     engine = Recommender(EngineConfig(title_max_word_items=2))
     _catalog(engine, {"a": "red clock", "b": "red lamp", "c": "red towel", "d": "blue clock"})
     engine.learn([_buy(10, "u1", "a")])
@@ -156,7 +156,7 @@ def test_state_bytes_grow_with_titles() -> None:
         ("title_max_word_items", 0),
     ],
 )
-def test_engine_names_an_invalid_title_setting(setting: str, value: float) -> None:
+def test_invalid_title_setting_named(setting: str, value: float) -> None:
     with pytest.raises(ModelError, match=f"{setting} is"):
         Recommender(EngineConfig(**{setting: value}))
 
@@ -225,7 +225,7 @@ def test_scores_equal_idf_cosine_sums(
 
 
 @pytest.mark.parametrize("new_title", ["garden hose", ""])
-def test_identical_titles_stay_at_cosine_one_after_a_change(new_title: str) -> None:
+def test_title_change_keeps_identical_cosine(new_title: str) -> None:
     # A changed or removed title moves the weights of its words, and so the
     # norms of the other items that carry them; items 0 and 1 share every
     # word, so their cosine stays 1 whatever the weights.
@@ -248,7 +248,7 @@ def _batch(items: np.ndarray) -> EventBatch:
     return EventBatch(events, items, weights, times, np.full(len(items), -1))
 
 
-def test_state_without_title_model_loads_and_learns() -> None:
+def test_old_state_gains_title_model() -> None:
     engine = Recommender()
     _catalog(engine, {"a": "alarm clock pink", "b": "alarm clock red", "c": "tea towel"})
     engine.learn([_buy(10, "u1", "a"), _buy(11, "u1", "c")])

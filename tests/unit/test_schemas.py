@@ -90,7 +90,7 @@ def test_item_update_needs_a_change():
     assert caught.value.reason == "missing_field"
 
 
-def test_item_update_may_change_only_the_title():
+def test_item_update_with_only_title():
     update = decode_item_update(
         b'{"item_id": "i1", "timestamp": 1700000000000, "title": "ALARM CLOCK PINK"}'
     )
