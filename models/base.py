@@ -308,6 +308,19 @@ def find_sorted(rows: IntArray, items: IntArray) -> tuple[IntArray, npt.NDArray[
     return positions, rows[positions] == items
 
 
+def scores_of(rows: IntArray, scores: FloatArray, items: IntArray) -> tuple[IntArray, FloatArray]:
+    """Return the ``items`` found among the ascending ``rows``, with their ``scores``.
+
+    >>> found, values = scores_of(np.array([2, 5]), np.array([0.5, 0.7]), np.array([5, 7]))
+    >>> found.tolist(), values.tolist()
+    ([5], [0.7])
+    """
+    if len(rows) == 0 or len(items) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    positions, found = find_sorted(rows, items)
+    return items[found], scores[positions[found]]
+
+
 def neighbour_row(row: dict[int, float]) -> tuple[IntArray, FloatArray]:
     """Return the targets and values of one neighbour row as arrays, in the row's order.
 

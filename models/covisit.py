@@ -13,8 +13,8 @@ from models.base import (
     IntArray,
     ModelError,
     best_rows,
-    find_sorted,
     neighbour_row,
+    scores_of,
     sum_by_row,
 )
 
@@ -158,10 +158,7 @@ class CoVisitationModel:
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the neighbour scores of the given items."""
         rows, scores = self._user_scores(user_id)
-        if len(rows) == 0 or len(items) == 0:
-            return _EMPTY_ROWS, _EMPTY_SCORES
-        positions, found = find_sorted(rows, items)
-        return items[found], scores[positions[found]]
+        return scores_of(rows, scores, items)
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's recent items; pair counts hold no user id."""

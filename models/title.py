@@ -14,7 +14,7 @@ from models.base import (
     IntArray,
     ModelError,
     best_rows,
-    find_sorted,
+    scores_of,
     sum_by_row,
 )
 
@@ -234,10 +234,7 @@ class TitleModel:
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the title similarity of the given items to the user's last items."""
         rows, scores = self._user_scores(user_id)
-        if len(rows) == 0 or len(items) == 0:
-            return _EMPTY_ROWS, _EMPTY_SCORES
-        positions, found = find_sorted(rows, items)
-        return items[found], scores[positions[found]]
+        return scores_of(rows, scores, items)
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's last items; titles hold no user id."""
