@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -61,8 +62,8 @@ class TitleModel:
 
     Co-visitation links only items that were bought together. Titles also
     link a new item to the product line the user is buying, before anyone
-    has bought both. On Online Retail invoices, the names of products in one line share
-    words across stock-code families ("LUNCH BOX", "JUMBO BAG").
+    has bought both. On Online Retail invoices, the names of products in one
+    line share words across stock-code families ("LUNCH BOX", "JUMBO BAG").
 
     >>> from schemas import Event
     >>> from models.engine import Recommender
@@ -109,7 +110,7 @@ class TitleModel:
 
     @property
     def n_titled(self) -> int:
-        """The number of items with a title."""
+        """Number of items that have a title."""
         return len(self._item_words)
 
     def set_title(self, item: int, title: str) -> None:
@@ -170,9 +171,22 @@ class TitleModel:
                 self._norms[item] = self._norm(self._item_words[item])
 
     def _refresh_norms(self) -> None:
-        for item, words in self._item_words.items():
-            self._norms[item] = self._norm(words)
+        # Array operations, because a refresh covers the whole catalog, and a
+        # catalog growing to a million titles is refreshed about 900 times.
         self._norms_at = self.n_titled
+        if not self._item_words:
+            return
+        counts = np.fromiter(map(len, self._postings), dtype=np.float64, count=len(self._postings))
+        squares = np.log((1 + self.n_titled) / np.maximum(counts, 1.0)) ** 2
+        lengths = np.fromiter(map(len, self._item_words.values()), dtype=np.int64)
+        words = np.fromiter(
+            itertools.chain.from_iterable(self._item_words.values()),
+            dtype=np.int64,
+            count=int(lengths.sum()),
+        )
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        items = np.fromiter(self._item_words.keys(), dtype=np.int64, count=len(lengths))
+        self._norms[items] = np.sqrt(np.add.reduceat(squares[words], starts))
         logger.debug("recomputed title norms of %d items", self._norms_at)
 
     def learn(self, batch: EventBatch) -> None:
@@ -237,7 +251,7 @@ class TitleModel:
         return scores_of(rows, scores, items)
 
     def forget_user(self, user_id: str) -> None:
-        """Drop the user's last items; titles hold no user id."""
+        """Drop the user's last items. Titles contain no user id."""
         self._recent.pop(user_id, None)
         self._memo_key = None
         self._version += 1
