@@ -339,11 +339,7 @@ class Recommender:
                 learn_every=config.context_learn_every,
                 seed=config.seed + 1,
             ),
-            "title": TitleModel(
-                recent_items=config.title_recent_items,
-                recency_power=config.title_recency_power,
-                max_word_items=config.title_max_word_items,
-            ),
+            "title": _title_model(config),
         }
         weights = config.model_weights()
         self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
@@ -380,15 +376,11 @@ class Recommender:
             category.scores.half_life_ms = float(self.config.category_half_life_ms)
 
     def _add_title_model(self) -> None:
-        # A state written before the title model starts it empty: titles
-        # arrive again with events and item updates. Learned fusion and the
-        # order selector count it from their priors, as for a new worker.
+        # A state saved before the title model existed gets an empty one, and
+        # titles arrive again with events and item updates. Learned fusion and
+        # the order selector count it from their priors, as for a new worker.
         config = self.config
-        self.models["title"] = TitleModel(
-            recent_items=config.title_recent_items,
-            recency_power=config.title_recency_power,
-            max_word_items=config.title_max_word_items,
-        )
+        self.models["title"] = _title_model(config)
         self.fusion.add_model("title", config.fusion_prior_rate)
         self.selector.add_policy("title")
         weights = config.model_weights()
@@ -521,7 +513,7 @@ class Recommender:
     # Item updates and erasure
 
     def update_item(self, update: ItemUpdate) -> None:
-        """Apply a change of stock, price, category or title; it shows at the next `recommend`."""
+        """Apply a change of stock, price, category or title. It shows at the next `recommend`."""
         self._last_scored = None
         row = self.catalog.add(update.item_id, update.category, update.price)
         if update.in_stock is not None:
@@ -900,6 +892,14 @@ class Recommender:
         rows = rows[self.catalog.in_stock[rows]][:k]
         scored_rows, scores = model.score("", rows)
         return _normalized_entries(self.catalog.ids, scored_rows, scores, ("popular",))
+
+
+def _title_model(config: EngineConfig) -> TitleModel:
+    return TitleModel(
+        recent_items=config.title_recent_items,
+        recency_power=config.title_recency_power,
+        max_word_items=config.title_max_word_items,
+    )
 
 
 def _normalized_entries(

@@ -125,7 +125,7 @@ N_RANK_BUCKETS = len(RANK_EDGES) + 1
 # Candidate groups: not touched by the user, touched in the current session,
 # touched in an earlier session.
 N_GROUPS = 3
-# How many served candidates the prior hit rate of learned fusion weighs as.
+# Weight of the prior hit rate of learned fusion, in served candidates.
 PRIOR_SHOWN = 10.0
 
 

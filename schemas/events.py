@@ -137,7 +137,7 @@ class Event:
 
 @dataclass(slots=True)
 class ItemUpdate:
-    """A change of stock, price, category or title; ``None`` fields keep their value."""
+    """A change of stock, price, category or title. Fields left as ``None`` keep their value."""
 
     item_id: str
     timestamp_ms: int

@@ -260,6 +260,8 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
 
 
 def _description(row: list[str], column: int | None) -> str | None:
+    # A description longer than the title limit is cut to it rather than
+    # dropped, because a title only feeds word similarity.
     if column is None or column >= len(row):
         return None
     text = row[column].strip()[:MAX_TITLE_LENGTH]

@@ -116,7 +116,7 @@ def test_empty_title_removes_the_item() -> None:
     assert engine.models["title"].n_titled == 2
 
 
-def test_overcommon_words_link_nothing() -> None:
+def test_too_common_words_link_nothing() -> None:
     engine = Recommender(EngineConfig(title_max_word_items=2))
     _catalog(engine, {"a": "red clock", "b": "red lamp", "c": "red towel", "d": "blue clock"})
     engine.learn([_buy(10, "u1", "a")])
@@ -226,9 +226,9 @@ def test_scores_equal_idf_cosine_sums(
 
 @pytest.mark.parametrize("new_title", ["garden hose", ""])
 def test_title_change_keeps_identical_cosine(new_title: str) -> None:
-    # A changed or removed title moves the weights of its words, and so the
-    # norms of the other items that carry them; items 0 and 1 share every
-    # word, so their cosine stays 1 whatever the weights.
+    # A changed or removed title moves the weights of its words and so the
+    # norms of the other items with them. Items 0 and 1 share every word, so
+    # their cosine stays 1 whatever the weights.
     model = TitleModel()
     for row, title in enumerate(["alarm clock", "alarm clock", "alarm clock", "tea towel"]):
         model.set_title(row, title)

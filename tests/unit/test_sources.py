@@ -46,6 +46,18 @@ def test_retail_line_to_purchase(tmp_path: Path) -> None:
     assert first.title == "ALARM CLOCK PINK"
 
 
+def test_retail_long_description_cut_to_limit(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "retail.csv",
+        RETAIL_HEADER + f"536370,22728,{'A' * 600},24,2010-12-01 08:45:00,3.75,12583,France\n",
+    )
+
+    events = read_events(path, "online-retail").events
+
+    assert len(events) == 1
+    assert events[0].title == "A" * 512
+
+
 def test_retail_without_descriptions_has_no_titles(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "retail.csv",
