@@ -416,3 +416,48 @@ def top_n(scores: FloatArray, n: int, rows: IntArray | None = None) -> IntArray:
         rows = rows[positive]
         scores = scores[positive]
     return best_rows(rows, scores, n)
+
+
+class UserNeighbourScores:
+    """Base of the models that score a user as a sparse sum of item neighbour rows.
+
+    A subclass computes the scores in `_compute_user_scores` and bumps
+    ``_version`` whenever its state changes. The scores of the last user are
+    kept until then, because the engine calls `candidates` and then `score`
+    for the same user on the same state.
+    """
+
+    def __init__(self) -> None:
+        self._memo_key: tuple[str, int] | None = None
+        self._memo: tuple[IntArray, FloatArray] = (
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.float64),
+        )
+        self._version = 0
+
+    def _drop_kept_scores(self) -> None:
+        # The kept key names the last user scored, so a model that forgets a
+        # user drops it, or the user id would stay in the next checkpoint.
+        self._memo_key = None
+        self._version += 1
+
+    def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
+        """Return the rows the model scores for the user, ascending, with their scores."""
+        raise NotImplementedError
+
+    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
+        key = (user_id, self._version)
+        if self._memo_key != key:
+            self._memo = self._compute_user_scores(user_id)
+            self._memo_key = key
+        return self._memo
+
+    def candidates(self, user_id: str, n: int) -> IntArray:
+        """Return up to ``n`` item rows with the highest scores for the user."""
+        rows, scores = self._user_scores(user_id)
+        return best_rows(rows, scores, n)
+
+    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
+        """Return the given items that the model scores for the user, with their scores."""
+        rows, scores = self._user_scores(user_id)
+        return scores_of(rows, scores, items)

@@ -13,16 +13,13 @@ from models.base import (
     FloatArray,
     IntArray,
     ModelError,
-    best_rows,
+    UserNeighbourScores,
     neighbour_row,
-    scores_of,
     sum_by_row,
 )
 
 logger = logging.getLogger(__name__)
 
-_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
-_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
 _MAX_DECAY_EXPONENT = 60.0
 
 
@@ -38,7 +35,7 @@ class _Session:
         self.last_ms: int | None = None
 
 
-class SessionCoOccurrenceModel:
+class SessionCoOccurrenceModel(UserNeighbourScores):
     """Pairs of distinct items that share a session, normalized like item kNN.
 
     A session is an event's ``session_id`` (an invoice is one basket). With
@@ -93,6 +90,7 @@ class SessionCoOccurrenceModel:
         if not half_life_ms > 0:
             msg = f"half_life_ms is {half_life_ms}; expected a positive number of milliseconds"
             raise ModelError(msg)
+        super().__init__()
         self.name = "basket"
         self.session_gap_ms = session_gap_ms
         self.max_session_items = max_session_items
@@ -104,9 +102,6 @@ class SessionCoOccurrenceModel:
         # Decayed session count of each item, indexed by catalog row.
         self._counts = np.zeros(0, dtype=np.float64)
         self._sessions: dict[str, _Session] = {}
-        self._memo_key: tuple[str, int] | None = None
-        self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
-        self._version = 0
 
     def learn(self, batch: EventBatch) -> None:
         """Pair each event's item with the other items of the user's session."""
@@ -199,10 +194,7 @@ class SessionCoOccurrenceModel:
             return []
         return session.items[: -self.score_items - 1 : -1]
 
-    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
-        key = (user_id, self._version)
-        if self._memo_key == key:
-            return self._memo
+    def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []
         counts = self._counts
         for position, source in enumerate(self.scoring_items(user_id)):
@@ -212,26 +204,12 @@ class SessionCoOccurrenceModel:
             source_norm = (1 + position) * math.sqrt(counts[source])
             targets, values = neighbour_row(row)
             parts.append((targets, values / (source_norm * np.sqrt(counts[targets]))))
-        result = sum_by_row(parts)
-        self._memo_key = key
-        self._memo = result
-        return result
-
-    def candidates(self, user_id: str, n: int) -> IntArray:
-        """Return the items that co-occur most with the user's session."""
-        rows, scores = self._user_scores(user_id)
-        return best_rows(rows, scores, n)
-
-    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
-        """Return the summed similarity of the given items to the user's session."""
-        rows, scores = self._user_scores(user_id)
-        return scores_of(rows, scores, items)
+        return sum_by_row(parts)
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's session. Pair counts contain no user id."""
         self._sessions.pop(user_id, None)
-        self._memo_key = None
-        self._version += 1
+        self._drop_kept_scores()
 
     def state_bytes(self) -> int:
         """Return an estimate: about 100 bytes per stored pair and session item, and the counts."""

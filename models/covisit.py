@@ -5,27 +5,22 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
-
 from models.base import (
     EventBatch,
     FloatArray,
     IntArray,
     ModelError,
-    best_rows,
+    UserNeighbourScores,
     neighbour_row,
-    scores_of,
     sum_by_row,
 )
 
 logger = logging.getLogger(__name__)
 
-_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
-_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
 _MAX_DECAY_EXPONENT = 60.0
 
 
-class CoVisitationModel:
+class CoVisitationModel(UserNeighbourScores):
     """Pairs of items that one user touched close together, decayed over event time.
 
     When a user touches item j, every item i among their last ``window_items``
@@ -62,6 +57,7 @@ class CoVisitationModel:
         if window_items < 1:
             msg = f"window_items is {window_items}; expected at least 1"
             raise ModelError(msg)
+        super().__init__()
         self.name = "covisit"
         self.window_items = window_items
         self.window_ms = window_ms
@@ -73,9 +69,6 @@ class CoVisitationModel:
         self._rows: dict[int, dict[int, float]] = {}
         self._totals: dict[int, float] = {}
         self._recent: dict[str, list[tuple[int, int]]] = {}
-        self._memo_key: tuple[str, int] | None = None
-        self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
-        self._version = 0
 
     def learn(self, batch: EventBatch) -> None:
         """Add the pairs that each event forms with the user's recent items."""
@@ -133,10 +126,7 @@ class CoVisitationModel:
         """Return the user's last items, newest first."""
         return [item for item, _ in reversed(self._recent.get(user_id, ()))]
 
-    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
-        key = (user_id, self._version)
-        if self._memo_key == key:
-            return self._memo
+    def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []
         for position, source in enumerate(self.user_items(user_id)):
             row = self._rows.get(source)
@@ -145,26 +135,12 @@ class CoVisitationModel:
             factor = 1.0 / ((1 + position) ** self.recency_power * self._totals[source])
             targets, values = neighbour_row(row)
             parts.append((targets, values * factor))
-        result = sum_by_row(parts)
-        self._memo_key = key
-        self._memo = result
-        return result
-
-    def candidates(self, user_id: str, n: int) -> IntArray:
-        """Return the strongest neighbours of the user's recent items."""
-        rows, scores = self._user_scores(user_id)
-        return best_rows(rows, scores, n)
-
-    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
-        """Return the neighbour scores of the given items."""
-        rows, scores = self._user_scores(user_id)
-        return scores_of(rows, scores, items)
+        return sum_by_row(parts)
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's recent items; pair counts hold no user id."""
         self._recent.pop(user_id, None)
-        self._memo_key = None
-        self._version += 1
+        self._drop_kept_scores()
 
     def state_bytes(self) -> int:
         """Return an estimate: about 100 bytes per stored pair and per recent item."""

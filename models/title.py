@@ -14,15 +14,12 @@ from models.base import (
     FloatArray,
     IntArray,
     ModelError,
-    best_rows,
-    scores_of,
+    UserNeighbourScores,
     sum_by_row,
 )
 
 logger = logging.getLogger(__name__)
 
-_EMPTY_ROWS = np.zeros(0, dtype=np.int64)
-_EMPTY_SCORES = np.zeros(0, dtype=np.float64)
 # A word is a run of three or more letters. Digits, punctuation and shorter
 # runs such as "of" or sizes like "6" would link too many unrelated items.
 _WORD = re.compile(r"[^\W\d_]{3,}")
@@ -39,7 +36,7 @@ def title_words(title: str) -> list[str]:
     return sorted(set(_WORD.findall(title.lower())))
 
 
-class TitleModel:
+class TitleModel(UserNeighbourScores):
     """Items whose titles share rare words with the items the user touched last.
 
     Two items are as similar as the cosine of their title words weighted by
@@ -93,6 +90,7 @@ class TitleModel:
         if not norm_refresh_share >= 0:
             msg = f"norm_refresh_share is {norm_refresh_share}; expected a share >= 0"
             raise ModelError(msg)
+        super().__init__()
         self.name = "title"
         self.recent_items = recent_items
         self.recency_power = recency_power
@@ -104,9 +102,6 @@ class TitleModel:
         self._norms = np.zeros(0, dtype=np.float64)
         self._norms_at = 0
         self._recent: dict[str, list[int]] = {}
-        self._memo_key: tuple[str, int] | None = None
-        self._memo: tuple[IntArray, FloatArray] = (_EMPTY_ROWS, _EMPTY_SCORES)
-        self._version = 0
 
     @property
     def n_titled(self) -> int:
@@ -209,10 +204,7 @@ class TitleModel:
         """Return the user's last items, newest first."""
         return list(reversed(self._recent.get(user_id, ())))
 
-    def _user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
-        key = (user_id, self._version)
-        if self._memo_key == key:
-            return self._memo
+    def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []
         for position, source in enumerate(self.user_items(user_id)):
             words = self._item_words.get(source)
@@ -236,25 +228,12 @@ class TitleModel:
             keep = norms > 0
             rows = rows[keep]
             scores = scores[keep] / norms[keep]
-        self._memo_key = key
-        self._memo = (rows, scores)
-        return self._memo
-
-    def candidates(self, user_id: str, n: int) -> IntArray:
-        """Return the items whose titles are closest to the user's last items."""
-        rows, scores = self._user_scores(user_id)
-        return best_rows(rows, scores, n)
-
-    def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
-        """Return the title similarity of the given items to the user's last items."""
-        rows, scores = self._user_scores(user_id)
-        return scores_of(rows, scores, items)
+        return rows, scores
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's last items. Titles contain no user id."""
         self._recent.pop(user_id, None)
-        self._memo_key = None
-        self._version += 1
+        self._drop_kept_scores()
 
     def state_bytes(self) -> int:
         """Return an estimate: about 100 bytes per word, indexed title word and recent item."""

@@ -133,3 +133,12 @@ def test_forget_user_drops_user_state(name: str) -> None:
     items, _ = engine.models[name].score("u1", _all_items(engine))
     assert len(items) == 0
     assert len(engine.models[name].candidates("u1", 5)) == 0
+
+
+def test_forget_user_leaves_no_id_in_state(name: str) -> None:
+    engine = _trained()
+    model = engine.models[name]
+    model.candidates("u1", 5)
+    model.score("u1", _all_items(engine))
+    model.forget_user("u1")
+    assert b"u1" not in pickle.dumps(model)
