@@ -155,14 +155,19 @@ class ForgetRequest:
     timestamp_ms: int
 
 
-def parse_object(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+def parse_object(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Parse one message into a JSON object, or raise `SchemaError`.
+
+    ``None`` is a message with a null value, such as a Kafka tombstone.
 
     >>> parse_object(b'[1, 2]')
     Traceback (most recent call last):
     ...
     schemas.events.SchemaError: expected a JSON object, got a JSON array
     """
+    if raw is None:
+        msg = "message value is null (a tombstone); expected a JSON object"
+        raise SchemaError("null_value", msg)
     if len(raw) > max_bytes:
         msg = f"message is {len(raw)} bytes, over the limit of {max_bytes} bytes"
         raise SchemaError("too_large", msg)
@@ -201,7 +206,7 @@ def _raise_if_not_finite(raw: bytes, cause: Exception) -> None:
 
 
 def decode_event(
-    raw: bytes,
+    raw: bytes | None,
     *,
     topic_type: str | None = None,
     key: bytes | None = None,
@@ -289,7 +294,7 @@ def event_from_object(obj: dict[str, Any]) -> Event:
     )
 
 
-def decode_item_update(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ItemUpdate:
+def decode_item_update(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ItemUpdate:
     """Decode one message of items.updates, or raise `SchemaError`.
 
     >>> update = decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000,'
@@ -318,7 +323,7 @@ def decode_item_update(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Ite
     return ItemUpdate(item_id, timestamp_ms, in_stock, price, category, title)
 
 
-def decode_forget(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ForgetRequest:
+def decode_forget(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> ForgetRequest:
     """Decode one message of users.forget, or raise `SchemaError`.
 
     >>> decode_forget(b'{"user_id": "u1", "timestamp": "2024-01-01T00:00:00Z"}')

@@ -53,7 +53,8 @@ class Message:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    # None for a record with a null value, such as a tombstone.
+    value: bytes | None
 
 
 @dataclass
@@ -141,7 +142,6 @@ class Processor:
         outcome = BatchOutcome()
         accepted: list[Event] = []
         now_ms = int(self.clock() * 1000)
-        horizon_ms = now_ms + int(self.settings.max_future_skew_s * 1000)
 
         consumed: Counter[str] = Counter()
         for message in messages:
@@ -157,15 +157,12 @@ class Processor:
                     check_key=self.settings.check_key,
                     max_bytes=self.settings.max_message_bytes,
                 )
-                if event.timestamp_ms > horizon_ms:
-                    ahead_s = (event.timestamp_ms - now_ms) / 1000
-                    msg = (
-                        f"timestamp is {ahead_s:.0f} s ahead of the worker clock; "
-                        f"the limit is {self.settings.max_future_skew_s:.0f} s"
-                    )
-                    raise SchemaError("timestamp_in_future", msg, "timestamp")
+                self._check_not_future(event.timestamp_ms, now_ms)
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
+                outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
 
             pseudonym = self.pseudonymize(event.user_id)
@@ -226,6 +223,9 @@ class Processor:
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
                 continue
+            except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
+                outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
+                continue
             self.engine.update_item(update)
             if update.in_stock is False:
                 row = self.engine.catalog.index.get(update.item_id)
@@ -244,8 +244,14 @@ class Processor:
                 continue
             try:
                 request = decode_forget(message.value, max_bytes=self.settings.max_message_bytes)
+                # A request stamped ahead would drop the user's events up to
+                # that time, and the registry never moves a stamp back.
+                self._check_not_future(request.timestamp_ms, now_ms)
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
+                outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
             pseudonym = self.forget(request.user_id, request.timestamp_ms)
             outcome.forgotten.append((pseudonym, self.redis_key(request.user_id, pseudonym)))
@@ -389,6 +395,15 @@ class Processor:
         self.offsets[tp] = message.offset + 1
         return True
 
+    def _check_not_future(self, timestamp_ms: int, now_ms: int) -> None:
+        if timestamp_ms > now_ms + int(self.settings.max_future_skew_s * 1000):
+            ahead_s = (timestamp_ms - now_ms) / 1000
+            msg = (
+                f"timestamp is {ahead_s:.0f} s ahead of the worker clock; "
+                f"the limit is {self.settings.max_future_skew_s:.0f} s"
+            )
+            raise SchemaError("timestamp_in_future", msg, "timestamp")
+
     def _drop(self, reason: str) -> None:
         self.metrics.dropped.labels(reason=reason).inc()
         self.counts[reason] += 1
@@ -425,13 +440,33 @@ class Processor:
         key = None if message.key is None else self._redact_key(message)
         return key, orjson.dumps(record)
 
+    def _decode_failed(
+        self, message: Message, error: Exception, now_ms: int
+    ) -> tuple[bytes | None, bytes]:
+        # A decoder that raises anything but SchemaError has a bug. The
+        # message goes to the dead-letter topic like any rejected one, so
+        # that the rest of its batch is still applied and it can be replayed
+        # once the bug is fixed. Only the exception's type is logged and
+        # kept, because its text may quote the message and so a user id.
+        logger.error(
+            "decoding the message from %s[%d]@%d failed with %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            type(error).__name__,
+        )
+        detail = f"the decoder failed with {type(error).__name__}; expected a valid message"
+        return self._dead_letter(message, SchemaError("decode_failed", detail), now_ms)
+
     def _redact_key(self, message: Message) -> bytes:
         if message.topic == self.settings.topic(ITEMS_TOPIC):
             return message.key or b""
         text = (message.key or b"").decode("utf-8", "replace")
         return self.pseudonymize(text).encode()
 
-    def _redacted_payload(self, raw: bytes) -> dict[str, Any] | str:
+    def _redacted_payload(self, raw: bytes | None) -> dict[str, Any] | str:
+        if raw is None:
+            return ""
         try:
             obj = orjson.loads(raw) if len(raw) <= self.settings.max_message_bytes else None
         except orjson.JSONDecodeError:

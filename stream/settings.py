@@ -245,7 +245,9 @@ SETTINGS_DOC: dict[str, str] = {
     "refresh_batch": "Users whose lists are recomputed in one batched call.",
     "spare_items": "Items ranked below the cut of each list, to replace sold-out items at once.",
     "max_message_bytes": "Messages larger than this go to the dead-letter topic.",
-    "max_future_skew_s": "Events stamped further ahead of the worker clock are rejected.",
+    "max_future_skew_s": (
+        "Events and forget requests stamped further ahead of the worker clock are rejected."
+    ),
     "check_key": "Reject events whose Kafka key is not their user_id.",
     "dedup_window_s": "Event time span over which event ids are remembered, in seconds.",
     "dedup_max_entries": "Most event ids remembered, whatever their age.",

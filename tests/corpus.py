@@ -19,7 +19,7 @@ class BadCase:
     """A message that must be rejected with ``reason`` blaming ``field``."""
 
     name: str
-    value: bytes
+    value: bytes | None
     reason: str
     field: str | None
     topic_type: str = "view"
@@ -57,6 +57,7 @@ def _nested(depth: int) -> bytes:
 BAD_CASES: list[BadCase] = [
     BadCase("not json", b"hello", "not_json", None),
     BadCase("empty message", b"", "not_json", None),
+    BadCase("null value (tombstone)", None, "null_value", None),
     BadCase("truncated json", b'{"event_id": "e-1", "type": "vi', "not_json", None),
     BadCase("invalid utf-8", b'{"event_id": "\xff\xfe", "type": "view"}', "not_utf8", None),
     BadCase("lone surrogate", b'{"event_id": "\\ud800", "type": "view"}', "not_utf8", None),

@@ -33,7 +33,7 @@ async def produce_events(settings: Settings, events: Iterable[Event]) -> int:
 
 
 async def produce_raw(
-    settings: Settings, records: Iterable[tuple[str, bytes | None, bytes]]
+    settings: Settings, records: Iterable[tuple[str, bytes | None, bytes | None]]
 ) -> None:
     """Produce (topic name without prefix, key, value) records as they are."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")

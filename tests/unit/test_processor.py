@@ -253,3 +253,75 @@ def test_item_update_with_wrong_key_rejected():
     update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
     outcome = processor.process_item_updates([Message("items.updates", 0, 0, b"other", update)])
     assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "key_mismatch"
+
+
+def test_null_value_event_rejected_batch_kept():
+    processor = _processor()
+    first = Event("n-1", "view", "u2", "x1", NOW_MS - 2000)
+    last = Event("n-2", "view", "u2", "x2", NOW_MS - 1000)
+    messages = [_message(first, 0), Message("events.view", 0, 1, b"u2", None), _message(last, 2)]
+    outcome = processor.process_events(messages)
+    assert outcome.applied == 2
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "null_value"
+    assert validator("deadletter.schema.json").is_valid(record)
+
+
+def test_null_value_item_update_rejected_batch_kept():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
+    messages = [
+        Message("items.updates", 0, 0, b"item-2", None),
+        Message("items.updates", 0, 1, b"item-2", update),
+    ]
+    outcome = processor.process_item_updates(messages)
+    assert outcome.unavailable == [processor.engine.catalog.index["item-2"]]
+    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "null_value"
+
+
+def test_null_value_forget_rejected_batch_kept():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    request = orjson.dumps({"user_id": "user-3", "timestamp": NOW_MS})
+    messages = [
+        Message("users.forget", 0, 0, b"user-3", None),
+        Message("users.forget", 0, 1, b"user-3", request),
+    ]
+    outcome = processor.process_forget(messages)
+    assert outcome.applied == 1
+    assert not processor.engine.has_user(processor.pseudonymize("user-3"))
+    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "null_value"
+
+
+def test_decoder_bug_becomes_dead_letter(monkeypatch):
+    import stream.processor
+
+    real = stream.processor.decode_event
+
+    def flaky(raw, **kwargs):
+        if b"boom" in raw:
+            raise RuntimeError("decoder bug")
+        return real(raw, **kwargs)
+
+    monkeypatch.setattr(stream.processor, "decode_event", flaky)
+    processor = _processor()
+    bad = Event("e-boom", "view", "u", "boom", NOW_MS - 2000)
+    good = Event("e-ok", "view", "u", "fine", NOW_MS - 1000)
+    outcome = processor.process_events(_stream([bad, good]))
+    assert outcome.applied == 1
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "decode_failed"
+    assert "RuntimeError" in record["detail"]
+    assert "decoder bug" not in record["detail"]
+
+
+def test_future_forget_rejected_with_skew():
+    processor = _processor(max_future_skew_s=60)
+    processor.process_events(_stream(_warm_events()))
+    ahead = orjson.dumps({"user_id": "user-3", "timestamp": NOW_MS + 3_600_000})
+    outcome = processor.process_forget([Message("users.forget", 0, 0, b"user-3", ahead)])
+    assert outcome.applied == 0
+    assert not processor.forgotten
+    assert processor.engine.has_user(processor.pseudonymize("user-3"))
+    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "timestamp_in_future"
