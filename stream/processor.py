@@ -41,8 +41,16 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _PAYLOAD_PREVIEW = 2048
-# A user_id value in text that may be cut short, so the closing quote is optional.
-_USER_ID_IN_TEXT = re.compile(rb'("user_id"\s*:\s*")((?:[^"\\]|\\.)*)("|$)')
+# A user_id value in text that is not valid JSON: the name may be escaped
+# (user\u005fid), either quote may be single, and the text may be cut short,
+# so the closing quote is optional. Groups: the text up to the value, the
+# name's quote, the value's quote, the value, and the closing quote.
+_USER_ID_IN_TEXT = re.compile(
+    rb"""((["'])user(?:_|\\u005[fF])id\2\s*:\s*(["']))((?:(?!\3)[^\\]|\\.)*)(\3|$)"""
+)
+# Keys shorter than this are not searched for in the text of a payload,
+# because replacing every "7" or "42" would garble it.
+_MIN_KEY_TO_REDACT = 3
 
 
 @dataclass(slots=True)
@@ -435,7 +443,7 @@ class Processor:
                 "offset": message.offset,
             },
             "received_at": now_ms,
-            "payload": self._redacted_payload(message.value),
+            "payload": self._redacted_payload(message),
         }
         key = None if message.key is None else self._redact_key(message)
         return key, orjson.dumps(record)
@@ -464,7 +472,8 @@ class Processor:
         text = (message.key or b"").decode("utf-8", "replace")
         return self.pseudonymize(text).encode()
 
-    def _redacted_payload(self, raw: bytes | None) -> dict[str, Any] | str:
+    def _redacted_payload(self, message: Message) -> dict[str, Any] | str:
+        raw = message.value
         if raw is None:
             return ""
         try:
@@ -483,16 +492,25 @@ class Processor:
             raw = text
         # Not an object, or too long to keep whole: keep a cut text with any
         # user_id value that can be found replaced by its pseudonym.
-        cut = raw[:_PAYLOAD_PREVIEW]
-        redacted = _USER_ID_IN_TEXT.sub(
+        cut = _USER_ID_IN_TEXT.sub(
             lambda m: (
                 m.group(1)
-                + self.pseudonymize(m.group(2).decode("utf-8", "replace")).encode()
-                + m.group(3)
+                + self.pseudonymize(m.group(4).decode("utf-8", "replace")).encode()
+                + m.group(5)
             ),
-            cut,
+            raw[:_PAYLOAD_PREVIEW],
         )
-        return redacted.decode("utf-8", "replace")
+        # Producers key user messages by user id, so the key finds the id
+        # wherever the text contains it, whatever the field is called.
+        key = message.key
+        if (
+            key
+            and len(key) >= _MIN_KEY_TO_REDACT
+            and message.topic != self.settings.topic(ITEMS_TOPIC)
+        ):
+            pseudonym = self.pseudonymize(key.decode("utf-8", "replace")).encode()
+            cut = cut.replace(key, pseudonym)
+        return cut.decode("utf-8", "replace")
 
 
 def _event_time(event: Event) -> int:

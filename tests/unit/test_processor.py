@@ -325,3 +325,28 @@ def test_future_forget_rejected_with_skew():
     assert not processor.forgotten
     assert processor.engine.has_user(processor.pseudonymize("user-3"))
     assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "timestamp_in_future"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{'event_id': 'L1', 'type': 'view', 'user_id': 'alice@example.com', 'timestamp': 1}",
+        b'{"user\\u005fid": "alice@example.com", "type": "view",}',
+        b'{"customer": "alice@example.com", "type": "view"',
+    ],
+    ids=["single quotes", "escaped name", "other field"],
+)
+def test_unparsed_dead_letter_hides_user_id(raw):
+    processor = _processor()
+    outcome = processor.process_events([Message("events.view", 0, 0, b"alice@example.com", raw)])
+    key, value = outcome.dead_letters[0]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert b"alice" not in key
+
+
+def test_short_key_not_replaced_in_text():
+    processor = _processor()
+    raw = b"7 not json 7"
+    outcome = processor.process_events([Message("events.view", 0, 0, b"7", raw)])
+    assert orjson.loads(outcome.dead_letters[0][1])["payload"] == "7 not json 7"
