@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _PAYLOAD_PREVIEW = 2048
+# Idle rate budgets are dropped after this many events, so the scan over all
+# budgets costs little per event.
+_SWEEP_EVERY_EVENTS = 50_000
 # A user_id value in text that is not valid JSON: the name may be escaped
 # (user\u005fid), either quote may be single, and the text may be cut short,
 # so the closing quote is optional. Groups: the text up to the value, the
@@ -141,6 +144,10 @@ class Processor:
         self.offsets: dict[tuple[str, int], int] = {}
         self.counts: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
+        # Newest event time seen, and the events checked by the rate limit
+        # since its idle budgets were last dropped.
+        self._newest_event_ms = 0
+        self._limited_since_sweep = 0
         self._event_topics = {settings.topic(name): kind for kind, name in EVENT_TOPICS.items()}
 
     # -- events -------------------------------------------------------------
@@ -183,6 +190,8 @@ class Processor:
                 self.metrics.duplicates.inc()
                 self.counts["duplicate"] += 1
                 continue
+            self._newest_event_ms = max(self._newest_event_ms, event.timestamp_ms)
+            self._limited_since_sweep += 1
             if not self.limiter.allow(pseudonym, event.timestamp_ms):
                 self._drop("rate_limited")
                 continue
@@ -194,6 +203,11 @@ class Processor:
             event.user_id = pseudonym
             accepted.append(event)
 
+        if self._limited_since_sweep >= _SWEEP_EVERY_EVENTS:
+            # Without this, the limiter would keep a budget for every user
+            # ever seen, in memory and in every checkpoint.
+            self.limiter.sweep(self._newest_event_ms)
+            self._limited_since_sweep = 0
         for topic, count in consumed.items():
             self.metrics.consumed.labels(topic=topic).inc(count)
         if accepted:

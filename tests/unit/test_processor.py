@@ -327,6 +327,19 @@ def test_future_forget_rejected_with_skew():
     assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "timestamp_in_future"
 
 
+def test_idle_rate_budgets_are_dropped(monkeypatch):
+    import stream.processor
+
+    monkeypatch.setattr(stream.processor, "_SWEEP_EVERY_EVENTS", 10)
+    processor = _processor()
+    early = [Event(f"a-{n}", "view", f"early-{n}", "i", NOW_MS - 3_600_000) for n in range(5)]
+    late = [Event(f"b-{n}", "view", f"late-{n}", "i", NOW_MS - 1000 + n) for n in range(5)]
+    processor.process_events(_stream([*early, *late]))
+    kept = processor.limiter.users()
+    assert len(kept) == 5
+    assert all(processor.pseudonymize(f"late-{n}") in kept for n in range(5))
+
+
 @pytest.mark.parametrize(
     "raw",
     [
