@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -190,6 +191,10 @@ class Worker:
             self._take(outcome)
             if outcome.unavailable:
                 self.rewrite_without(outcome.unavailable)
+                # Users with no list of their own read the popular list, so
+                # it drops the sold-out items now rather than at its next timer.
+                self._require_sink().put(self.processor.popular_key, self.processor.popular_list())
+                self._last_popular = time.monotonic()
                 # An item update marks no user dirty by itself, so nothing else
                 # would wake the loop for the lists that the rewrite left short.
                 self._wake_refresher()
@@ -199,6 +204,7 @@ class Worker:
         engine = self.processor.engine
         catalog = engine.catalog
         started = time.perf_counter()
+        self.served.expire(time.time())
         rewritten = self.served.rewrite(
             item_rows,
             catalog.in_stock,
@@ -209,7 +215,7 @@ class Worker:
         )
         sink = self._require_sink()
         for entry in rewritten:
-            sink.put(entry.key, entry.payload)
+            sink.put_existing(entry.key, entry.payload)
             if entry.short:
                 self.dirty[entry.pseudonym] = ""
                 self._short[entry.pseudonym] = entry.key
@@ -282,18 +288,25 @@ class Worker:
         batch: list[str] = []
 
         async def load(keys: list[str]) -> int:
-            values = await sink.client.mget(keys)
+            async with sink.client.pipeline(transaction=False) as pipe:
+                pipe.mget(keys)
+                for key in keys:
+                    pipe.pttl(key)
+                values, *ttls_ms = await pipe.execute()
+            now_s = time.time()
             count = 0
             catalog = self.processor.engine.catalog
-            for key, raw in zip(keys, values, strict=True):
-                if raw is None:
+            for key, raw, ttl_ms in zip(keys, values, ttls_ms, strict=True):
+                # PTTL is -2 for a key that has gone and -1 for one without expiry.
+                if raw is None or ttl_ms == -2:
                     continue
+                expires_at = math.inf if ttl_ms < 0 else now_s + ttl_ms / 1000
                 ident = key[len(prefix) :]
                 pseudonym = ident if by_pseudonym else pseudonymize(ident)
                 if pseudonym in self.served:
                     continue
                 value = RecommendationList.from_json(raw)
-                self.served.record(pseudonym, key, value.items, catalog.index.get)
+                self.served.record(pseudonym, key, value.items, catalog.index.get, expires_at)
                 count += 1
             return count
 
@@ -355,9 +368,19 @@ class Worker:
                 short[pseudonym] = key
         sink = self._require_sink()
         item_row = self.processor.engine.catalog.index.get
+        expires_at = time.time() + self.settings.ttl_s
         for entry in self.processor.refresh(plain, keys=short):
-            self.served.record(entry.pseudonym, entry.key, entry.items, item_row)
-            sink.put(entry.key, entry.payload)
+            if entry.pseudonym in short and entry.pseudonym in self.served:
+                # A list cut short by a sold-out item: the user sent no event,
+                # so it keeps its expiry and is not written once Redis has
+                # expired it. A list owed by a checkpoint is not in the index
+                # until it is written, so it gets a plain write.
+                expiry = self.served.expires_at(entry.pseudonym)
+                self.served.record(entry.pseudonym, entry.key, entry.items, item_row, expiry)
+                sink.put_existing(entry.key, entry.payload)
+            else:
+                self.served.record(entry.pseudonym, entry.key, entry.items, item_row, expires_at)
+                sink.put(entry.key, entry.payload)
         return len(chunk)
 
     async def _send_dead_letters(self) -> None:
@@ -377,6 +400,7 @@ class Worker:
         if now - self._last_popular >= _POPULAR_EVERY_S:
             self._last_popular = now
             sink.put(self.processor.popular_key, self.processor.popular_list())
+            self.served.expire(time.time())
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))

@@ -11,10 +11,14 @@ index into a table of source tuples (``int16``), so a lookup of every list
 that holds an item is one vectorized scan. The Redis key of each user is kept
 in memory only: it may contain the shop's user id, which must not rest in a
 checkpoint. After a restart the index is rebuilt from the lists in Redis.
+
+Each entry also keeps the time its Redis key expires. An entry past it is
+dropped, so a sold-out item never writes back a list that Redis has expired.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +50,8 @@ class ServedLists:
         self._pseudonyms: list[str | None] = []
         self._keys: list[str | None] = []
         self._free: list[int] = []
+        # Epoch seconds at which each list's Redis key expires.
+        self._expires = np.full(capacity, math.inf, dtype=np.float64)
         self._items = np.full((capacity, depth), _EMPTY, dtype=np.int32)
         self._scores = np.zeros((capacity, depth), dtype=np.float32)
         self._sources = np.zeros((capacity, depth), dtype=np.int16)
@@ -64,14 +70,19 @@ class ServedLists:
         key: str,
         items: Sequence[RecommendedItem],
         item_row: Callable[[str], int | None],
+        expires_at: float = math.inf,
     ) -> None:
-        """Remember the list written for ``pseudonym`` under ``key``."""
+        """Remember the list written for ``pseudonym`` under ``key``, expiring at ``expires_at``.
+
+        ``expires_at`` is in epoch seconds, like the key's TTL in Redis.
+        """
         row = self._rows.get(pseudonym)
         if row is None:
             row = self._allocate()
             self._rows[pseudonym] = row
         self._pseudonyms[row] = pseudonym
         self._keys[row] = key
+        self._expires[row] = expires_at
         self._items[row] = _EMPTY
         position = 0
         for entry in items[: self.depth]:
@@ -88,9 +99,27 @@ class ServedLists:
         row = self._rows.pop(pseudonym, None)
         if row is not None:
             self._items[row] = _EMPTY
+            self._expires[row] = math.inf
             self._keys[row] = None
             self._pseudonyms[row] = None
             self._free.append(row)
+
+    def expires_at(self, pseudonym: str) -> float:
+        """Return when the list of ``pseudonym`` expires, in epoch seconds; inf when unknown."""
+        row = self._rows.get(pseudonym)
+        return math.inf if row is None else float(self._expires[row])
+
+    def expire(self, now_s: float) -> int:
+        """Drop the lists whose Redis key has expired by ``now_s``; return how many."""
+        used = len(self._keys)
+        doomed = np.flatnonzero(self._expires[:used] <= now_s).tolist()
+        count = 0
+        for row in doomed:
+            pseudonym = self._pseudonyms[row]
+            if pseudonym is not None:
+                self.forget(pseudonym)
+                count += 1
+        return count
 
     def holders(self, item_rows: Sequence[int]) -> npt.NDArray[np.int64]:
         """Return the rows whose list contains any of ``item_rows``."""
@@ -174,6 +203,9 @@ class ServedLists:
             grown = np.full((capacity, self.depth), fill, dtype=old.dtype)
             grown[: len(old)] = old
             setattr(self, name, grown)
+        expires = np.full(capacity, math.inf, dtype=np.float64)
+        expires[: len(self._expires)] = self._expires
+        self._expires = expires
 
     def _source_id(self, sources: tuple[str, ...]) -> int:
         index = self._source_index.get(sources)

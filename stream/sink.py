@@ -2,7 +2,9 @@
 
 Lists wait in a pending map keyed by Redis key, so a user refreshed twice
 before a write is written once, with the newer list. ``SET key value EX ttl``
-replaces a value and its expiry in one atomic command. When a pipeline fails
+replaces a value and its expiry in one atomic command. A list rewritten
+without a sold-out item uses ``SET key value XX KEEPTTL`` instead, so it never
+brings back a key that has expired and keeps its expiry. When a pipeline fails
 part-way, its connection is in an unknown state, so the pool is disconnected.
 The batch goes back into the pending map unless a newer list arrived, and
 after a backoff a new pipeline is built on a new connection.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,8 +28,17 @@ from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# A pending value of None deletes the key.
-Pending = dict[str, bytes | None]
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """A pending value written only over a key that still exists, keeping its TTL."""
+
+    payload: bytes
+
+
+# A pending value of None deletes the key. Bytes replace the value and renew
+# the TTL. `Existing` rewrites a list that Redis has not expired.
+Pending = dict[str, bytes | Existing | None]
 
 
 def redis_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
@@ -64,6 +76,21 @@ class RedisSink:
     def put(self, key: str, payload: bytes) -> None:
         """Queue ``payload`` as the new value of ``key``."""
         self.pending[key] = payload
+        self._idle.clear()
+        self._wakeup.set()
+
+    def put_existing(self, key: str, payload: bytes) -> None:
+        """Queue ``payload`` for ``key`` only if the key still exists, keeping its TTL.
+
+        A list written by `put` and not yet sent stays a plain write, because
+        its key may not exist in Redis yet. A pending deletion stays one.
+        """
+        if key in self.pending and self.pending[key] is None:
+            return
+        if isinstance(self.pending.get(key), bytes):
+            self.pending[key] = payload
+        else:
+            self.pending[key] = Existing(payload)
         self._idle.clear()
         self._wakeup.set()
 
@@ -116,6 +143,8 @@ class RedisSink:
                 for key, payload in batch.items():
                     if payload is None:
                         pipe.delete(key)
+                    elif isinstance(payload, Existing):
+                        pipe.set(key, payload.payload, xx=True, keepttl=True)
                     else:
                         pipe.set(key, payload, ex=self.settings.ttl_s)
                 await pipe.execute()

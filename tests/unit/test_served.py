@@ -77,3 +77,23 @@ def test_index_grows_past_capacity():
         served.record(f"u{n}", f"recs:user:u{n}", _entries(n % 10, (n + 1) % 10), INDEX.get)
     assert len(served) == 10
     assert len(served.holders([0])) == 2
+
+
+def test_expired_list_is_dropped():
+    served = ServedLists(depth=4)
+    served.record("a", "recs:user:a", _entries(0, 1, 2), INDEX.get, expires_at=100.0)
+    served.record("b", "recs:user:b", _entries(1, 2, 3), INDEX.get, expires_at=200.0)
+    assert served.expire(150.0) == 1
+    assert "a" not in served
+    assert served.expires_at("b") == 200.0
+    assert [r.key for r in served.rewrite([1], _stock(1), ITEMS, 2, 7, "v1")] == ["recs:user:b"]
+
+
+def test_expiry_survives_growth():
+    served = ServedLists(depth=2, capacity=2)
+    for n in range(5):
+        served.record(f"u{n}", f"recs:user:u{n}", _entries(n), INDEX.get, expires_at=float(n))
+    assert served.expires_at("u4") == 4.0
+    assert served.expires_at("nobody") == float("inf")
+    assert served.expire(2.0) == 3
+    assert len(served) == 2
