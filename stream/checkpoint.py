@@ -75,7 +75,11 @@ class CheckpointStore:
 
         final = self.folder / f"checkpoint-{sequence:020d}.bin"
         temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
+        # Owner-only, like the pseudonym key, because the state contains pseudonymized
+        # histories. A file left by a crash could have other permissions.
+        temporary.unlink(missing_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
             handle.write(header)
             handle.write(payload)
             handle.flush()

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 PREFIX = "FUSIONREC_"
 
@@ -183,11 +184,31 @@ class Settings:
             value = getattr(self, spec.name)
             if spec.name in _SECRETS and value:
                 value = "***"
+            elif spec.name in _URLS and isinstance(value, str):
+                value = _mask_url_password(value)
             out[PREFIX + spec.name.upper()] = value
         return out
 
 
 _SECRETS = frozenset({"kafka_sasl_password", "redis_password", "pseudonym_key"})
+# URLs that may carry a password in their user-info part.
+_URLS = frozenset({"redis_url"})
+
+
+def _mask_url_password(url: str) -> str:
+    """Replace the password in a URL's user-info part with ``***``.
+
+    >>> _mask_url_password("redis://:secret@127.0.0.1:6379/0")
+    'redis://:***@127.0.0.1:6379/0'
+    >>> _mask_url_password("redis://127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _convert(name: str, raw: str, default: object) -> object:

@@ -198,6 +198,11 @@ def test_settings_mask_secrets():
     assert masked["FUSIONREC_PSEUDONYM_KEY"] == "***"
 
 
+def test_settings_mask_url_password():
+    masked = Settings(redis_url="redis://shop:urlpass@127.0.0.1:6379/0").masked()
+    assert masked["FUSIONREC_REDIS_URL"] == "redis://shop:***@127.0.0.1:6379/0"
+
+
 def test_settings_parse_weights():
     assert Settings(weights="mf=1, popular=0.5").parsed_weights() == {"mf": 1.0, "popular": 0.5}
     with pytest.raises(SettingsError, match="name=number"):
@@ -218,3 +223,9 @@ def test_json_log_line_has_extras():
     assert line["message"] == "checkpoint written x"
     assert line["event"] == "checkpoint_written"
     assert line["level"] == "info"
+
+
+def test_checkpoint_file_is_owner_only(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    info = store.write({"n": 1})
+    assert info.path.stat().st_mode & 0o777 == 0o600
