@@ -15,10 +15,12 @@ import asyncio
 import importlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import orjson
 
+from schemas import SchemaError, decode_forget
 from stream.logs import configure_logging
 from stream.settings import SETTINGS_DOC, Settings, SettingsError
 
@@ -55,12 +57,29 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _recs(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from stream.reader import read_list
 
+    if bool(args.user) == args.popular:
+        print("fusionrec recs: give either a user id or --popular", file=sys.stderr)
+        return 2
     settings = Settings.from_env()
-    value = asyncio.run(read_list(settings, args.user, popular=args.popular))
+    try:
+        value = asyncio.run(read_list(settings, args.user, popular=args.popular))
+    except (RedisError, OSError) as exc:
+        print(
+            f"fusionrec: cannot read from Redis at {settings.masked()['FUSIONREC_REDIS_URL']}"
+            f" ({exc}). Start it with `make services-up` or set FUSIONREC_REDIS_URL.",
+            file=sys.stderr,
+        )
+        return 1
     if value is None:
-        print(f"no list in Redis for user {args.user!r}", file=sys.stderr)
+        name = "recs:popular" if args.popular else f"user {args.user!r}"
+        print(
+            f"no list in Redis for {name}; a user with no list yet is served recs:popular",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
@@ -77,6 +96,14 @@ def _forget(args: argparse.Namespace) -> int:
     from stream.reader import request_forget
 
     settings = Settings.from_env()
+    # The worker would reject an invalid request to the dead-letter topic, so
+    # it is checked here first, with the same decoder.
+    request = orjson.dumps({"user_id": args.user, "timestamp": int(time.time() * 1000)})
+    try:
+        decode_forget(request)
+    except SchemaError as exc:
+        print(f"fusionrec: invalid forget request: {exc.detail}", file=sys.stderr)
+        return 2
     asyncio.run(request_forget(settings, args.user))
     print("forget request sent; the worker erases the user within a second of reading it")
     return 0
@@ -109,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
 
     recs = commands.add_parser("recs", help="print a user's list from Redis")
-    recs.add_argument("user", nargs="?", default="", help="the shop's user id")
+    recs.add_argument(
+        "user", nargs="?", default="", help="the shop's user id (leave out with --popular)"
+    )
     recs.add_argument("--popular", action="store_true", help="print recs:popular instead")
     recs.add_argument("--json", action="store_true", help="print the stored JSON value")
     recs.set_defaults(handler=_recs)
@@ -153,6 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"fusionrec: invalid setting: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout went away, as `fusionrec recs USER | head`
+        # does. Python would report the pipe again when it flushes stdout at
+        # exit, so stdout is pointed at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return code
 
 

@@ -229,3 +229,10 @@ def test_checkpoint_file_is_owner_only(tmp_path):
     store = CheckpointStore(tmp_path, b"k" * 32)
     info = store.write({"n": 1})
     assert info.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_rejects_empty_forget(capsys):
+    from stream.cli import main
+
+    assert main(["forget", ""]) == 2
+    assert "user_id is empty" in capsys.readouterr().err
