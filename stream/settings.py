@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 PREFIX = "FUSIONREC_"
 
@@ -126,6 +126,11 @@ class Settings:
             if value <= 0:
                 msg = f"{PREFIX}{name.upper()} is {value}; expected a positive number"
                 raise SettingsError(msg)
+        if self.ttl_s < MIN_TTL_S:
+            # recs:popular is written with this TTL and rebuilt every few
+            # seconds, so a shorter TTL would let it vanish between rebuilds.
+            msg = f"{PREFIX}TTL_S is {self.ttl_s}; expected at least {MIN_TTL_S} seconds"
+            raise SettingsError(msg)
         if self.redis_key_by not in ("user_id", "pseudonym"):
             msg = (
                 f"{PREFIX}REDIS_KEY_BY is {self.redis_key_by!r}; expected 'user_id' or 'pseudonym'"
@@ -190,25 +195,37 @@ class Settings:
         return out
 
 
+# The shortest list expiry accepted, in seconds.
+MIN_TTL_S = 60
+
 _SECRETS = frozenset({"kafka_sasl_password", "redis_password", "pseudonym_key"})
-# URLs that may carry a password in their user-info part.
+# URLs that may carry a password in their user-info part or query string.
 _URLS = frozenset({"redis_url"})
 
 
 def _mask_url_password(url: str) -> str:
-    """Replace the password in a URL's user-info part with ``***``.
+    """Replace the password in a URL's user-info part or query string with ``***``.
 
     >>> _mask_url_password("redis://:secret@127.0.0.1:6379/0")
     'redis://:***@127.0.0.1:6379/0'
+    >>> _mask_url_password("redis://127.0.0.1:6379/0?password=secret&db=1")
+    'redis://127.0.0.1:6379/0?password=***&db=1'
     >>> _mask_url_password("redis://127.0.0.1:6379/0")
     'redis://127.0.0.1:6379/0'
     """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    # redis-py also reads a password from the query string.
+    query = [
+        (name, "***" if name.lower() == "password" else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    if query:
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def _convert(name: str, raw: str, default: object) -> object:
@@ -250,7 +267,10 @@ SETTINGS_DOC: dict[str, str] = {
     "redis_ssl_ca_certs": "CA bundle for a rediss:// server.",
     "redis_key_prefix": "Prefix of the list keys: {prefix}user:{id} and {prefix}popular.",
     "redis_key_by": "user_id (the shop's id, default) or pseudonym (the keyed HMAC).",
-    "ttl_s": "Expiry of every user list, in seconds, renewed on each rewrite.",
+    "ttl_s": (
+        "Expiry of every user list, in seconds (at least 60), renewed whenever the list "
+        "is recomputed."
+    ),
     "redis_write_batch": "Lists written per Redis pipeline.",
     "redis_retry_max_s": "Longest wait between Redis retries during an outage, in seconds.",
     "k": "Length of each list.",

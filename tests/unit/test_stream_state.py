@@ -203,6 +203,17 @@ def test_settings_mask_url_password():
     assert masked["FUSIONREC_REDIS_URL"] == "redis://shop:***@127.0.0.1:6379/0"
 
 
+def test_settings_mask_query_password():
+    masked = Settings(redis_url="redis://127.0.0.1:6379/0?password=urlpass").masked()
+    assert "urlpass" not in masked["FUSIONREC_REDIS_URL"]
+    assert masked["FUSIONREC_REDIS_URL"] == "redis://127.0.0.1:6379/0?password=***"
+
+
+def test_settings_reject_short_ttl():
+    with pytest.raises(SettingsError, match="TTL_S is 4; expected at least 60"):
+        Settings.from_env({"FUSIONREC_TTL_S": "4"})
+
+
 def test_settings_parse_weights():
     assert Settings(weights="mf=1, popular=0.5").parsed_weights() == {"mf": 1.0, "popular": 0.5}
     with pytest.raises(SettingsError, match="name=number"):
