@@ -44,12 +44,27 @@ _PAYLOAD_PREVIEW = 2048
 # Idle rate budgets are dropped after this many events, so the scan over all
 # budgets costs little per event.
 _SWEEP_EVERY_EVENTS = 50_000
-# A user_id value in text that is not valid JSON: the name may be escaped
-# (user\u005fid), either quote may be single, and the text may be cut short,
-# so the closing quote is optional. Groups: the text up to the value, the
-# name's quote, the value's quote, the value, and the closing quote.
+
+
+def _escapable(name: str) -> bytes:
+    r"""Return a pattern of ``name`` with each character literal or as a JSON \u escape."""
+    parts = []
+    for char in name:
+        hex_digits = f"{ord(char):04x}"
+        code = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in hex_digits)
+        parts.append(b"(?:" + re.escape(char.encode()) + rb"|\\u" + code.encode() + b")")
+    return b"".join(parts)
+
+
+# A user_id value in text that is not valid JSON. Any character of the name
+# may be escaped (user\u005fid), the name and the value may be in single or
+# double quotes or in none, and the text may be cut short, so a closing quote
+# is optional. Groups: the text up to the value, the name's quote, the
+# value's quote, the value, and the closing quote.
 _USER_ID_IN_TEXT = re.compile(
-    rb"""((["'])user(?:_|\\u005[fF])id\2\s*:\s*(["']))((?:(?!\3)[^\\]|\\.)*)(\3|$)"""
+    rb"""((["'])?"""
+    + _escapable("user_id")
+    + rb"""(?(2)\2)\s*:\s*(["'])?)((?(3)(?:(?!\3)[^\\]|\\.)*|[^\s,}\]]*))((?(3)(?:\3|$)))"""
 )
 # Keys shorter than this are not searched for in the text of a payload,
 # because replacing every "7" or "42" would garble it.

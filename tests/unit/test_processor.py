@@ -363,3 +363,21 @@ def test_short_key_not_replaced_in_text():
     raw = b"7 not json 7"
     outcome = processor.process_events([Message("events.view", 0, 0, b"7", raw)])
     assert orjson.loads(outcome.dead_letters[0][1])["payload"] == "7 not json 7"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{user_id: 'alice@example.com', item_id: 'i1'}",
+        b"{user_id: alice@example.com, item_id: i1}",
+        b'{"\\u0075ser_id": "alice@example.com"',
+        b"{'user_id': 'alice@example.com', 'type': 'view'",
+    ],
+    ids=["unquoted name", "unquoted value", "first letter escaped", "single quotes"],
+)
+def test_keyless_dead_letter_hides_user_id(raw):
+    processor = _processor()
+    outcome = processor.process_events([Message("events.view", 0, 0, None, raw)])
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
