@@ -72,6 +72,8 @@ class Worker:
         self.served = ServedLists(settings.k + settings.spare_items)
         self.dead_letters: list[tuple[bytes | None, bytes]] = []
         self.assigned: set[TP] = set()
+        # Partitions of the source topics, once the consumer has their metadata.
+        self.partitions_total: int | None = None
         self.last_checkpoint = time.monotonic()
         self._last_popular = 0.0
         self._changed_since_checkpoint = False
@@ -473,6 +475,16 @@ class Worker:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.warning("offset commit skipped: the group is rebalancing")
 
+    def _count_source_partitions(self) -> int | None:
+        """Return the partition count of all source topics, or None while metadata is missing."""
+        total = 0
+        for topic in self._source_topics():
+            count = self.app.consumer.topic_partitions(topic)
+            if count is None:
+                return None
+            total += count
+        return total
+
     def _update_lag(self) -> None:
         consumer = self.app.consumer
         for tp in self.assigned:
@@ -525,11 +537,13 @@ class Worker:
         """Return liveness and readiness with the facts behind them."""
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
-        ready = bool(self.assigned) and redis_ok and not self._stopping
+        shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
+        ready = bool(self.assigned) and redis_ok and not shared and not self._stopping
         return {
             "live": True,
             "ready": ready,
             "partitions_assigned": len(self.assigned),
+            "partitions_total": self.partitions_total,
             "redis_outage": bool(sink and sink.in_outage),
             "lists_pending": len(sink.pending) if sink else 0,
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
@@ -604,11 +618,25 @@ class Worker:
         @app.on_partitions_assigned.connect
         async def on_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
             self.assigned = set(assigned)
+            self.partitions_total = self._count_source_partitions()
             logger.info(
-                "partitions assigned: %d",
+                "partitions assigned: %d of %s",
                 len(assigned),
+                self.partitions_total,
                 extra={"event": "partitions_assigned", "partitions": len(assigned)},
             )
+            if self.partitions_total is not None and len(assigned) < self.partitions_total:
+                # Item updates and forget requests must reach the one worker
+                # that keeps the global item state, so a second worker in the
+                # same group makes both workers wrong.
+                logger.error(
+                    "only %d of %d partitions are assigned: another worker with app id %s "
+                    "shares them, and fusionrec runs one worker per app id; stop the other "
+                    "worker or give it its own FUSIONREC_APP_ID",
+                    len(assigned),
+                    self.partitions_total,
+                    settings.app_id,
+                )
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

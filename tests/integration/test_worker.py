@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
 
 from schemas import Event, validator
-from stream.runner import WorkerProcess, wait_for_lists
+from stream.runner import WorkerProcess, free_port, wait_for_lists
 from stream.sink import redis_client
 from stream.synthetic import generate_events
 from stream.topics import DEADLETTER_TOPIC, EVENT_TOPICS
@@ -166,3 +167,26 @@ async def _user_keys(settings):
 
 def test_event_helper_builds_valid_event():
     assert validator("event.schema.json").is_valid(event())
+
+
+def test_second_worker_in_group_is_reported(run_settings, tmp_path):
+    second_settings = replace(run_settings, web_port=free_port(), data_dir=str(tmp_path / "second"))
+    with WorkerProcess(run_settings, tmp_path / "first.log") as first:
+        first.wait_ready()
+        report = first.health()
+        assert report is not None
+        assert report["partitions_assigned"] == report["partitions_total"]
+        with WorkerProcess(second_settings, tmp_path / "second.log") as second:
+            deadline = time.monotonic() + 90
+            shared = None
+            while time.monotonic() < deadline:
+                shared = first.health()
+                if shared and shared["partitions_assigned"] < (shared["partitions_total"] or 0):
+                    break
+                time.sleep(0.5)
+            assert shared is not None
+            assert shared["partitions_assigned"] < shared["partitions_total"]
+            assert shared["ready"] is False
+            assert "another worker with app id" in first.log_text()
+            assert second.terminate() == 0
+        assert first.terminate() == 0
