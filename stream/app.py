@@ -346,7 +346,10 @@ class Worker:
             wakeup.clear()
             await self._send_dead_letters()
             while self.dirty and not self._stopping:
-                self.refresh_some(self.settings.refresh_batch)
+                # A checkpoint pickles the live state in a thread while it
+                # holds the lock, and scoring may touch model caches.
+                async with self.lock:
+                    self.refresh_some(self.settings.refresh_batch)
                 await asyncio.sleep(0)
 
     def refresh_some(self, limit: int | None = None) -> int:
