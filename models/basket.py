@@ -199,11 +199,14 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
         counts = self._counts
         for position, source in enumerate(self.scoring_items(user_id)):
             row = self._rows.get(source)
-            if not row:
+            # A rescale after a gap of many half-lives can round a count to 0.
+            if not row or counts[source] <= 0.0:
                 continue
             source_norm = (1 + position) * math.sqrt(counts[source])
             targets, values = neighbour_row(row)
-            parts.append((targets, values / (source_norm * np.sqrt(counts[targets]))))
+            norms = source_norm * np.sqrt(counts[targets])
+            kept = norms > 0.0
+            parts.append((targets[kept], values[kept] / norms[kept]))
         return sum_by_row(parts)
 
     def forget_user(self, user_id: str) -> None:

@@ -130,9 +130,11 @@ class CoVisitationModel(UserNeighbourScores):
         parts: list[tuple[IntArray, FloatArray]] = []
         for position, source in enumerate(self.user_items(user_id)):
             row = self._rows.get(source)
-            if not row:
+            total = self._totals.get(source, 0.0)
+            # A rescale after a gap of many half-lives can round a total to 0.
+            if not row or total <= 0.0:
                 continue
-            factor = 1.0 / ((1 + position) ** self.recency_power * self._totals[source])
+            factor = 1.0 / ((1 + position) ** self.recency_power * total)
             targets, values = neighbour_row(row)
             parts.append((targets, values * factor))
         return sum_by_row(parts)

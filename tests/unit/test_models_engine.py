@@ -413,3 +413,23 @@ def test_first_touches_skip_refunds_repeats() -> None:
     assert batch.first_touch is not None
     # The refund adds "a" to u2's history, as learning it in an earlier batch would.
     assert batch.first_touch.tolist() == [False, True, False, False, False]
+
+
+def test_century_gap_keeps_scores_finite():
+    # Pair counts decay by half every 30 days, so a gap of a century rounds
+    # the older ones to 0; scoring must skip them rather than divide by 0.
+    start, later = 1_511_544_070_000, 4_665_144_070_000
+    events = [
+        Event("a", "purchase", "u1", "i1", start, session_id="s1"),
+        Event("b", "purchase", "u1", "i2", start + 1, session_id="s1"),
+        Event("c", "purchase", "u2", "i1", start + 2, session_id="s2"),
+        Event("d", "purchase", "u1", "i3", later, session_id="s3"),
+        Event("e", "purchase", "u2", "i2", later + 1, session_id="s4"),
+        Event("f", "purchase", "u1", "i1", later + 2, session_id="s3"),
+    ]
+    engine = Recommender(EngineConfig(repeat_purchases="allow"))
+    engine.learn(events)
+    for user in ("u1", "u2"):
+        scored = engine.candidate_scores(user)
+        assert np.isfinite(scored.raw).all()
+        assert np.isfinite(engine.fused(scored, "learned")).all()
