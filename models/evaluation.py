@@ -36,10 +36,11 @@ def wilson_interval(hits: int, n: int, z: float = Z_95) -> tuple[float, float]:
     >>> [round(x, 4) for x in wilson_interval(5, 10)]
     [0.2366, 0.7634]
     >>> wilson_interval(0, 0)
-    (0.0, 0.0)
+    (0.0, 1.0)
     """
     if n == 0:
-        return 0.0, 0.0
+        # No evaluated event says nothing about the rate.
+        return 0.0, 1.0
     rate = hits / n
     denominator = 1 + z * z / n
     centre = (rate + z * z / (2 * n)) / denominator
@@ -107,12 +108,14 @@ class RankMetrics:
         return self.mrr_sum / self.n if self.n else 0.0
 
     def _mean_interval(self, total: float, squares: float) -> list[float]:
+        # Every score lies in [0, 1]: that is the interval until two events
+        # give a variance, and it bounds the normal interval after that.
         if self.n < 2:
-            return [0.0, 0.0]
+            return [0.0, 1.0]
         mean = total / self.n
         variance = max(squares / self.n - mean * mean, 0.0) * self.n / (self.n - 1)
         spread = Z_95 * math.sqrt(variance / self.n)
-        return [max(0.0, mean - spread), mean + spread]
+        return [max(0.0, mean - spread), min(1.0, mean + spread)]
 
     def to_json(self, k: int = 10) -> dict[str, Any]:
         """Return the figures with 95% intervals (Wilson for HR, normal for the means)."""

@@ -31,7 +31,25 @@ def test_rank_metrics_hand_computed() -> None:
 def test_rank_metrics_empty_is_zero() -> None:
     metrics = RankMetrics()
     assert metrics.hr == 0.0
-    assert metrics.to_json()["hr_ci95"] == [0.0, 0.0]
+    assert metrics.to_json()["hr_ci95"] == [0.0, 1.0]
+
+
+def test_single_event_interval_holds_estimate() -> None:
+    metrics = RankMetrics()
+    metrics.add(1)
+    figures = metrics.to_json()
+    assert figures["ndcg@10"] == 1.0
+    assert figures["ndcg_ci95"] == [0.0, 1.0]
+    assert figures["mrr_ci95"] == [0.0, 1.0]
+
+
+def test_mean_interval_capped_at_one() -> None:
+    metrics = RankMetrics()
+    for rank in (1, 1, 1, 2):
+        metrics.add(rank)
+    low, high = metrics.to_json()["ndcg_ci95"]
+    assert low < metrics.ndcg
+    assert high == 1.0
 
 
 def test_wilson_interval_known_values() -> None:
