@@ -18,10 +18,11 @@ Three formats are understood:
     One event of the wire contract per line; events keep their own ids.
 
 Rows of the CSV formats have no event id, so each gets ``{file name}:{line
-number}``: replaying a file twice is de-duplicated, while two identical lines
-remain two events. Every reader returns the events in event-time order with a
-stable sort, so rows with the same time keep their file order, as the lines
-of one invoice do.
+number}``, the line the row starts on: two identical lines remain two events.
+Each event is checked against the worker's event contract, and a row that
+fails is skipped with the contract's reason. Every reader returns the events
+in event-time order with a stable sort, so rows with the same time keep their
+file order, as the lines of one invoice do.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import gzip
 import io
 import logging
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -96,20 +98,37 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         msg = f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}"
         raise SourceError(msg)
     file_path = Path(path)
+    if file_path.is_dir():
+        msg = f"{file_path} is a directory; expected an event file"
+        raise SourceError(msg)
     if not file_path.is_file():
         msg = f"no such file: {file_path}"
         raise SourceError(msg)
 
     result = LoadResult(events=[])
     readers = {"taobao": _taobao_rows, "online-retail": _retail_rows, "jsonl": _jsonl_rows}
-    with _open_text(file_path) as handle:
-        for item in readers[fmt](handle, file_path.name, result):
-            if isinstance(item, str):
-                result.skipped[item] += 1
-            elif not refunds and item.is_refund:
-                result.skipped["refund_excluded"] += 1
-            else:
-                result.events.append(item)
+    try:
+        with _open_text(file_path) as handle:
+            for item in readers[fmt](handle, file_path.name, result):
+                if isinstance(item, str):
+                    result.skipped[item] += 1
+                elif not refunds and item.is_refund:
+                    result.skipped["refund_excluded"] += 1
+                else:
+                    result.events.append(item)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        msg = (
+            f"{file_path.name} is not a complete gzip file ({exc}) after {result.rows_read} "
+            "rows; expected a whole gzip stream, or a name without .gz for plain text"
+        )
+        raise SourceError(msg) from exc
+    if result.rows_read and not result.events:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped.most_common())
+        msg = (
+            f"none of the {result.rows_read} rows of {file_path.name} is a valid {fmt} event "
+            f"(skipped: {reasons}); check the --format and the file's columns and values"
+        )
+        raise SourceError(msg)
     result.events.sort(key=_event_time)
     if result.skipped:
         logger.info("skipped rows of %s by reason: %s", file_path.name, dict(result.skipped))
@@ -121,9 +140,56 @@ def _event_time(event: Event) -> int:
 
 
 def _open_text(path: Path) -> IO[str]:
+    # utf-8-sig drops a byte-order mark. Bytes that are not UTF-8 become lone
+    # surrogates, so that only their row is skipped, as `not_utf8`.
+    options = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
+        return io.TextIOWrapper(gzip.open(path, "rb"), **options)
+    return open(path, **options)  # noqa: SIM115 - the caller closes it
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _csv_rows(reader: Any, result: LoadResult) -> Iterator[tuple[int, list[str] | str]]:
+    """Yield each row with the file line it starts on, or a skip reason instead of the row.
+
+    The line is counted from the reader, so a quoted field that spans lines
+    does not shift the lines of the rows after it.
+    """
+    end = reader.line_num
+    while True:
+        start = end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            # Such as a field over the csv module's size limit; the reader
+            # goes on with the next line.
+            result.rows_read += 1
+            end = reader.line_num
+            yield start, "malformed_row"
+            continue
+        end = reader.line_num
+        result.rows_read += 1
+        yield start, row if _is_utf8("".join(row)) else "not_utf8"
+
+
+def _checked(event: Event) -> Event | str:
+    # The worker decodes every event against the contract, so a row that the
+    # contract rejects (an id too long, a price out of range) is skipped here
+    # with the worker's reason, rather than reaching the dead-letter topic.
+    try:
+        event_from_object(event.to_json())
+    except SchemaError as exc:
+        return exc.reason
+    return event
 
 
 def _header(reader: Iterator[list[str]], expected: tuple[str, ...], name: str) -> dict[str, int]:
@@ -144,15 +210,19 @@ def _header(reader: Iterator[list[str]], expected: tuple[str, ...], name: str) -
 
 
 def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
-    reader = csv.reader(handle)
+    # The format has no quoting, so a stray quote stays in its field instead
+    # of joining the rest of the file into one field.
+    reader = csv.reader(handle, quoting=csv.QUOTE_NONE)
     expected = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
     col = _header(reader, expected, name)
     user_col, item_col, cat_col = col["user_id"], col["item_id"], col["category_id"]
     type_col, time_col = col["behavior_type"], col["timestamp"]
     width = max(col.values()) + 1
 
-    for line_no, row in enumerate(reader, start=2):
-        result.rows_read += 1
+    for line_no, row in _csv_rows(reader, result):
+        if isinstance(row, str):
+            yield row
+            continue
         if len(row) < width:
             yield "short_row"
             continue
@@ -168,13 +238,15 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
         except (ValueError, SchemaError):
             yield "invalid_timestamp"
             continue
-        yield Event(
-            event_id=f"{name}:{line_no}",
-            type=event_type,
-            user_id=row[user_col],
-            item_id=row[item_col],
-            timestamp_ms=timestamp_ms,
-            category=row[cat_col] or None,
+        yield _checked(
+            Event(
+                event_id=f"{name}:{line_no}",
+                type=event_type,
+                user_id=row[user_col],
+                item_id=row[item_col],
+                timestamp_ms=timestamp_ms,
+                category=row[cat_col] or None,
+            )
         )
 
 
@@ -203,8 +275,10 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     # Many lines share an invoice time, so the conversion is cached.
     times: dict[str, int] = {}
 
-    for line_no, row in enumerate(reader, start=2):
-        result.rows_read += 1
+    for line_no, row in _csv_rows(reader, result):
+        if isinstance(row, str):
+            yield row
+            continue
         if len(row) < width:
             yield "short_row"
             continue
@@ -220,11 +294,16 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             continue
         invoice = row[col["InvoiceNo"]].strip()
         try:
-            quantity = int(float(row[col["Quantity"]]))
+            amount = float(row[col["Quantity"]])
             price = float(row[col["UnitPrice"]])
         except ValueError:
             yield "invalid_number"
             continue
+        # Quantities are whole units. This also rejects inf and NaN.
+        if not amount.is_integer():
+            yield "invalid_number"
+            continue
+        quantity = int(amount)
         cancellation = invoice.startswith("C")
         if cancellation:
             quantity = -abs(quantity)
@@ -238,24 +317,32 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
         timestamp_ms = times.get(stamp)
         if timestamp_ms is None:
             try:
-                local = datetime.fromisoformat(stamp).replace(tzinfo=_UK)
+                parsed = datetime.fromisoformat(stamp)
             except ValueError:
                 yield "invalid_timestamp"
                 continue
+            # Invoice times are UK local times; a time with an offset is not
+            # one of them.
+            if parsed.tzinfo is not None:
+                yield "invalid_timestamp"
+                continue
+            local = parsed.replace(tzinfo=_UK)
             timestamp_ms = int(local.timestamp() * 1000)
             times[stamp] = timestamp_ms
-        yield Event(
-            event_id=f"{name}:{line_no}",
-            type="purchase",
-            user_id=customer,
-            item_id=code,
-            timestamp_ms=timestamp_ms,
-            session_id=invoice,
-            category=retail_family(code),
-            title=_description(row, description),
-            quantity=quantity,
-            price=price,
-            currency="GBP",
+        yield _checked(
+            Event(
+                event_id=f"{name}:{line_no}",
+                type="purchase",
+                user_id=customer,
+                item_id=code,
+                timestamp_ms=timestamp_ms,
+                session_id=invoice,
+                category=retail_family(code),
+                title=_description(row, description),
+                quantity=quantity,
+                price=price,
+                currency="GBP",
+            )
         )
 
 
@@ -273,6 +360,9 @@ def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Even
         if not line.strip():
             continue
         result.rows_read += 1
+        if not _is_utf8(line):
+            yield "not_utf8"
+            continue
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError:

@@ -174,3 +174,92 @@ def test_unknown_format_named(tmp_path: Path) -> None:
 )
 def test_retail_family_code_head(code: str, family: str) -> None:
     assert retail_family(code) == family
+
+
+TAOBAO_HEADER = "user_id,item_id,category_id,behavior_type,timestamp\n"
+
+
+def test_truncated_gzip_named(tmp_path: Path) -> None:
+    whole = _write(tmp_path / "whole.csv.gz", TAOBAO_HEADER + "1,2,3,pv,1511544070\n" * 2000)
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole.read_bytes()[:200])
+    with pytest.raises(SourceError, match="not a complete gzip file"):
+        read_events(cut, "taobao")
+
+
+def test_directory_named(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="is a directory"):
+        read_events(tmp_path, "taobao")
+
+
+def test_byte_order_mark_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + (TAOBAO_HEADER + "1,2,3,pv,1511544070\n").encode())
+    assert len(read_events(path, "taobao").events) == 1
+
+
+def test_bad_bytes_skip_their_row_only(tmp_path: Path) -> None:
+    path = tmp_path / "bytes.csv"
+    rows = [b"1,2,3,pv,1511544070", b"1,\xe9,3,pv,1511544071", b"1,4,3,pv,1511544072"]
+    path.write_bytes(TAOBAO_HEADER.encode() + b"\n".join(rows) + b"\n")
+    loaded = read_events(path, "taobao")
+    assert [e.item_id for e in loaded.events] == ["2", "4"]
+    assert loaded.skipped["not_utf8"] == 1
+
+
+def test_stray_quote_keeps_later_rows(tmp_path: Path) -> None:
+    rows = ["1,2,3,pv,1511544070", '1,"5,3,pv,1511544071'] + ["1,4,3,pv,1511544072"] * 50
+    path = _write(tmp_path / "quote.csv", TAOBAO_HEADER + "\n".join(rows) + "\n")
+    assert len(read_events(path, "taobao").events) == 52
+
+
+def test_oversized_field_skipped(tmp_path: Path) -> None:
+    rows = ["1,2,3,pv,1511544070", f"1,{'x' * 200_000},3,pv,1511544071", "1,4,3,pv,1511544072"]
+    path = _write(tmp_path / "long.csv", TAOBAO_HEADER + "\n".join(rows) + "\n")
+    loaded = read_events(path, "taobao")
+    assert [e.item_id for e in loaded.events] == ["2", "4"]
+    assert loaded.skipped["malformed_row"] == 1
+
+
+def test_long_id_skipped_with_contract_reason(tmp_path: Path) -> None:
+    rows = ["1,2,3,pv,1511544070", f"1,{'x' * 300},3,pv,1511544071"]
+    path = _write(tmp_path / "id.csv", TAOBAO_HEADER + "\n".join(rows) + "\n")
+    loaded = read_events(path, "taobao")
+    assert [e.item_id for e in loaded.events] == ["2"]
+    assert loaded.skipped["id_too_long"] == 1
+
+
+def test_contract_violations_skipped_with_reason(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "retail.csv",
+        RETAIL_HEADER
+        + "536370,22728,CLOCK,24,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22729,CLOCK,5000000,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22730,CLOCK,inf,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22731,CLOCK,2.5,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22732,CLOCK,24,1990-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22733,CLOCK,24,2010-12-01T08:45:00+05:00,3.75,12583,France\n",
+    )
+    loaded = read_events(path, "online-retail")
+    assert [e.item_id for e in loaded.events] == ["22728"]
+    assert loaded.skipped["invalid_quantity"] == 1
+    assert loaded.skipped["invalid_number"] == 2
+    assert loaded.skipped["timestamp_too_old"] == 1
+    assert loaded.skipped["invalid_timestamp"] == 1
+
+
+def test_all_rows_skipped_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path / "wrong.jsonl", TAOBAO_HEADER + "1,2,3,pv,1511544070\n")
+    with pytest.raises(SourceError, match=r"none of the 2 rows .* not_json 2"):
+        read_events(path, "jsonl")
+
+
+def test_event_id_is_start_line_after_quoted_newline(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "multi.csv",
+        RETAIL_HEADER
+        + '536370,22728,"CLOCK\nPINK",24,2010-12-01 08:45:00,3.75,12583,France\n'
+        + "536370,22729,CLOCK,24,2010-12-01 08:45:00,3.75,12583,France\n",
+    )
+    events = read_events(path, "online-retail").events
+    assert [e.event_id for e in events] == ["multi.csv:2", "multi.csv:4"]
