@@ -57,17 +57,31 @@ def run(args: argparse.Namespace) -> int:
     if args.every < 1:
         print(f"error: --every is {args.every}; expected 1 or more", file=sys.stderr)
         return 2
+    # The outputs are checked before a run of minutes, not after it.
+    for option, target in (("--plot", args.plot), ("--markdown", args.markdown)):
+        if target is None:
+            continue
+        if not target.parent.is_dir():
+            print(f"error: {option} {target}: no folder {target.parent}", file=sys.stderr)
+            return 2
+        if target.is_dir():
+            print(f"error: {option} {target} is a folder; expected a file name", file=sys.stderr)
+            return 2
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        print(f"error: --plot {args.plot}: expected a file name ending in .png", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         loaded = read_events(args.path, args.format, refunds=False)
     except (SourceError, OSError) as exc:
         print(f"error: cannot read {args.path}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     loaded_s = time.perf_counter() - started
     logger.info("read %d events from %s in %.1f s", len(loaded.events), args.path, loaded_s)
 
     config = EngineConfig(repeat_purchases=args.repeat_purchases)
-    strategies = list(args.strategies) if args.strategies else None
+    # A name given twice would be scored twice into the same result.
+    strategies = list(dict.fromkeys(args.strategies)) if args.strategies else None
     if strategies is not None and config.fusion not in strategies:
         strategies.append(config.fusion)
     with tqdm(

@@ -71,10 +71,36 @@ def test_markdown_and_plot_written(tmp_path: Path) -> None:
 
 
 def test_missing_file_fails(tmp_path: Path) -> None:
-    assert run(_parse([str(tmp_path / "absent.jsonl"), "--format", "jsonl"])) == 1
+    assert run(_parse([str(tmp_path / "absent.jsonl"), "--format", "jsonl"])) == 2
 
 
 def test_every_zero_rejected(tmp_path: Path) -> None:
     source = tmp_path / "events.jsonl"
     _write_stream(source)
     assert run(_parse([str(source), "--format", "jsonl", "--every", "0"])) == 2
+
+
+def test_plot_into_missing_folder_rejected_first(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    plot = tmp_path / "absent" / "hr.png"
+    assert run(_parse([str(source), "--format", "jsonl", "--plot", str(plot)])) == 2
+    assert "no folder" in capsys.readouterr().err
+
+
+def test_plot_needs_png_name(tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    plot = tmp_path / "hr.svg"
+    assert run(_parse([str(source), "--format", "jsonl", "--plot", str(plot)])) == 2
+
+
+def test_repeated_strategy_counted_once(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    assert run(_parse([str(source), "--format", "jsonl", "--json", "--strategies", "mf"])) == 0
+    once = json.loads(capsys.readouterr().out)["results"]["mf"]["all"]["n"]
+    argv = [str(source), "--format", "jsonl", "--json", "--strategies", "mf", "mf"]
+    assert run(_parse(argv)) == 0
+    twice = json.loads(capsys.readouterr().out)["results"]["mf"]["all"]["n"]
+    assert twice == once
