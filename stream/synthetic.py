@@ -36,6 +36,7 @@ from typing import Final
 import orjson
 
 from schemas import Event
+from schemas.events import MIN_TIMESTAMP_MS
 
 logger = logging.getLogger(__name__)
 
@@ -392,6 +393,20 @@ def _shuffle(rng: random.Random, values: list[int]) -> None:
         values[i], values[j] = values[j], values[i]
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """Return what is wrong with the options, named by their flags, or None."""
+    if args.path.is_dir():
+        return f"{args.path} is a folder; expected an output file name"
+    if args.events < 0:
+        return f"--events is {args.events}; expected 0 or more"
+    if not math.isfinite(args.span_days) or args.span_days <= 0:
+        return f"--span-days is {args.span_days}; expected a positive number of days"
+    if args.start_ms < MIN_TIMESTAMP_MS:
+        # The event contract rejects earlier times, so the file could not be replayed.
+        return f"--start-ms is {args.start_ms}; expected {MIN_TIMESTAMP_MS} (2000-01-01) or later"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic sample: ``python -m stream.synthetic PATH``."""
     parser = argparse.ArgumentParser(
@@ -421,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.if_missing and args.path.exists():
         logger.info("%s exists; left unchanged", args.path)
         return 0
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"python -m stream.synthetic: {problem}", file=sys.stderr)
+        return 2
     try:
         events = generate_events(
             args.events,

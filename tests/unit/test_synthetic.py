@@ -213,3 +213,27 @@ def test_command_line_if_missing_keeps_file(tmp_path: Path) -> None:
     path.write_text("kept\n")
     assert main([str(path), "--events", "10", "--if-missing"]) == 0
     assert path.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--start-ms", "0"], "--start-ms is 0"),
+        (["--span-days", "inf"], "--span-days is inf"),
+        (["--span-days", "nan"], "--span-days is nan"),
+        (["--events", "-1"], "--events is -1"),
+    ],
+)
+def test_cli_names_bad_flag(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
+    from stream.synthetic import main
+
+    assert main([str(tmp_path / "out.jsonl"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_rejects_folder_as_output(tmp_path: Path, capsys) -> None:
+    from stream.synthetic import main
+
+    assert main([str(tmp_path), "--events", "10"]) == 2
+    assert "is a folder" in capsys.readouterr().err
