@@ -205,8 +205,8 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
             source_norm = (1 + position) * math.sqrt(counts[source])
             targets, values = neighbour_row(row)
             norms = source_norm * np.sqrt(counts[targets])
-            kept = norms > 0.0
-            parts.append((targets[kept], values[kept] / norms[kept]))
+            positive = norms > 0.0
+            parts.append((targets[positive], values[positive] / norms[positive]))
         return sum_by_row(parts)
 
     def forget_user(self, user_id: str) -> None:

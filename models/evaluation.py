@@ -39,7 +39,7 @@ def wilson_interval(hits: int, n: int, z: float = Z_95) -> tuple[float, float]:
     (0.0, 1.0)
     """
     if n == 0:
-        # No evaluated event says nothing about the rate.
+        # With no evaluated event, the rate is unknown.
         return 0.0, 1.0
     rate = hits / n
     denominator = 1 + z * z / n

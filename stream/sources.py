@@ -321,8 +321,8 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             except ValueError:
                 yield "invalid_timestamp"
                 continue
-            # Invoice times are UK local times; a time with an offset is not
-            # one of them.
+            # Invoice times are UK local times, so a time with an offset is
+            # not one of them.
             if parsed.tzinfo is not None:
                 yield "invalid_timestamp"
                 continue

@@ -417,7 +417,7 @@ def test_first_touches_skip_refunds_repeats() -> None:
 
 def test_century_gap_keeps_scores_finite():
     # Pair counts decay by half every 30 days, so a gap of a century rounds
-    # the older ones to 0; scoring must skip them rather than divide by 0.
+    # the older ones to 0, and scoring must skip them rather than divide by 0.
     start, later = 1_511_544_070_000, 4_665_144_070_000
     events = [
         Event("a", "purchase", "u1", "i1", start, session_id="s1"),
