@@ -105,7 +105,7 @@ class ServedLists:
             self._free.append(row)
 
     def expires_at(self, pseudonym: str) -> float:
-        """Return when the list of ``pseudonym`` expires, in epoch seconds; inf when unknown."""
+        """Return when the list of ``pseudonym`` expires, in epoch seconds, or inf when unknown."""
         row = self._rows.get(pseudonym)
         return math.inf if row is None else float(self._expires[row])
 
