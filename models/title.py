@@ -115,7 +115,8 @@ class TitleModel(UserNeighbourScores):
         """
         words = tuple(self._word_id(word) for word in title_words(title))
         old = self._item_words.get(item)
-        if old == words:
+        if old == words or (old is None and not words):
+            # Nothing changes: the same words, or no words for an unindexed item.
             return
         self._version += 1
         if old is not None:

@@ -116,6 +116,18 @@ def test_empty_title_removes_the_item() -> None:
     assert engine.models["title"].n_titled == 2
 
 
+@pytest.mark.parametrize("title", ["12 x 6", "", "-- ?"])
+def test_wordless_title_of_new_item_ignored(title: str) -> None:
+    # The first titled item is the one without words, so no norm is stored yet.
+    engine = Recommender()
+    engine.learn([_buy(0, "u1", "b", title), _buy(1, "u1", "a", "alarm clock pink")])
+    engine.update_item(ItemUpdate("c", T0 + 5_000, title=title))
+
+    assert engine.models["title"].n_titled == 1
+    assert engine.user_history("u1") == ["b", "a"]
+    assert "c" in engine.catalog.index
+
+
 def test_too_common_words_link_nothing() -> None:
     engine = Recommender(EngineConfig(title_max_word_items=2))
     _catalog(engine, {"a": "red clock", "b": "red lamp", "c": "red towel", "d": "blue clock"})
