@@ -12,7 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
@@ -32,6 +32,9 @@ MIN_TIMESTAMP_MS: Final = 946_684_800_000
 # 3000-01-01T00:00:00Z, the schema's upper bound; the worker also rejects
 # events more than a configured skew ahead of its clock.
 MAX_TIMESTAMP_MS: Final = 32_503_680_000_000
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MILLISECOND: Final = timedelta(milliseconds=1)
 
 # The same pattern as the timestamp string in event.schema.json.
 _ISO_DATE_TIME: Final = re.compile(
@@ -386,6 +389,9 @@ def _iso_to_millis(text: str, field: str) -> int:
             "expected a form like 2024-05-01T10:00:00+02:00"
         )
         raise SchemaError("invalid_timestamp", msg, field)
+    # Python 3.11 reads "Z" but not the lowercase "z" that RFC 3339 allows.
+    if text.endswith("z"):
+        text = text[:-1] + "Z"
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -397,7 +403,9 @@ def _iso_to_millis(text: str, field: str) -> int:
             "expected ISO 8601 with an offset such as +00:00 or Z"
         )
         raise SchemaError("invalid_timestamp", msg, field)
-    return int(moment.timestamp() * 1000)
+    # Integer arithmetic, because a float of seconds times 1000 can land 1 ms
+    # below the instant, so that the string and the integer form would differ.
+    return (moment - _EPOCH) // _ONE_MILLISECOND
 
 
 def _timestamp(obj: dict[str, Any]) -> int:

@@ -1,5 +1,6 @@
 import math
 import unicodedata
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -17,6 +18,7 @@ from schemas import (
     load_schema,
     validator,
 )
+from schemas.events import parse_timestamp
 from schemas.files import SCHEMA_FILES
 
 from corpus import BAD_CASES, TRICKY_USER_IDS, event
@@ -82,6 +84,27 @@ def test_free_item_is_accepted():
 def test_iso_timestamp_with_offset():
     decoded = decode_event(orjson.dumps(event(timestamp="2017-11-26T09:00:00+08:00")))
     assert decoded.timestamp_ms == 1_511_658_000_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2017-11-26T01:00:00Z",
+        "2017-11-26T01:00:00z",
+        "2017-11-26t01:00:00Z",
+        "2017-11-26T01:00:00.000+00:00",
+    ],
+)
+def test_iso_timestamp_spellings_agree(text):
+    decoded = decode_event(orjson.dumps(event(timestamp=text)))
+    assert decoded.timestamp_ms == 1_511_658_000_000
+
+
+@given(st.integers(min_value=946_684_800_000, max_value=32_503_679_999_999))
+def test_iso_timestamp_equals_integer_form(millis):
+    seconds, fraction = divmod(millis, 1000)
+    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:03d}Z"
+    assert parse_timestamp(text) == millis
 
 
 def test_item_update_needs_a_change():
