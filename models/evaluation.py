@@ -45,7 +45,8 @@ def wilson_interval(hits: int, n: int, z: float = Z_95) -> tuple[float, float]:
     denominator = 1 + z * z / n
     centre = (rate + z * z / (2 * n)) / denominator
     spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - spread), min(1.0, centre + spread)
+    # Rounding can put a bound a hair past the rate at 0 or 1, so both are clamped.
+    return min(rate, max(0.0, centre - spread)), max(rate, min(1.0, centre + spread))
 
 
 def strategy_kind(name: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from models.engine import EngineConfig
 from models.evaluation import RankMetrics, evaluate, wilson_interval
@@ -59,6 +61,14 @@ def test_wilson_interval_known_values() -> None:
     low, high = wilson_interval(10, 10)
     assert low == pytest.approx(0.7225, abs=1e-4)
     assert high == pytest.approx(1.0)
+
+
+@given(st.integers(min_value=1, max_value=10**7), st.data())
+def test_wilson_interval_contains_rate(n: int, data: st.DataObject) -> None:
+    hits = data.draw(st.integers(min_value=0, max_value=n))
+    low, high = wilson_interval(hits, n)
+    assert 0.0 <= low <= hits / n
+    assert hits / n <= high <= 1.0
 
 
 def test_json_keys_match_contract() -> None:
