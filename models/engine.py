@@ -759,30 +759,57 @@ class Recommender:
         per_category: dict[int, int],
         pad_exclude: Collection[int] = (),
     ) -> None:
-        taken = set(rows)
-        scored_rows = set(scored.items.tolist())
-        excluded_candidates = scored_rows - taken
+        # Candidates that were scored but not taken were left out on purpose.
+        skip = set(scored.items.tolist()) | set(pad_exclude)
+        padding = self._leading_rows("popular", scored.user_id, k - len(rows), skip, per_category)
         floor = values[-1] if values else 0.0
-        want = 4 * k + len(taken) + len(pad_exclude)
-        popular = self.models["popular"].candidates(scored.user_id, want)
-        popular = self._blocked(scored.user_id, popular)
-        cap = self.config.max_per_category
-        categories = self.catalog.categories
-        for row in popular.tolist():
-            if row in taken or row in excluded_candidates or row in pad_exclude:
-                continue
-            if cap is not None:
-                category = int(categories[row])
-                if category != NO_CATEGORY:
-                    if per_category.get(category, 0) >= cap:
-                        continue
-                    per_category[category] = per_category.get(category, 0) + 1
+        for row in padding:
             floor = math.nextafter(floor, -math.inf) if values else floor - 1e-9
             rows.append(row)
             values.append(floor)
-            taken.add(row)
-            if len(rows) == k:
-                return
+
+    def _leading_rows(
+        self,
+        model_name: str,
+        user_id: str,
+        k: int,
+        skip: Collection[int] = (),
+        per_category: dict[int, int] | None = None,
+    ) -> list[int]:
+        """Return up to ``k`` of a model's leading rows that pass the list filters, best first.
+
+        The filters are the ones of every list: stock, purchases, the rows in
+        ``skip`` and the category cap, whose counts ``per_category`` carries in
+        and out. The window of leading rows grows until ``k`` rows pass or the
+        model has no more, so a run of sold-out leaders cannot shorten a list.
+        """
+        if k <= 0:
+            return []
+        model = self.models[model_name]
+        cap = self.config.max_per_category
+        categories = self.catalog.categories
+        want = 4 * k + len(skip)
+        while True:
+            leading = model.candidates(user_id, want)
+            counts = dict(per_category) if per_category is not None else {}
+            rows: list[int] = []
+            for row in self._blocked(user_id, leading).tolist():
+                if row in skip:
+                    continue
+                if cap is not None:
+                    category = int(categories[row])
+                    if category != NO_CATEGORY:
+                        if counts.get(category, 0) >= cap:
+                            continue
+                        counts[category] = counts.get(category, 0) + 1
+                rows.append(row)
+                if len(rows) == k:
+                    break
+            if len(rows) == k or len(leading) < want:
+                if per_category is not None:
+                    per_category.update(counts)
+                return rows
+            want *= 4
 
     def recommend(
         self, user_ids: Sequence[str], k: int | None = None
@@ -870,26 +897,29 @@ class Recommender:
             previous = values[index]
 
     def _trending(self, user_id: str, k: int) -> list[RecommendedItem]:
+        per_category: dict[int, int] = {}
+        rows = self._leading_rows("trending", user_id, k, per_category=per_category)
         trending = self.models["trending"]
-        rows = self._blocked(user_id, trending.candidates(user_id, 4 * k))[:k]
-        scored_rows, scores = trending.score(user_id, rows)
+        scored_rows, scores = trending.score(user_id, np.array(rows, dtype=np.int64))
         out = _normalized_entries(self.catalog.ids, scored_rows, scores, ("trending",))
-        if len(out) < k:
-            taken = {entry.item_id for entry in out}
-            for entry in self.popular(4 * k):
-                if entry.item_id not in taken and len(out) < k:
-                    floor = out[-1].score if out else 1.0
-                    out.append(
-                        RecommendedItem(entry.item_id, math.nextafter(floor, -1.0), ("popular",))
-                    )
+        padding = self._leading_rows(
+            "popular", user_id, k - len(out), set(scored_rows.tolist()), per_category
+        )
+        for row in padding:
+            floor = out[-1].score if out else 1.0
+            out.append(
+                RecommendedItem(self.catalog.ids[row], math.nextafter(floor, -1.0), ("popular",))
+            )
         return out
 
     def popular(self, k: int | None = None) -> list[RecommendedItem]:
-        """Return the most popular items in stock, scores scaled to the leader's."""
+        """Return the most popular items in stock, scores scaled to the leader's.
+
+        The category cap applies, as in every list.
+        """
         k = self.config.k if k is None else k
         model = self.models["popular"]
-        rows = model.candidates("", 2 * k + 16)
-        rows = rows[self.catalog.in_stock[rows]][:k]
+        rows = np.array(self._leading_rows("popular", "", k), dtype=np.int64)
         scored_rows, scores = model.score("", rows)
         return _normalized_entries(self.catalog.ids, scored_rows, scores, ("popular",))
 

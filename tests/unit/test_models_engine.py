@@ -130,6 +130,48 @@ def test_category_cap_limits_each_category() -> None:
     assert len(categories) == len(set(categories))
 
 
+def _ranked_catalog(n_items: int, **config: object) -> Recommender:
+    """A catalog where item i{n} has n + 1 views, so i{n_items - 1} leads."""
+    engine = Recommender(EngineConfig(**config))  # type: ignore[arg-type]
+    events = []
+    for item in range(n_items):
+        events += [_event(len(events), f"v{item}_{v}", f"i{item}") for v in range(item + 1)]
+    engine.learn(events)
+    return engine
+
+
+def test_popular_fills_k_past_sold_out_leaders() -> None:
+    engine = _ranked_catalog(200)
+    for item in range(140, 200):
+        engine.update_item(ItemUpdate(f"i{item}", T0, in_stock=False))
+
+    ids = [entry.item_id for entry in engine.popular(20)]
+
+    assert ids == [f"i{item}" for item in range(139, 119, -1)]
+
+
+def test_unknown_user_list_fills_past_sold_out_leaders() -> None:
+    engine = _ranked_catalog(200)
+    for item in range(20, 200):
+        engine.update_item(ItemUpdate(f"i{item}", T0, in_stock=False))
+
+    ids = _ids(engine, "stranger", 20)
+
+    assert sorted(ids) == sorted(f"i{item}" for item in range(20))
+
+
+def test_category_cap_holds_in_popular_lists() -> None:
+    engine = Recommender(EngineConfig(k=5, max_per_category=1))
+    events = [_event(n, f"u{n}", f"i{n % 4}", category="shoes") for n in range(8)]
+    events += [_event(10 + n, f"w{n}", f"j{n}", category=f"c{n}") for n in range(3)]
+    engine.learn(events)
+
+    for entries in (engine.popular(), engine.recommend(["stranger"])[0]):
+        ids = [entry.item_id for entry in entries]
+        assert len([item_id for item_id in ids if item_id.startswith("i")]) == 1
+        assert len(ids) == 4
+
+
 def test_category_update_moves_item() -> None:
     engine = Recommender()
     engine.learn([_event(0, "u1", "a", category="c1"), _event(1, "u2", "b", category="c1")])
