@@ -482,7 +482,9 @@ class Recommender:
             if category != NO_CATEGORY:
                 state.last_category = category
             if event.type == "purchase":
-                units = state.purchased.get(item, 0) + (-1 if event.is_refund else 1)
+                # A purchase without a quantity is one unit, and a refund's is negative.
+                quantity = 1 if event.quantity is None else event.quantity
+                units = state.purchased.get(item, 0) + quantity
                 if units > 0:
                     state.purchased[item] = units
                 else:

@@ -109,6 +109,16 @@ def test_refunded_item_no_longer_excluded() -> None:
     assert "i3" in _ids(engine, "u1")
 
 
+def test_partial_refund_keeps_item_excluded() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase", quantity=3)])
+    engine.learn([_event(101, "u1", "i3", "purchase", quantity=-1)])
+    assert "i3" not in _ids(engine, "u1")
+    engine.learn([_event(102, "u1", "i3", "purchase", quantity=-2)])
+    assert "i3" in _ids(engine, "u1")
+
+
 def test_out_of_stock_item_leaves_lists() -> None:
     engine = Recommender()
     engine.learn(_shop())
