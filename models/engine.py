@@ -31,6 +31,7 @@ from models.fusion import (
     BoolMatrix,
     LearnedFusion,
     OrderSelector,
+    descending_values,
     normalize,
     ranks_with_subset,
     rrf_fusion,
@@ -693,7 +694,7 @@ class Recommender:
             if not len(members):
                 continue
             order = members[np.lexsort((scored.items[members], -fixed[members]))]
-            out[order] = np.sort(fused[members])[::-1]
+            out[order] = descending_values(fused[members])
         return out
 
     def _policy_keys(

@@ -334,9 +334,16 @@ class OrderSelector:
                 continue
             members = np.flatnonzero(groups == group)
             order = members[np.lexsort((members, -fused[members], -keys[policy, members]))]
-            values = np.sort(fused[members])[::-1]
-            # Equal fused scores would fall back to catalog order in top-k, so
-            # each value is nudged just below the one before it.
-            scale = max(float(np.abs(values).max()), 1e-300)
-            out[order] = values - scale * 1e-12 * np.arange(len(order))
+            out[order] = descending_values(fused[members])
         return out
+
+
+def descending_values(values: FloatArray) -> FloatArray:
+    """Return ``values`` sorted highest first, each strictly below the one before it.
+
+    Equal scores would fall back to catalog order in top-k, so each value
+    is nudged just below the one before it, by 1e-12 of the largest value.
+    """
+    ordered = np.sort(values)[::-1]
+    scale = max(float(np.abs(ordered).max()), 1e-300) if len(ordered) else 1.0
+    return ordered - scale * 1e-12 * np.arange(len(ordered))

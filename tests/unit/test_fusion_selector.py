@@ -106,3 +106,31 @@ def test_engine_without_selection_keeps_learned_scores() -> None:
     engine.learn([_line(2, "u2", "a", "s2", minute=5)])
     engine.learn([_line(3, "u2", "b", "s2", minute=5)])
     assert engine.selector.credit[True].sum() == 0
+
+
+def test_unproven_group_follows_fixed_weights() -> None:
+    # The fusion never learns, so every group keeps the order of the fixed
+    # weights. Items z0..z9 are popular, and "hot" follows "a" in every
+    # session, so the fixed weights put "hot" first.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    events = []
+    for item in range(10):
+        for _ in range(20 - item):
+            events.append(Event(f"e{len(events)}", "view", f"p{len(events)}", f"z{item}", T0))
+    for user in range(5):
+        for item in ("a", "hot"):
+            events.append(Event(f"e{len(events)}", "view", f"c{user}", item, T0 + len(events)))
+    events.append(Event(f"e{len(events)}", "view", "me", "a", T0 + len(events)))
+    engine.learn(events)
+    scored = engine.candidate_scores("me")
+
+    learned = engine.fused(scored, "learned")
+    weighted = engine.fused(scored, "weighted")
+
+    def new_items_order(scores: np.ndarray) -> list[str]:
+        # Group 0 holds the candidates new to the user.
+        rows, _ = engine.top_rows(scored, scores, len(scored.items), scored.groups == 0)
+        return [engine.catalog.ids[row] for row in rows]
+
+    assert new_items_order(learned)[0] == "hot"
+    assert new_items_order(learned) == new_items_order(weighted)
