@@ -173,6 +173,9 @@ class EventBatch:
         Whether each event is a positive event of a user on an item that the
         user had not touched before, earlier in the batch included; None when
         the batch was built without the users' histories.
+    catalog_size_before
+        Number of catalog rows before the batch's new items were added, so a
+        model can tell which items existed at each event of the batch.
 
     """
 
@@ -182,6 +185,7 @@ class EventBatch:
     times: IntArray
     categories: IntArray
     first_touch: npt.NDArray[np.bool_] | None = None
+    catalog_size_before: int = 0
     _event_hashes: UInt64Array | None = None
 
     @property
@@ -190,6 +194,12 @@ class EventBatch:
         if self._event_hashes is None:
             self._event_hashes = stable_hashes(event.event_id for event in self.events)
         return self._event_hashes
+
+    def catalog_sizes(self) -> IntArray:
+        """Return the number of catalog rows known at each event, its own item included."""
+        if not len(self.items):
+            return np.zeros(0, dtype=np.int64)
+        return np.maximum.accumulate(np.maximum(self.items + 1, self.catalog_size_before))
 
     @property
     def positive(self) -> npt.NDArray[np.bool_]:

@@ -177,15 +177,26 @@ class ContextModel:
 
     def _sample_negatives(self, batch: EventBatch) -> IntArray:
         # The ring is rebuilt after a tenth of the catalog's size in events (at
-        # least 1,000), or once the catalog has grown by a tenth. Items that
-        # arrived since the last rebuild are not drawn until the next one.
-        n_items = len(self.catalog)
-        stale = self._events_since_sampler >= max(1000, n_items // 10)
-        if stale or 10 * n_items > 11 * len(self._sampler):
-            self._events_since_sampler = 0
-            self._sampler.rebuild(self.catalog.hashes)
-        self._events_since_sampler += len(batch.events)
-        return self._sampler.draw(batch.event_hashes ^ self._negative_salt, 1)[:, 0]
+        # least 1,000), or once the catalog has grown by a tenth, and holds the
+        # items known at the event where that happens. Items that arrive later
+        # are not drawn until the next rebuild. Because rebuilds fall on
+        # events, not batches, the draws do not depend on how events are batched.
+        keys = batch.event_hashes ^ self._negative_salt
+        sizes = batch.catalog_sizes().tolist()
+        negatives = np.empty(len(sizes), dtype=np.int64)
+        start = 0
+        for index, n_items in enumerate(sizes):
+            stale = self._events_since_sampler >= max(1000, n_items // 10)
+            if stale or 10 * n_items > 11 * len(self._sampler):
+                if index > start:
+                    negatives[start:index] = self._sampler.draw(keys[start:index], 1)[:, 0]
+                start = index
+                self._events_since_sampler = 0
+                self._sampler.rebuild(self.catalog.hashes[:n_items])
+            self._events_since_sampler += 1
+        if start < len(sizes):
+            negatives[start:] = self._sampler.draw(keys[start:], 1)[:, 0]
+        return negatives
 
     def _move(self, context: _Context, kind: str, time_ms: int, item: int, category: int) -> None:
         context.hour = (time_ms // _HOUR_MS) % 24

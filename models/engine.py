@@ -404,9 +404,10 @@ class Recommender:
         that takes a backlog in large batches learns nearly what a worker that
         took the events one by one learns.
 
-        NOTE: matrix factorization takes one SGD step per batch, and where a
-        batch ends depends on where the call started, so `mf` and the lists
-        it feeds still differ slightly between two such workers.
+        NOTE: matrix factorization takes one SGD step per batch and rebuilds
+        its ring of negatives between batches, and where a batch ends depends
+        on where the call started. So `mf` and the lists it feeds still differ
+        slightly between two such workers.
         """
         every = self.config.fusion_learn_every
         keys = stable_hashes(event.event_id for event in events)
@@ -436,6 +437,7 @@ class Recommender:
         items = np.empty(len(events), dtype=np.int64)
         weights = np.empty(len(events), dtype=np.float64)
         times = np.empty(len(events), dtype=np.int64)
+        catalog_size_before = len(self.catalog)
         for index, event in enumerate(events):
             weight = type_weights.get(event.type)
             if weight is None:
@@ -446,7 +448,9 @@ class Recommender:
             times[index] = event.timestamp_ms
         categories = self.catalog.categories[items]
         first_touch = self._first_touches(events, items)
-        return EventBatch(events, items, weights, times, categories, first_touch)
+        return EventBatch(
+            events, items, weights, times, categories, first_touch, catalog_size_before
+        )
 
     def _first_touches(self, events: Sequence[Event], items: IntArray) -> npt.NDArray[np.bool_]:
         first = np.zeros(len(events), dtype=bool)

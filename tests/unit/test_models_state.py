@@ -164,3 +164,20 @@ def test_category_counts_ignore_batches() -> None:
         split.learn([event])
     for engine in (whole, split):
         assert engine.models["category"].scores.raw().tolist() == [1.0]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 500])
+def test_context_negatives_ignore_batches(batch_size: int) -> None:
+    # Items keep one category and no price, so only the negatives could differ.
+    events = [
+        Event(f"e{n}", "view", f"u{n % 3}", f"i{n % 1700}", T0 + n * 1000, category=f"c{n % 4}")
+        for n in range(3000)
+    ]
+    config = EngineConfig(fusion_learn_every=0)
+    whole, split = Recommender(config), Recommender(config)
+    whole.learn(events)
+    for start in range(0, len(events), batch_size):
+        split.learn(events[start : start + batch_size])
+    assert (
+        split.models["context"].classifier._weights == whole.models["context"].classifier._weights
+    )
