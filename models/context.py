@@ -177,7 +177,7 @@ class ContextModel:
 
     def _sample_negatives(self, batch: EventBatch) -> IntArray:
         # The ring is rebuilt after a tenth of the catalog's size in events (at
-        # least 1,000), or once the catalog has grown by a tenth, and holds the
+        # least 1,000), or once the catalog has grown by a tenth, and contains the
         # items known at the event where that happens. Items that arrive later
         # are not drawn until the next rebuild. Because rebuilds fall on
         # events, not batches, the draws do not depend on how events are batched.

@@ -128,7 +128,7 @@ def test_unproven_group_follows_fixed_weights() -> None:
     weighted = engine.fused(scored, "weighted")
 
     def new_items_order(scores: np.ndarray) -> list[str]:
-        # Group 0 holds the candidates new to the user.
+        # Group 0 contains the candidates new to the user.
         rows, _ = engine.top_rows(scored, scores, len(scored.items), scored.groups == 0)
         return [engine.catalog.ids[row] for row in rows]
 

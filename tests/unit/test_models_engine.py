@@ -141,7 +141,7 @@ def test_category_cap_limits_each_category() -> None:
 
 
 def _ranked_catalog(n_items: int, **config: object) -> Recommender:
-    """A catalog where item i{n} has n + 1 views, so i{n_items - 1} leads."""
+    """Build an engine whose item i{n} has n + 1 views, so i{n_items - 1} leads."""
     engine = Recommender(EngineConfig(**config))  # type: ignore[arg-type]
     events = []
     for item in range(n_items):
