@@ -768,7 +768,11 @@ class Recommender:
     ) -> None:
         # Candidates that were scored but not taken were left out on purpose.
         skip = set(scored.items.tolist()) | set(pad_exclude)
-        padding = self._leading_rows("popular", scored.user_id, k - len(rows), skip, per_category)
+        # The first window leaves out the skipped candidates, most of which are
+        # not popular, so that the popularity cache stays small.
+        window = 4 * k + len(rows) + len(pad_exclude)
+        need = k - len(rows)
+        padding = self._leading_rows("popular", scored.user_id, need, skip, per_category, window)
         floor = values[-1] if values else 0.0
         for row in padding:
             floor = math.nextafter(floor, -math.inf) if values else floor - 1e-9
@@ -782,6 +786,7 @@ class Recommender:
         k: int,
         skip: Collection[int] = (),
         per_category: dict[int, int] | None = None,
+        window: int | None = None,
     ) -> list[int]:
         """Return up to ``k`` of a model's leading rows that pass the list filters, best first.
 
@@ -789,13 +794,14 @@ class Recommender:
         ``skip`` and the category cap, whose counts ``per_category`` carries in
         and out. The window of leading rows grows until ``k`` rows pass or the
         model has no more, so a run of sold-out leaders cannot shorten a list.
+        ``window`` sets the first window, by default ``4 * k`` plus the skipped rows.
         """
         if k <= 0:
             return []
         model = self.models[model_name]
         cap = self.config.max_per_category
         categories = self.catalog.categories
-        want = 4 * k + len(skip)
+        want = 4 * k + len(skip) if window is None else max(window, k)
         while True:
             leading = model.candidates(user_id, want)
             counts = dict(per_category) if per_category is not None else {}
