@@ -147,7 +147,7 @@ class RedisSink:
                         pipe.set(key, payload.payload, xx=True, keepttl=True)
                     else:
                         pipe.set(key, payload, ex=self.settings.ttl_s)
-                await pipe.execute()
+                replies = await pipe.execute()
         except (RedisError, OSError, asyncio.CancelledError):
             for key, payload in batch.items():
                 self.pending.setdefault(key, payload)
@@ -155,7 +155,14 @@ class RedisSink:
             await self._discard_connections()
             raise
         self.metrics.redis_write_seconds.observe(time.perf_counter() - started)
-        self.metrics.lists_written.inc(sum(1 for p in batch.values() if p is not None))
+        # Only user lists count, and a SET XX over an expired key wrote nothing.
+        user_prefix = f"{self.settings.redis_key_prefix}user:"
+        written = sum(
+            1
+            for (key, payload), reply in zip(batch.items(), replies, strict=True)
+            if payload is not None and reply and key.startswith(user_prefix)
+        )
+        self.metrics.lists_written.inc(written)
         return len(batch)
 
     async def wait_idle(self, timeout_s: float) -> bool:

@@ -70,3 +70,19 @@ def test_rewrite_after_pending_delete_is_dropped(redis_url):
     sink.put_existing(key, b"rewritten")
     assert sink.pending == {key: None}
     asyncio.run(sink.client.aclose())
+
+
+def test_written_counter_counts_user_lists_only(redis_url):
+    namespace = f"t{uuid.uuid4().hex[:10]}:recs:"
+    settings = replace(Settings(), redis_url=redis_url, ttl_s=3600, redis_key_prefix=namespace)
+    metrics = WorkerMetrics()
+    sink = RedisSink(settings, metrics)
+    written = f"{namespace}user:written"
+    sink.put(written, b"list")
+    sink.put(f"{namespace}popular", b"popular list")
+    sink.put_existing(f"{namespace}user:expired", b"rewrite of a list that expired")
+    sink.delete(f"{namespace}user:erased")
+
+    asyncio.run(_flush_and_read(sink, [written, f"{namespace}popular"]))
+
+    assert metrics.lists_written._value.get() == 1
