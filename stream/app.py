@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import faust
+import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -82,6 +83,10 @@ class Worker:
         self._background: list[asyncio.Task[Any]] = []
         self._refresh_wakeup: asyncio.Event | None = None
         self._stopping = False
+        # Forget tokens that Redis's registry still lacks, with their times.
+        self._registry_owed: dict[str, int] = {}
+        # Whether the served-list index has been rebuilt from Redis since start.
+        self.served_ready = False
         self.app = self._build_app()
 
     # -- startup ------------------------------------------------------------
@@ -248,14 +253,31 @@ class Worker:
     async def _record_forgotten(self, forgotten: list[tuple[str, str]]) -> None:
         # Kept in Redis as well, so that a fall-back to a checkpoint older
         # than the request, after the topic dropped it, still erases the user.
+        for pseudonym, _ in forgotten:
+            token = self.processor.forget_token(pseudonym)
+            self._registry_owed[token] = self.processor.forgotten[token]
+        await self._write_registry()
+
+    async def _write_registry(self) -> None:
+        """Write the owed forget tokens to Redis; on failure keep them for the next try."""
+        if not self._registry_owed:
+            return
         sink = self._require_sink()
-        tokens = [self.processor.forget_token(pseudonym) for pseudonym, _ in forgotten]
-        mapping = {token: self.processor.forgotten[token] for token in tokens}
+        owed = dict(self._registry_owed)
         try:
-            await sink.client.hset(self.forgotten_key, mapping=mapping)
+            await sink.client.hset(self.forgotten_key, mapping=owed)
         except (RedisError, OSError) as exc:
             self.metrics.errors.labels(kind="redis_forget_registry").inc()
-            logger.warning("forget registry not written to Redis (%r); the checkpoint has it", exc)
+            logger.warning(
+                "forget registry not written to Redis (%r); %d tokens kept for a retry, "
+                "and the checkpoint has them",
+                exc,
+                len(owed),
+            )
+            return
+        for token, stamp in owed.items():
+            if self._registry_owed.get(token) == stamp:
+                del self._registry_owed[token]
 
     async def load_forgotten(self) -> int:
         """Merge the forget registry kept in Redis into the state; return its size."""
@@ -266,6 +288,11 @@ class Worker:
             logger.warning("forget registry not read from Redis (%r); using the checkpoint's", exc)
             return 0
         merged = {_text(token): int(stamp) for token, stamp in registry.items()}
+        # Tokens of the checkpoint that Redis lacks, because a write failed
+        # before the worker stopped, are written again.
+        for token, stamp in self.processor.forgotten.items():
+            if merged.get(token, -1) < stamp:
+                self._registry_owed[token] = stamp
         erased = self.processor.merge_forgotten(merged)
         for pseudonym in list(self.dirty):
             if self.processor.forget_token(pseudonym) in self.processor.forgotten:
@@ -273,6 +300,7 @@ class Worker:
                 self._short.pop(pseudonym, None)
         if erased:
             logger.info("erased %d users named by the forget registry in Redis", erased)
+        await self._write_registry()
         return len(registry)
 
     @property
@@ -281,15 +309,24 @@ class Worker:
         return f"{self.settings.redis_key_prefix}forgotten"
 
     async def rebuild_served(self) -> int:
-        """Load the lists in Redis into the served index, after a restart; return how many."""
+        """Load the lists in Redis into the served index, after a restart; return how many.
+
+        A list of a forgotten user is deleted instead: its deletion may have
+        been pending in a worker that stopped before Redis took it. Once the
+        index is complete, lists that contain an item sold out in the
+        meantime are rewritten, and the worker reports ready.
+        """
         sink = self._require_sink()
         prefix = f"{self.settings.redis_key_prefix}user:"
         pseudonymize = self.processor.pseudonymize
         by_pseudonym = self.settings.redis_key_by == "pseudonym"
+        processor = self.processor
         loaded = 0
+        deleted = 0
         batch: list[str] = []
 
         async def load(keys: list[str]) -> int:
+            nonlocal deleted
             async with sink.client.pipeline(transaction=False) as pipe:
                 pipe.mget(keys)
                 for key in keys:
@@ -305,9 +342,19 @@ class Worker:
                 expires_at = math.inf if ttl_ms < 0 else now_s + ttl_ms / 1000
                 ident = key[len(prefix) :]
                 pseudonym = ident if by_pseudonym else pseudonymize(ident)
+                forgotten = processor.forget_token(pseudonym) in processor.forgotten
+                # A user who came back after the request has a state and a new list.
+                if forgotten and not processor.engine.has_user(pseudonym):
+                    sink.delete(key)
+                    deleted += 1
+                    continue
                 if pseudonym in self.served:
                     continue
-                value = RecommendationList.from_json(raw)
+                try:
+                    value = RecommendationList.from_json(raw)
+                except (ValueError, KeyError, TypeError) as exc:
+                    logger.warning("skipped a value in Redis that is not a valid list: %r", exc)
+                    continue
                 self.served.record(pseudonym, key, value.items, catalog.index.get, expires_at)
                 count += 1
             return count
@@ -322,6 +369,17 @@ class Worker:
                 loaded += await load(batch)
         except (RedisError, OSError) as exc:
             logger.warning("served lists not rebuilt from Redis: %r", exc)
+        if deleted:
+            logger.info("deleted %d lists of forgotten users found in Redis", deleted)
+        async with self.lock:
+            # Item updates applied while the index was incomplete missed the
+            # lists not yet loaded, so every sold-out item is applied again.
+            catalog = processor.engine.catalog
+            sold_out = np.flatnonzero(~catalog.in_stock[: len(catalog)]).tolist()
+            if sold_out:
+                self.rewrite_without(sold_out)
+                self._wake_refresher()
+            self.served_ready = True
         logger.info("served-list index rebuilt from Redis: %d lists", loaded)
         return loaded
 
@@ -406,6 +464,8 @@ class Worker:
             self._last_popular = now
             sink.put(self.processor.popular_key, self.processor.popular_list())
             self.served.expire(time.time())
+        if self._registry_owed and not sink.in_outage:
+            await self._write_registry()
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))
@@ -541,10 +601,17 @@ class Worker:
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
         shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
-        ready = bool(self.assigned) and redis_ok and not shared and not self._stopping
+        ready = (
+            bool(self.assigned)
+            and redis_ok
+            and self.served_ready
+            and not shared
+            and not self._stopping
+        )
         return {
             "live": True,
             "ready": ready,
+            "served_index_ready": self.served_ready,
             "partitions_assigned": len(self.assigned),
             "partitions_total": self.partitions_total,
             "redis_outage": bool(sink and sink.in_outage),
