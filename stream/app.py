@@ -13,6 +13,7 @@ checkpoint, which covers the fall-back to an older checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -48,6 +49,8 @@ from stream.topics import (
 logger = logging.getLogger(__name__)
 
 _POPULAR_EVERY_S = 5.0
+_BROKER_PROBE_EVERY_S = 5.0
+_BROKER_PROBE_TIMEOUT_S = 2.0
 
 
 class Worker:
@@ -87,6 +90,10 @@ class Worker:
         self._registry_owed: dict[str, int] = {}
         # Whether the served-list index has been rebuilt from Redis since start.
         self.served_ready = False
+        # Whether a bootstrap broker accepted a TCP connection at the last probe.
+        self.broker_reachable = True
+        self._last_broker_probe = 0.0
+        self._broker_probe: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     # -- startup ------------------------------------------------------------
@@ -466,6 +473,12 @@ class Worker:
             self.served.expire(time.time())
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
+        probe_idle = self._broker_probe is None or self._broker_probe.done()
+        if probe_idle and now - self._last_broker_probe >= _BROKER_PROBE_EVERY_S:
+            self._last_broker_probe = now
+            self._broker_probe = asyncio.create_task(
+                self.check_brokers(), name="fusionrec-broker-probe"
+            )
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))
@@ -474,6 +487,26 @@ class Worker:
         due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
         if due and self._changed_since_checkpoint:
             await self.checkpoint("interval")
+
+    async def check_brokers(self) -> None:
+        """Probe the bootstrap brokers and record whether any accepts a connection.
+
+        The consumer runs in Faust's own thread and only logs when it loses
+        the broker, so readiness needs this separate probe.
+        """
+        reachable = await _any_reachable(self.settings.kafka_bootstrap)
+        if not reachable:
+            self.metrics.errors.labels(kind="kafka_unreachable").inc()
+        if reachable != self.broker_reachable:
+            if reachable:
+                logger.info("Kafka reachable again at %s", self.settings.kafka_bootstrap)
+            else:
+                logger.error(
+                    "no Kafka broker at %s accepts connections; the worker is not ready "
+                    "and its lag figures are stale until one does",
+                    self.settings.kafka_bootstrap,
+                )
+        self.broker_reachable = reachable
 
     async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
@@ -605,6 +638,7 @@ class Worker:
             bool(self.assigned)
             and redis_ok
             and self.served_ready
+            and self.broker_reachable
             and not shared
             and not self._stopping
         )
@@ -612,6 +646,7 @@ class Worker:
             "live": True,
             "ready": ready,
             "served_index_ready": self.served_ready,
+            "broker_reachable": self.broker_reachable,
             "partitions_assigned": len(self.assigned),
             "partitions_total": self.partitions_total,
             "redis_outage": bool(sink and sink.in_outage),
@@ -735,6 +770,22 @@ class Worker:
 
         self._agents = (event_agent, item_agent, forget_agent, MetricsView, HealthView)
         return app
+
+
+async def _any_reachable(bootstrap: str) -> bool:
+    """Return whether any ``host:port`` of a comma-separated list accepts a TCP connection."""
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            connecting = asyncio.open_connection(host.strip("[]"), int(port))
+            _, writer = await asyncio.wait_for(connecting, _BROKER_PROBE_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
 
 
 def _messages(events: Sequence[Any]) -> list[Message]:
