@@ -103,7 +103,7 @@ class WorkerProcess:
             return text
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Wait until the worker reports ready (partitions assigned, Redis reachable)."""
+        """Wait until the worker reports ready on /health, with every condition of readiness met."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._check_alive()

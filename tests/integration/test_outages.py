@@ -86,12 +86,19 @@ def test_broker_restart(run_settings, tmp_path):
             asyncio.run(wait_for_lists(settings, {e.user_id for e in before}, 60))
 
             broker.stop()
-            time.sleep(10)
+            deadline = time.monotonic() + 20
+            report = worker.health() or {}
+            while report.get("broker_reachable", True) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                report = worker.health() or {}
+            assert report["broker_reachable"] is False
+            assert report["ready"] is False
             assert worker.process.poll() is None, "the worker died with the broker"
             broker.start()
 
             asyncio.run(produce_events(settings, after))
             asyncio.run(wait_for_lists(settings, {e.user_id for e in after}, 180))
+            worker.wait_ready(60)
             assert worker.terminate() == 0
 
     assert _applied(settings) == len(before) + len(after)
