@@ -622,6 +622,8 @@ class Worker:
         logger.info("shutting down: writing pending lists and a final checkpoint")
         await self.checkpoint("shutdown", final=True)
         self._stopping = True
+        if self._broker_probe is not None:
+            self._broker_probe.cancel()
         if self._refresh_wakeup is not None:
             self._refresh_wakeup.set()
         sink = self._require_sink()
