@@ -273,6 +273,8 @@ class _UserState:
     last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
     last_category: int = NO_CATEGORY
+    # Time of the first event learned; None in states saved before it was kept.
+    first_ms: int | None = None
 
 
 class Recommender:
@@ -369,6 +371,10 @@ class Recommender:
         self.__dict__.update(state)
         if "title" not in self.models:
             self._add_title_model()
+        for user_state in self._users.values():
+            if not hasattr(user_state, "first_ms"):
+                # Written before the first event time was kept.
+                user_state.first_ms = None
         category = self.models.get("category")
         if isinstance(category, CategoryModel):
             # A state written before the category model counted users starts
@@ -477,6 +483,8 @@ class Recommender:
             state = self._users.get(event.user_id)
             if state is None:
                 state = self._users[event.user_id] = _UserState()
+            if state.first_ms is None:
+                state.first_ms = event.timestamp_ms
             state.history.append(item)
             state.seen.add(item)
             if self._new_session(state, event):
@@ -543,6 +551,13 @@ class Recommender:
     def user_ids(self) -> list[str]:
         """Return the id of every user the engine holds state for."""
         return list(self._users)
+
+    def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
+        """Return the times of the user's first and last learned events, None where unknown."""
+        state = self._users.get(user_id)
+        if state is None:
+            return None, None
+        return state.first_ms, state.last_ms
 
     def has_user(self, user_id: str) -> bool:
         """Return whether the engine has learned any event of the user."""

@@ -333,10 +333,24 @@ class Processor:
             | self.limiter.users()
             | self.repeats.users()
         )
-        doomed = [p for p in candidates if self.forget_token(p) in self.forgotten]
+        doomed = [p for p in candidates if self._erased_by_request(p)]
         for pseudonym in doomed:
             self._erase(pseudonym)
         return len(doomed)
+
+    def _erased_by_request(self, pseudonym: str) -> bool:
+        """Return whether a forget request covers what the state holds of the user.
+
+        Events stamped after the request are admitted again, so a user who
+        came back has a state that holds only those and is kept.
+        """
+        forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
+        if forgotten_at is None:
+            return False
+        first_ms, last_ms = self.engine.user_event_times(pseudonym)
+        # States saved before the first event time was kept have only the last.
+        known_from = first_ms if first_ms is not None else last_ms
+        return known_from is None or known_from <= forgotten_at
 
     def _erase(self, pseudonym: str) -> None:
         self.engine.forget_user(pseudonym)

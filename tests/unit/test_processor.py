@@ -222,6 +222,24 @@ def test_forget_survives_older_state():
     assert not restored.engine.has_user(pseudonym)
 
 
+def test_user_back_after_forget_survives_restart():
+    import pickle
+
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    processor.forget("user-6", NOW_MS - 60_000)
+    back = Event("back-6", "view", "user-6", "item-2", NOW_MS - 1_000)
+    assert processor.process_events([_message(back, 10_000)]).applied == 1
+    pseudonym = processor.pseudonymize("user-6")
+    snapshot = pickle.loads(pickle.dumps(processor.state()))
+
+    restored = _processor()
+    restored.load_state(snapshot)
+    restored.merge_forgotten(dict(processor.forgotten))
+
+    assert restored.engine.user_history(pseudonym) == ["item-2"]
+
+
 def test_state_holds_no_raw_user_id():
     import pickle
 
