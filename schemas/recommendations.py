@@ -54,10 +54,17 @@ class RecommendationList:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RecommendationList:
-        """Parse a value read from Redis."""
+        """Parse a value read from Redis.
+
+        Raises ValueError, KeyError or TypeError when the value is not a list
+        in this shape.
+        """
         obj = orjson.loads(raw)
-        items = [
-            RecommendedItem(entry["item_id"], float(entry["score"]), tuple(entry["sources"]))
-            for entry in obj["items"]
-        ]
+        items = []
+        for entry in obj["items"]:
+            item_id = entry["item_id"]
+            if not isinstance(item_id, str):
+                msg = f"item_id {item_id!r} is a {type(item_id).__name__}; expected a string"
+                raise TypeError(msg)
+            items.append(RecommendedItem(item_id, float(entry["score"]), tuple(entry["sources"])))
         return cls(items, int(obj["computed_at"]), str(obj["model_version"]))

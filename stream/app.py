@@ -92,8 +92,7 @@ class Worker:
         self.served_ready = False
         # Whether a bootstrap broker accepted a TCP connection at the last probe.
         self.broker_reachable = True
-        self._last_broker_probe = 0.0
-        self._broker_probe: asyncio.Task[None] | None = None
+        self._interval_checkpoint: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     # -- startup ------------------------------------------------------------
@@ -213,8 +212,8 @@ class Worker:
                 # would wake the loop for the lists that the rewrite left short.
                 self._wake_refresher()
 
-    def rewrite_without(self, item_rows: Sequence[int]) -> int:
-        """Rewrite the served lists that hold any of ``item_rows``; return how many."""
+    def rewrite_without(self, item_rows: Sequence[int]) -> list[str]:
+        """Rewrite the served lists that hold any of ``item_rows``; return their Redis keys."""
         engine = self.processor.engine
         catalog = engine.catalog
         started = time.perf_counter()
@@ -240,7 +239,7 @@ class Worker:
                 len(item_rows),
                 time.perf_counter() - started,
             )
-        return len(rewritten)
+        return [entry.key for entry in rewritten]
 
     async def on_forget_batch(self, events: Sequence[Any]) -> None:
         """Erase users and delete their lists, then checkpoint so no file keeps them."""
@@ -319,76 +318,106 @@ class Worker:
         """Load the lists in Redis into the served index, after a restart; return how many.
 
         A list of a forgotten user is deleted instead: its deletion may have
-        been pending in a worker that stopped before Redis took it. Once the
-        index is complete, lists that contain an item sold out in the
-        meantime are rewritten, and the worker reports ready.
+        been pending in a worker that stopped before Redis took it. While
+        Redis cannot be read, the scan is tried again. Once the index is
+        complete, lists that contain an item sold out in the meantime are
+        rewritten, and the worker reports ready when Redis has taken them.
         """
-        sink = self._require_sink()
-        prefix = f"{self.settings.redis_key_prefix}user:"
-        pseudonymize = self.processor.pseudonymize
-        by_pseudonym = self.settings.redis_key_by == "pseudonym"
-        processor = self.processor
-        loaded = 0
-        deleted = 0
-        batch: list[str] = []
-
-        async def load(keys: list[str]) -> int:
-            nonlocal deleted
-            async with sink.client.pipeline(transaction=False) as pipe:
-                pipe.mget(keys)
-                for key in keys:
-                    pipe.pttl(key)
-                values, *ttls_ms = await pipe.execute()
-            now_s = time.time()
-            count = 0
-            catalog = self.processor.engine.catalog
-            for key, raw, ttl_ms in zip(keys, values, ttls_ms, strict=True):
-                # PTTL is -2 for a key that has gone and -1 for one without expiry.
-                if raw is None or ttl_ms == -2:
-                    continue
-                expires_at = math.inf if ttl_ms < 0 else now_s + ttl_ms / 1000
-                ident = key[len(prefix) :]
-                pseudonym = ident if by_pseudonym else pseudonymize(ident)
-                forgotten = processor.forget_token(pseudonym) in processor.forgotten
-                # A user who came back after the request has a state and a new list.
-                if forgotten and not processor.engine.has_user(pseudonym):
-                    sink.delete(key)
-                    deleted += 1
-                    continue
-                if pseudonym in self.served:
-                    continue
-                try:
-                    value = RecommendationList.from_json(raw)
-                except (ValueError, KeyError, TypeError) as exc:
-                    logger.warning("skipped a value in Redis that is not a valid list: %r", exc)
-                    continue
-                self.served.record(pseudonym, key, value.items, catalog.index.get, expires_at)
-                count += 1
-            return count
-
-        try:
-            async for raw_key in sink.client.scan_iter(f"{prefix}*", count=1000):
-                batch.append(_text(raw_key))
-                if len(batch) == 1000:
-                    loaded += await load(batch)
-                    batch = []
-            if batch:
-                loaded += await load(batch)
-        except (RedisError, OSError) as exc:
-            logger.warning("served lists not rebuilt from Redis: %r", exc)
-        if deleted:
-            logger.info("deleted %d lists of forgotten users found in Redis", deleted)
+        delay_s = 1.0
+        while True:
+            try:
+                loaded, deleted = await self._load_served()
+                break
+            except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return 0
+                logger.warning(
+                    "served lists not rebuilt from Redis (%r); trying again in %.0f s",
+                    exc,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, self.settings.redis_retry_max_s)
         async with self.lock:
             # Item updates applied while the index was incomplete missed the
             # lists not yet loaded, so every sold-out item is applied again.
-            catalog = processor.engine.catalog
+            catalog = self.processor.engine.catalog
             sold_out = np.flatnonzero(~catalog.in_stock[: len(catalog)]).tolist()
-            if sold_out:
-                self.rewrite_without(sold_out)
+            keys = self.rewrite_without(sold_out) if sold_out else []
+            if keys:
                 self._wake_refresher()
-            self.served_ready = True
+        await self._wait_written(keys + deleted)
+        self.served_ready = True
         logger.info("served-list index rebuilt from Redis: %d lists", loaded)
         return loaded
+
+    async def _load_served(self) -> tuple[int, list[str]]:
+        """Scan Redis for user lists; return how many were loaded and the keys deleted."""
+        sink = self._require_sink()
+        prefix = f"{self.settings.redis_key_prefix}user:"
+        loaded = 0
+        deleted: list[str] = []
+        batch: list[str] = []
+        async for raw_key in sink.client.scan_iter(f"{prefix}*", count=1000):
+            try:
+                batch.append(_text(raw_key))
+            except UnicodeDecodeError:
+                logger.warning("skipped a key under %s that is not UTF-8", prefix)
+                continue
+            if len(batch) == 1000:
+                loaded += await self._load_served_keys(batch, deleted)
+                batch = []
+        if batch:
+            loaded += await self._load_served_keys(batch, deleted)
+        if deleted:
+            logger.info("deleted %d lists of forgotten users found in Redis", len(deleted))
+        return loaded, deleted
+
+    async def _load_served_keys(self, keys: list[str], deleted: list[str]) -> int:
+        """Record the lists under ``keys``; return how many, and add deleted keys to ``deleted``."""
+        sink = self._require_sink()
+        processor = self.processor
+        prefix_length = len(f"{self.settings.redis_key_prefix}user:")
+        by_pseudonym = self.settings.redis_key_by == "pseudonym"
+        async with sink.client.pipeline(transaction=False) as pipe:
+            pipe.mget(keys)
+            for key in keys:
+                pipe.pttl(key)
+            values, *ttls_ms = await pipe.execute()
+        now_s = time.time()
+        loaded = 0
+        catalog = processor.engine.catalog
+        for key, raw, ttl_ms in zip(keys, values, ttls_ms, strict=True):
+            # PTTL is -2 for a key that has gone and -1 for one without expiry.
+            if raw is None or ttl_ms == -2:
+                continue
+            expires_at = math.inf if ttl_ms < 0 else now_s + ttl_ms / 1000
+            ident = key[prefix_length:]
+            pseudonym = ident if by_pseudonym else processor.pseudonymize(ident)
+            forgotten = processor.forget_token(pseudonym) in processor.forgotten
+            # A user who came back after the request has a state and a new list.
+            if forgotten and not processor.engine.has_user(pseudonym):
+                sink.delete(key)
+                deleted.append(key)
+                continue
+            if pseudonym in self.served:
+                continue
+            try:
+                value = RecommendationList.from_json(raw)
+                self.served.record(pseudonym, key, value.items, catalog.index.get, expires_at)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("skipped a value in Redis that is not a valid list: %r", exc)
+                continue
+            loaded += 1
+        return loaded
+
+    async def _wait_written(self, keys: list[str]) -> None:
+        """Wait until Redis has taken the pending writes of ``keys``, or the worker stops."""
+        sink = self._require_sink()
+        waiting = [key for key in keys if sink.unwritten(key)]
+        while waiting and not self._stopping:
+            await asyncio.sleep(0.05)
+            waiting = [key for key in waiting if sink.unwritten(key)]
 
     def _take(self, outcome: BatchOutcome) -> None:
         self.dirty.update(outcome.dirty)
@@ -473,20 +502,32 @@ class Worker:
             self.served.expire(time.time())
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
-        probe_idle = self._broker_probe is None or self._broker_probe.done()
-        if probe_idle and now - self._last_broker_probe >= _BROKER_PROBE_EVERY_S:
-            self._last_broker_probe = now
-            self._broker_probe = asyncio.create_task(
-                self.check_brokers(), name="fusionrec-broker-probe"
-            )
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
         self._update_lag()
         due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
-        if due and self._changed_since_checkpoint:
-            await self.checkpoint("interval")
+        idle = self._interval_checkpoint is None or self._interval_checkpoint.done()
+        if due and idle and self._changed_since_checkpoint:
+            # A task, because the offset commit at its end waits for the broker
+            # during an outage, and the timer must go on meanwhile.
+            self._interval_checkpoint = asyncio.create_task(
+                self.checkpoint("interval"), name="fusionrec-checkpoint"
+            )
+            self._interval_checkpoint.add_done_callback(self._log_checkpoint_failure)
+
+    def _log_checkpoint_failure(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.metrics.errors.labels(kind="checkpoint").inc()
+        logger.error("interval checkpoint failed", exc_info=task.exception())
+
+    async def watch_brokers(self) -> None:
+        """Probe the bootstrap brokers every few seconds until the worker stops."""
+        while not self._stopping:
+            await self.check_brokers()
+            await asyncio.sleep(_BROKER_PROBE_EVERY_S)
 
     async def check_brokers(self) -> None:
         """Probe the bootstrap brokers and record whether any accepts a connection.
@@ -522,6 +563,8 @@ class Worker:
             if final:
                 self.refresh_some()
                 await self._drain_sink()
+            # NOTE: with dead letters to send and the broker down, this waits
+            # under the lock, so refreshes wait too until the broker is back.
             await self._send_dead_letters()
             await self.app.producer.flush()
             state = self.processor.state()
@@ -622,8 +665,9 @@ class Worker:
         logger.info("shutting down: writing pending lists and a final checkpoint")
         await self.checkpoint("shutdown", final=True)
         self._stopping = True
-        if self._broker_probe is not None:
-            self._broker_probe.cancel()
+        for task in self._background:
+            if task.get_name() == "fusionrec-broker-watch":
+                task.cancel()
         if self._refresh_wakeup is not None:
             self._refresh_wakeup.set()
         sink = self._require_sink()
@@ -716,6 +760,9 @@ class Worker:
             )
             self._background.append(
                 asyncio.create_task(self.rebuild_served(), name="fusionrec-served-index")
+            )
+            self._background.append(
+                asyncio.create_task(self.watch_brokers(), name="fusionrec-broker-watch")
             )
 
         @app.timer(interval=1.0)

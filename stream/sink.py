@@ -66,12 +66,18 @@ class RedisSink:
         self.metrics = metrics
         self.client = redis_client(settings)
         self.pending: Pending = {}
+        # Keys of the batch being written, out of `pending` until Redis replies.
+        self._in_flight: set[str] = set()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
         self._outage_started: float | None = None
         self.outages = 0
+
+    def unwritten(self, key: str) -> bool:
+        """Return whether a write or deletion of ``key`` is queued or still in flight."""
+        return key in self.pending or key in self._in_flight
 
     def put(self, key: str, payload: bytes) -> None:
         """Queue ``payload`` as the new value of ``key``."""
@@ -136,6 +142,7 @@ class RedisSink:
             if len(keys) == batch_size:
                 break
         batch = {key: self.pending.pop(key) for key in keys}
+        self._in_flight = set(batch)
         self.metrics.pending_lists.set(len(self.pending))
         started = time.perf_counter()
         try:
@@ -152,8 +159,10 @@ class RedisSink:
             for key, payload in batch.items():
                 self.pending.setdefault(key, payload)
             self.metrics.pending_lists.set(len(self.pending))
+            self._in_flight = set()
             await self._discard_connections()
             raise
+        self._in_flight = set()
         self.metrics.redis_write_seconds.observe(time.perf_counter() - started)
         # Only user lists count, and a SET XX over an expired key wrote nothing.
         user_prefix = f"{self.settings.redis_key_prefix}user:"

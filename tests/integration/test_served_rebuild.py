@@ -6,9 +6,13 @@ import asyncio
 import uuid
 from dataclasses import replace
 
+import orjson
+
 from schemas import Event, ItemUpdate, RecommendationList, RecommendedItem
 from stream.app import Worker
+from stream.runner import RedisServer
 from stream.settings import Settings
+from stream.sink import redis_client
 
 T0 = 1_700_000_000_000
 
@@ -40,15 +44,17 @@ async def _restart(
     worker: Worker, lists: dict[str, bytes]
 ) -> tuple[dict[str, bytes | None], dict[bytes, bytes]]:
     """Write ``lists`` to Redis, run the start-up repairs, and read the lists and registry."""
-    sink = worker._require_sink()
-    client = sink.client
+    client = redis_client(worker.settings)
     try:
         for key, value in lists.items():
             await client.set(key, value, ex=3600)
+        await worker.start_sink()
         await worker.load_forgotten()
-        await worker.rebuild_served()
-        while sink.pending:
-            await sink.flush_once()
+        await asyncio.wait_for(worker.rebuild_served(), 60)
+        # Ready means that Redis has taken the rewrites.
+        unwritten = [key for key in lists if worker._require_sink().unwritten(key)]
+        await worker._require_sink().close()
+        assert unwritten == []
         values = {key: await client.get(key) for key in lists}
         return values, await client.hgetall(worker.forgotten_key)
     finally:
@@ -90,3 +96,64 @@ def test_restart_applies_stock_outs_to_loaded_lists(redis_url, tmp_path):
     shown_items = [item.item_id for item in RecommendationList.from_json(values[shopper]).items]
     assert shown_items == ["i2", "i3"]
     assert worker.served_ready
+
+
+def test_rebuild_skips_values_that_are_not_lists(redis_url, tmp_path):
+    worker = _worker(redis_url, tmp_path)
+    prefix = f"{worker.settings.redis_key_prefix}user:"
+    odd_item = orjson.dumps(
+        {
+            "items": [{"item_id": ["i5"], "score": 1, "sources": []}],
+            "computed_at": 1,
+            "model_version": "x",
+        }
+    )
+    lists = {
+        prefix + "odd-item": odd_item,
+        prefix + "not-json": b"not a list",
+        prefix + "valid": _list("i1"),
+    }
+
+    async def run() -> None:
+        client = redis_client(worker.settings)
+        try:
+            await client.set(prefix.encode() + b"\xff\xfe", b"key that is not UTF-8")
+        finally:
+            await client.aclose()
+        await _restart(worker, lists)
+
+    asyncio.run(run())
+
+    assert worker.served_ready
+    assert len(worker.served) == 1
+
+
+def test_rebuild_waits_for_redis_at_start(tmp_path):
+    # The server refuses the worker, which has no password, until the
+    # password is cleared, and keeps its data meanwhile.
+    with RedisServer(tmp_path / "redis", password="secret") as redis:
+        worker = _worker(redis.url, tmp_path / "worker")
+        admin_settings = replace(
+            worker.settings, redis_url=f"redis://:secret@127.0.0.1:{redis.port}/0"
+        )
+        key = _key(worker, "shopper")
+
+        async def run() -> bool:
+            admin = redis_client(admin_settings)
+            try:
+                await admin.set(key, _list("i1", "i2"), ex=3600)
+                rebuild = asyncio.create_task(worker.rebuild_served())
+                await asyncio.sleep(2.0)
+                ready_while_refused = worker.served_ready
+                await admin.config_set("requirepass", "")
+                await asyncio.wait_for(rebuild, 60)
+            finally:
+                await admin.aclose()
+                await worker._require_sink().client.aclose()
+            return ready_while_refused
+
+        ready_while_refused = asyncio.run(run())
+
+    assert ready_while_refused is False
+    assert worker.served_ready
+    assert len(worker.served) == 1

@@ -42,3 +42,46 @@ def test_any_listening_broker_counts_as_reachable(tmp_path):
         return worker.broker_reachable
 
     assert asyncio.run(run()) is True
+
+
+class _Sink:
+    """Stands in for the Redis sink and records the keys the worker writes."""
+
+    in_outage = False
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def put(self, key: str, payload: bytes) -> None:
+        self.keys.append(key)
+
+
+def test_timer_goes_on_while_checkpoint_waits(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    sink = _Sink()
+    worker.sink = sink  # type: ignore[assignment]
+    released = asyncio.Event()
+    started: list[str] = []
+
+    async def checkpoint(reason: str, **kwargs: object) -> None:
+        # Stands for an offset commit that waits for a broker that is down.
+        started.append(reason)
+        await released.wait()
+
+    monkeypatch.setattr(worker, "checkpoint", checkpoint)
+    monkeypatch.setattr("stream.app._POPULAR_EVERY_S", 0.0)
+    worker.last_checkpoint -= 10 * worker.settings.checkpoint_interval_s
+    worker._changed_since_checkpoint = True
+
+    async def run() -> None:
+        for _ in range(3):
+            await asyncio.wait_for(worker.tick(), timeout=5)
+            await asyncio.sleep(0)
+        released.set()
+        assert worker._interval_checkpoint is not None
+        await worker._interval_checkpoint
+
+    asyncio.run(run())
+
+    assert started == ["interval"]
+    assert sink.keys.count(worker.processor.popular_key) == 3
