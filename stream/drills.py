@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import platform
 import sys
@@ -164,16 +165,11 @@ def drill_stock_fanout(base: Settings, folder: Path, sizes: list[int]) -> list[d
         settings = _run_settings(base, folder, fusion="weighted")
         asyncio.run(create_topics(settings))
         start_ms = int(time.time() * 1000) - 3_600_000
-        events = _holding_users(size, "hot", start_ms)
         users = [f"fan-{n}" for n in range(size)]
         worker = WorkerProcess(settings, Path(settings.data_dir) / "worker.log").start()
         try:
             worker.wait_ready()
-            asyncio.run(_produce(settings, _event_records(_crowd("hot", start_ms))))
-            asyncio.run(wait_for_lists(settings, ["crowd-199"], timeout_s=120))
-            asyncio.run(_produce(settings, _event_records(events)))
-            asyncio.run(wait_for_lists(settings, users, timeout_s=600))
-            holders = asyncio.run(_count_holders(settings, users, "hot"))
+            holders = _build_holding_lists(settings, size, "hot", start_ms)
             update = {"item_id": "hot", "timestamp": start_ms + 10_000_000, "in_stock": False}
             elapsed = asyncio.run(_time_sold_out(settings, update, holders))
             left = asyncio.run(_count_holders(settings, users, "hot"))
@@ -184,6 +180,64 @@ def drill_stock_fanout(base: Settings, folder: Path, sizes: list[int]) -> list[d
         finally:
             worker.terminate()
     return results
+
+
+def _build_holding_lists(settings: Settings, size: int, item: str, start_ms: int) -> int:
+    """Give ``size`` users a list that contains ``item``; return how many lists contain it."""
+    users = [f"fan-{n}" for n in range(size)]
+    asyncio.run(_produce(settings, _event_records(_crowd(item, start_ms))))
+    asyncio.run(wait_for_lists(settings, ["crowd-199"], timeout_s=120))
+    asyncio.run(_produce(settings, _event_records(_holding_users(size, item, start_ms))))
+    asyncio.run(wait_for_lists(settings, users, timeout_s=600))
+    return asyncio.run(_count_holders(settings, users, item))
+
+
+def drill_stock_while_stopped(base: Settings, folder: Path, size: int) -> dict[str, Any]:
+    """Sell out an item while the worker is stopped, and time the restart that repairs lists.
+
+    The update waits in Kafka, so the restarted worker consumes it while it
+    still rebuilds its index of served lists from Redis. The clock runs from
+    the start of the new worker process until it reports ready, and then
+    until no list write is pending.
+    """
+    settings = _run_settings(base, folder, fusion="weighted")
+    asyncio.run(create_topics(settings))
+    start_ms = int(time.time() * 1000) - 3_600_000
+    users = [f"fan-{n}" for n in range(size)]
+    log = Path(settings.data_dir) / "worker.log"
+    worker = WorkerProcess(settings, log).start()
+    try:
+        worker.wait_ready()
+        holders = _build_holding_lists(settings, size, "gone", start_ms)
+    finally:
+        worker.terminate()
+    update = {"item_id": "gone", "timestamp": start_ms + 10_000_000, "in_stock": False}
+    asyncio.run(_produce(settings, [(ITEMS_TOPIC, b"gone", orjson.dumps(update))]))
+    starting = time.monotonic()
+    worker = WorkerProcess(settings, log).start()
+    try:
+        worker.wait_ready()
+        ready_s = time.monotonic() - starting
+        while (worker.health() or {}).get("lists_pending", 1) > 0:
+            if time.monotonic() - starting > 300:
+                break
+            time.sleep(0.05)
+        written_s = time.monotonic() - starting
+    finally:
+        worker.terminate()
+    left = asyncio.run(_count_holders(settings, users, "gone"))
+    logger.info(
+        "stock-out while stopped: %d lists, ready after %.3f s, %d still holding the item",
+        holders,
+        ready_s,
+        left,
+    )
+    return {
+        "lists_holding": holders,
+        "seconds_to_ready": round(ready_s, 3),
+        "seconds_to_written": round(written_s, 3),
+        "still_holding": left,
+    }
 
 
 def drill_forget(base: Settings, folder: Path) -> dict[str, Any]:
@@ -259,8 +313,16 @@ def drill_broker_restart(base: Settings, folder: Path) -> dict[str, Any]:
             worker.wait_ready()
             asyncio.run(_produce(settings, _event_records(_holding_users(20, "z", start_ms))))
             asyncio.run(wait_for_lists(settings, ["fan-0"], 60))
+            # The clock starts before the stop, which waits for the broker's
+            # shutdown and can outlast a probe.
+            stopped = time.monotonic()
             broker.stop()
-            time.sleep(10)
+            unready_s = math.nan
+            while time.monotonic() - stopped < 10:
+                report = worker.health() or {}
+                if math.isnan(unready_s) and report.get("broker_reachable") is False:
+                    unready_s = time.monotonic() - stopped
+                time.sleep(0.1)
             broker.start()
             back = time.monotonic()
             after = [Event("after-restart", "view", "late-user", "z", start_ms + 50_000)]
@@ -270,7 +332,7 @@ def drill_broker_restart(base: Settings, folder: Path) -> dict[str, Any]:
         finally:
             worker.terminate()
     logger.info("broker restart: new event in Redis %.3f s after the broker returned", elapsed)
-    return {"seconds_to_first_list": round(elapsed, 3)}
+    return {"seconds_to_first_list": round(elapsed, 3), "seconds_to_unready": round(unready_s, 3)}
 
 
 def drill_lifecycle(base: Settings, folder: Path) -> dict[str, Any]:
@@ -331,6 +393,23 @@ def _markdown(results: dict[str, Any], command: str) -> str:
         lines.append(
             f"| {row['lists_holding']:,} | {row['seconds']:.3f} | {row['still_holding']} |"
         )
+    stopped = results["stock_while_stopped"]
+    lines += [
+        "",
+        "## Stock-out while the worker is stopped",
+        "",
+        "An item in N lists goes out of stock while the worker is stopped. The new",
+        "worker consumes the update while it still rebuilds its index of served",
+        "lists from Redis, and rewrites every list that holds a sold-out item",
+        "once the index is complete. It reports ready only when Redis has taken",
+        "those rewrites. The clock runs from the start of the new worker process.",
+        "",
+        "| lists holding the item | seconds until ready | seconds until no write is pending "
+        "| lists still holding it |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| {stopped['lists_holding']:,} | {stopped['seconds_to_ready']:.3f} "
+        f"| {stopped['seconds_to_written']:.3f} | {stopped['still_holding']} |",
+    ]
     forget = results["forget"]
     outage = results["redis_outage"]
     broker = results["broker_restart"]
@@ -346,6 +425,8 @@ def _markdown(results: dict[str, Any], command: str) -> str:
         f"{outage['lists_pending']:,} pending lists written | "
         f"{outage['seconds_to_write_all']:.3f} s | within 5 s; worker alive: "
         f"{outage['worker_alive']} |",
+        f"| broker stopped: /health reports it unreachable and the worker unready | "
+        f"{broker['seconds_to_unready']:.3f} s | within 10 s (probed every 5 s) |",
         f"| broker back after 10 s down: first new event in Redis | "
         f"{broker['seconds_to_first_list']:.3f} s | reconnects, loses and repeats nothing |",
         f"| SIGTERM to exit (code {life['sigterm_exit_code']}) | "
@@ -378,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fanout", type=int, nargs="+", default=[1_000, 10_000, 30_000], help="list counts"
     )
     parser.add_argument("--outage", type=float, default=30.0, help="Redis outage in seconds")
+    parser.add_argument(
+        "--restart-lists",
+        type=int,
+        default=10_000,
+        help="lists holding the item that sells out while the worker is stopped",
+    )
     parser.add_argument("--markdown", type=Path, help="write the results as a Markdown page")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -386,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         results = {
             "stock_fanout": drill_stock_fanout(base, folder, args.fanout),
+            "stock_while_stopped": drill_stock_while_stopped(base, folder, args.restart_lists),
             "forget": drill_forget(base, folder),
             "redis_outage": drill_redis_outage(base, folder, args.outage),
             "broker_restart": drill_broker_restart(base, folder),
