@@ -753,17 +753,11 @@ class Recommender:
         order = chosen[np.lexsort((scored.items[chosen], -scores[chosen]))]
         rows: list[int] = []
         values: list[float] = []
-        cap = self.config.max_per_category
         per_category: dict[int, int] = {}
-        categories = self.catalog.categories
         for position in order.tolist():
             row = int(scored.items[position])
-            if cap is not None:
-                category = int(categories[row])
-                if category != NO_CATEGORY:
-                    if per_category.get(category, 0) >= cap:
-                        continue
-                    per_category[category] = per_category.get(category, 0) + 1
+            if not self._within_cap(row, per_category):
+                continue
             rows.append(row)
             values.append(float(scores[position]))
             if len(rows) == k:
@@ -794,6 +788,19 @@ class Recommender:
             rows.append(row)
             values.append(floor)
 
+    def _within_cap(self, row: int, per_category: dict[int, int]) -> bool:
+        """Count ``row`` against the category cap; return False when its category is full."""
+        cap = self.config.max_per_category
+        if cap is None:
+            return True
+        category = int(self.catalog.categories[row])
+        if category == NO_CATEGORY:
+            return True
+        if per_category.get(category, 0) >= cap:
+            return False
+        per_category[category] = per_category.get(category, 0) + 1
+        return True
+
     def _leading_rows(
         self,
         model_name: str,
@@ -814,22 +821,14 @@ class Recommender:
         if k <= 0:
             return []
         model = self.models[model_name]
-        cap = self.config.max_per_category
-        categories = self.catalog.categories
         want = 4 * k + len(skip) if window is None else max(window, k)
         while True:
             leading = model.candidates(user_id, want)
             counts = dict(per_category) if per_category is not None else {}
             rows: list[int] = []
             for row in self._blocked(user_id, leading).tolist():
-                if row in skip:
+                if row in skip or not self._within_cap(row, counts):
                     continue
-                if cap is not None:
-                    category = int(categories[row])
-                    if category != NO_CATEGORY:
-                        if counts.get(category, 0) >= cap:
-                            continue
-                        counts[category] = counts.get(category, 0) + 1
                 rows.append(row)
                 if len(rows) == k:
                     break
