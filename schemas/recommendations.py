@@ -62,9 +62,18 @@ class RecommendationList:
         obj = orjson.loads(raw)
         items = []
         for entry in obj["items"]:
-            item_id = entry["item_id"]
+            item_id, score, sources = entry["item_id"], entry["score"], entry["sources"]
             if not isinstance(item_id, str):
                 msg = f"item_id {item_id!r} is a {type(item_id).__name__}; expected a string"
                 raise TypeError(msg)
-            items.append(RecommendedItem(item_id, float(entry["score"]), tuple(entry["sources"])))
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                msg = f"score {score!r} is a {type(score).__name__}; expected a number"
+                raise TypeError(msg)
+            if not math.isfinite(score):
+                msg = f"score is {score}; expected a finite number"
+                raise ValueError(msg)
+            if not isinstance(sources, list) or not all(isinstance(n, str) for n in sources):
+                msg = f"sources {sources!r} is not a list of model names"
+                raise TypeError(msg)
+            items.append(RecommendedItem(item_id, float(score), tuple(sources)))
         return cls(items, int(obj["computed_at"]), str(obj["model_version"]))

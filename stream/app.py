@@ -13,9 +13,9 @@ checkpoint, which covers the fall-back to an older checkpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +24,7 @@ import faust
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from faust.types import TP
 from faust.web import Request, Response, View
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
+_COMMIT_TIMEOUT_S = 10.0
 
 
 class Worker:
@@ -88,6 +90,7 @@ class Worker:
         self._stopping = False
         # Forget tokens that Redis's registry still lacks, with their times.
         self._registry_owed: dict[str, int] = {}
+        self._registry_merged = False
         # Whether the served-list index has been rebuilt from Redis since start.
         self.served_ready = False
         # Whether a bootstrap broker accepted a TCP connection at the last probe.
@@ -286,24 +289,38 @@ class Worker:
                 del self._registry_owed[token]
 
     async def load_forgotten(self) -> int:
-        """Merge the forget registry kept in Redis into the state; return its size."""
-        sink = self._require_sink()
+        """Merge the forget registry kept in Redis into the state; return its size.
+
+        When Redis does not answer, the rebuild of the served index merges
+        the registry once Redis is back.
+        """
         try:
-            registry = await sink.client.hgetall(self.forgotten_key)
+            return await self._merge_registry()
         except (RedisError, OSError) as exc:
-            logger.warning("forget registry not read from Redis (%r); using the checkpoint's", exc)
+            logger.warning(
+                "forget registry not read from Redis (%r); using the checkpoint's until "
+                "Redis answers",
+                exc,
+            )
             return 0
+
+    async def _merge_registry(self) -> int:
+        registry = await self._require_sink().client.hgetall(self.forgotten_key)
         merged = {_text(token): int(stamp) for token, stamp in registry.items()}
-        # Tokens of the checkpoint that Redis lacks, because a write failed
-        # before the worker stopped, are written again.
-        for token, stamp in self.processor.forgotten.items():
-            if merged.get(token, -1) < stamp:
-                self._registry_owed[token] = stamp
-        erased = self.processor.merge_forgotten(merged)
-        for pseudonym in list(self.dirty):
-            if self.processor.forget_token(pseudonym) in self.processor.forgotten:
-                self.dirty.pop(pseudonym)
-                self._short.pop(pseudonym, None)
+        processor = self.processor
+        async with self.lock:
+            # Tokens of the checkpoint that Redis lacks, because a write failed
+            # before the worker stopped, are written again.
+            for token, stamp in processor.forgotten.items():
+                if merged.get(token, -1) < stamp:
+                    self._registry_owed[token] = stamp
+            erased = processor.merge_forgotten(merged)
+            for pseudonym in list(self.dirty):
+                forgotten = processor.forget_token(pseudonym) in processor.forgotten
+                if forgotten and not processor.engine.has_user(pseudonym):
+                    self.dirty.pop(pseudonym)
+                    self._short.pop(pseudonym, None)
+            self._registry_merged = True
         if erased:
             logger.info("erased %d users named by the forget registry in Redis", erased)
         await self._write_registry()
@@ -326,6 +343,8 @@ class Worker:
         delay_s = 1.0
         while True:
             try:
+                if not self._registry_merged:
+                    await self._merge_registry()
                 loaded, deleted = await self._load_served()
                 break
             except (RedisError, OSError) as exc:
@@ -358,7 +377,8 @@ class Worker:
         loaded = 0
         deleted: list[str] = []
         batch: list[str] = []
-        async for raw_key in sink.client.scan_iter(f"{prefix}*", count=1000):
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        async for raw_key in sink.client.scan_iter(pattern, count=1000):
             try:
                 batch.append(_text(raw_key))
             except UnicodeDecodeError:
@@ -535,7 +555,7 @@ class Worker:
         The consumer runs in Faust's own thread and only logs when it loses
         the broker, so readiness needs this separate probe.
         """
-        reachable = await _any_reachable(self.settings.kafka_bootstrap)
+        reachable = await _broker_answers(self.settings)
         if not reachable:
             self.metrics.errors.labels(kind="kafka_unreachable").inc()
         if reachable != self.broker_reachable:
@@ -609,7 +629,18 @@ class Worker:
             return
         # NOTE: Faust has no public call that commits given offsets; its
         # consumer's _commit is the one its own commit path ends in.
-        ok = await self.app.consumer._commit(committable)
+        # It waits for the broker without a limit, so a stop during a broker
+        # outage is bounded here. The checkpoint's offsets decide where a
+        # restart begins, so a commit that did not happen loses nothing.
+        try:
+            ok = await asyncio.wait_for(self.app.consumer._commit(committable), _COMMIT_TIMEOUT_S)
+        except TimeoutError:
+            self.metrics.errors.labels(kind="offset_commit").inc()
+            logger.warning(
+                "offset commit timed out after %.0f s; the checkpoint keeps the offsets",
+                _COMMIT_TIMEOUT_S,
+            )
+            return
         if not ok:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.warning("offset commit skipped: the group is rebalancing")
@@ -821,20 +852,24 @@ class Worker:
         return app
 
 
-async def _any_reachable(bootstrap: str) -> bool:
-    """Return whether any ``host:port`` of a comma-separated list accepts a TCP connection."""
-    for address in bootstrap.split(","):
-        host, _, port = address.strip().rpartition(":")
-        try:
-            connecting = asyncio.open_connection(host.strip("[]"), int(port))
-            _, writer = await asyncio.wait_for(connecting, _BROKER_PROBE_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError):
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
-    return False
+async def _broker_answers(settings: Settings) -> bool:
+    """Return whether a bootstrap broker answers a metadata request in time.
+
+    A TCP connection alone is not enough: the kernel accepts connections
+    for a broker process that is frozen.
+    """
+    client = AIOKafkaClient(
+        bootstrap_servers=settings.kafka_bootstrap,
+        request_timeout_ms=int(_BROKER_PROBE_TIMEOUT_S * 1000),
+        **client_options(settings),
+    )
+    try:
+        await asyncio.wait_for(client.bootstrap(), _BROKER_PROBE_TIMEOUT_S)
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await client.close()
+    return True
 
 
 def _messages(events: Sequence[Any]) -> list[Message]:

@@ -157,3 +157,62 @@ def test_rebuild_waits_for_redis_at_start(tmp_path):
     assert ready_while_refused is False
     assert worker.served_ready
     assert len(worker.served) == 1
+
+
+def test_rebuild_reads_prefix_with_glob_characters(redis_url, tmp_path):
+    worker = _worker(redis_url, tmp_path)
+    namespace = f"t[{uuid.uuid4().hex[:6]}]*?:"
+    worker.settings = replace(worker.settings, redis_key_prefix=namespace)
+    worker.processor.settings = worker.settings
+    # A key that the unescaped pattern would take for one of this prefix.
+    neighbour = f"t{namespace[2:8]}x:user:someone"
+
+    async def run() -> None:
+        client = redis_client(worker.settings)
+        try:
+            await client.set(neighbour, _list("i1"), ex=60)
+            await _restart(worker, {_key(worker, "shopper"): _list("i1", "i2")})
+        finally:
+            await client.delete(neighbour)
+            await client.aclose()
+
+    asyncio.run(run())
+
+    assert worker.processor.pseudonymize("shopper") in worker.served
+    assert len(worker.served) == 1
+
+
+def test_registry_merged_once_redis_answers(tmp_path):
+    with RedisServer(tmp_path / "redis", password="secret") as redis:
+        worker = _worker(redis.url, tmp_path / "worker")
+        admin_settings = replace(
+            worker.settings, redis_url=f"redis://:secret@127.0.0.1:{redis.port}/0"
+        )
+        processor = worker.processor
+        pseudonym = processor.pseudonymize("gone")
+        processor.engine.learn([Event("e1", "view", pseudonym, "i1", T0)])
+        token = processor.forget_token(pseudonym)
+
+        async def run() -> bool:
+            admin = redis_client(admin_settings)
+            try:
+                # Only the registry in Redis has the request, because the state predates it.
+                await admin.hset(worker.forgotten_key, token, T0 + 1000)
+                await admin.set(_key(worker, "gone"), _list("i1"), ex=3600)
+                assert await worker.load_forgotten() == 0
+                rebuild = asyncio.create_task(worker.rebuild_served())
+                await asyncio.sleep(1.0)
+                erased_while_refused = not processor.engine.has_user(pseudonym)
+                await admin.config_set("requirepass", "")
+                await worker.start_sink()
+                await asyncio.wait_for(rebuild, 60)
+                await worker._require_sink().close()
+                assert await admin.get(_key(worker, "gone")) is None
+            finally:
+                await admin.aclose()
+            return erased_while_refused
+
+        erased_while_refused = asyncio.run(run())
+
+    assert erased_while_refused is False
+    assert not processor.engine.has_user(pseudonym)

@@ -241,3 +241,20 @@ def test_recommendation_list_matches_schema():
 
 def test_event_to_json_omits_absent_fields():
     assert "price" not in Event("e", "view", "u", "i", 1_700_000_000_000).to_json()
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"item_id": ["i5"], "score": 1.0, "sources": []}, "item_id"),
+        ({"item_id": "i5", "score": "NaN", "sources": []}, "score"),
+        ({"item_id": "i5", "score": True, "sources": []}, "score"),
+        ({"item_id": "i5", "score": 1.0, "sources": "popular"}, "sources"),
+        ({"item_id": "i5", "score": 1.0, "sources": [1]}, "sources"),
+    ],
+)
+def test_stored_list_with_bad_entry_rejected(entry, reason):
+    raw = orjson.dumps({"items": [entry], "computed_at": 1, "model_version": "v"})
+    with pytest.raises((TypeError, ValueError)) as caught:
+        RecommendationList.from_json(raw)
+    assert reason in str(caught.value)

@@ -6,6 +6,8 @@ import asyncio
 import socket
 from dataclasses import replace
 
+from faust.types import TP
+
 from stream.app import Worker
 from stream.settings import Settings
 
@@ -31,17 +33,34 @@ def test_unreachable_broker_makes_worker_unready(tmp_path):
     assert worker.metrics.errors.labels(kind="kafka_unreachable")._value.get() == 1
 
 
-def test_any_listening_broker_counts_as_reachable(tmp_path):
+def test_silent_broker_makes_worker_unready(tmp_path):
+    # The kernel still accepts connections for a frozen broker process. This
+    # listener accepts them too and never replies.
     async def run() -> bool:
-        server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        worker = _worker(tmp_path, f"127.0.0.1:{_closed_port()},127.0.0.1:{port}")
-        worker.broker_reachable = False
+        worker = _worker(tmp_path, f"127.0.0.1:{port}")
         async with server:
-            await worker.check_brokers()
+            await asyncio.wait_for(worker.check_brokers(), timeout=30)
         return worker.broker_reachable
 
-    assert asyncio.run(run()) is True
+    assert asyncio.run(run()) is False
+
+
+def test_offset_commit_gives_up_after_timeout(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.assigned = {TP("events.view", 0)}
+
+    async def commit_waiting_for_broker(offsets: object) -> bool:
+        await asyncio.sleep(3600)
+        return True
+
+    monkeypatch.setattr(worker.app.consumer, "_commit", commit_waiting_for_broker)
+    monkeypatch.setattr("stream.app._COMMIT_TIMEOUT_S", 0.2)
+
+    asyncio.run(asyncio.wait_for(worker._commit({("events.view", 0): 10}), timeout=10))
+
+    assert worker.metrics.errors.labels(kind="offset_commit")._value.get() == 1
 
 
 class _Sink:
