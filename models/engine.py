@@ -264,6 +264,9 @@ class CandidateScores:
     fusion_ranks: FloatArray
 
 
+_UNKNOWN_FIRST_MS = -1
+
+
 @dataclass(slots=True)
 class _UserState:
     history: list[int] = field(default_factory=list)
@@ -273,7 +276,8 @@ class _UserState:
     last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
     last_category: int = NO_CATEGORY
-    # Time of the first event learned; None in states saved before it was kept.
+    # Time of the earliest event learned, None before any. States saved before
+    # it was kept get _UNKNOWN_FIRST_MS, which counts as earlier than any time.
     first_ms: int | None = None
 
 
@@ -373,8 +377,7 @@ class Recommender:
             self._add_title_model()
         for user_state in self._users.values():
             if not hasattr(user_state, "first_ms"):
-                # Written before the first event time was kept.
-                user_state.first_ms = None
+                user_state.first_ms = _UNKNOWN_FIRST_MS
         category = self.models.get("category")
         if isinstance(category, CategoryModel):
             # A state written before the category model counted users starts
@@ -483,7 +486,9 @@ class Recommender:
             state = self._users.get(event.user_id)
             if state is None:
                 state = self._users[event.user_id] = _UserState()
-            if state.first_ms is None:
+            # Batches are in time order only within themselves, so a late
+            # event can be earlier than the first one learned.
+            if state.first_ms is None or event.timestamp_ms < state.first_ms:
                 state.first_ms = event.timestamp_ms
             state.history.append(item)
             state.seen.add(item)
@@ -553,7 +558,10 @@ class Recommender:
         return list(self._users)
 
     def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
-        """Return the times of the user's first and last learned events, None where unknown."""
+        """Return the times of the user's earliest and last learned events, None without events.
+
+        A state saved before the earliest time was kept reports it as -1.
+        """
         state = self._users.get(user_id)
         if state is None:
             return None, None
@@ -815,13 +823,17 @@ class Recommender:
         The filters are the ones of every list: stock, purchases, the rows in
         ``skip`` and the category cap, whose counts ``per_category`` carries in
         and out. The window of leading rows grows until ``k`` rows pass or the
-        model has no more, so a run of sold-out leaders cannot shorten a list.
+        model has no more, so a run of sold-out leaders cannot shorten a list,
+        up to 64 times the first window.
         ``window`` sets the first window, by default ``4 * k`` plus the skipped rows.
         """
         if k <= 0:
             return []
         model = self.models[model_name]
         want = 4 * k + len(skip) if window is None else max(window, k)
+        # Three rounds at most: a category cap that k items cannot meet would
+        # otherwise read every item of the catalog for every list.
+        max_want = 64 * want
         while True:
             leading = model.candidates(user_id, want)
             counts = dict(per_category) if per_category is not None else {}
@@ -832,7 +844,7 @@ class Recommender:
                 rows.append(row)
                 if len(rows) == k:
                     break
-            if len(rows) == k or len(leading) < want:
+            if len(rows) == k or len(leading) < want or want >= max_want:
                 if per_category is not None:
                     per_category.update(counts)
                 return rows

@@ -347,10 +347,8 @@ class Processor:
         forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
         if forgotten_at is None:
             return False
-        first_ms, last_ms = self.engine.user_event_times(pseudonym)
-        # States saved before the first event time was kept have only the last.
-        known_from = first_ms if first_ms is not None else last_ms
-        return known_from is None or known_from <= forgotten_at
+        first_ms, _ = self.engine.user_event_times(pseudonym)
+        return first_ms is None or first_ms <= forgotten_at
 
     def _erase(self, pseudonym: str) -> None:
         self.engine.forget_user(pseudonym)

@@ -182,6 +182,27 @@ def test_category_cap_holds_in_popular_lists() -> None:
         assert len(ids) == 4
 
 
+def test_unmet_category_cap_reads_bounded_window() -> None:
+    # Four categories with a cap of 1 can never fill a list of 20.
+    engine = Recommender(EngineConfig(k=20, max_per_category=1))
+    events = [_event(n, f"u{n}", f"i{n}", category=f"c{n % 4}") for n in range(25_000)]
+    engine.learn(events)
+    model = engine.models["popular"]
+    windows: list[int] = []
+    original = model.candidates
+
+    def recording(user_id: str, n: int) -> np.ndarray:
+        windows.append(n)
+        return original(user_id, n)
+
+    model.candidates = recording  # type: ignore[method-assign]
+
+    ids = [entry.item_id for entry in engine.popular()]
+
+    assert len(ids) == 4
+    assert max(windows) <= 64 * 80
+
+
 def test_category_update_moves_item() -> None:
     engine = Recommender()
     engine.learn([_event(0, "u1", "a", category="c1"), _event(1, "u2", "b", category="c1")])

@@ -240,6 +240,39 @@ def test_user_back_after_forget_survives_restart():
     assert restored.engine.user_history(pseudonym) == ["item-2"]
 
 
+def test_late_event_before_forget_erases_user():
+    processor = _processor()
+    forgotten_at = NOW_MS - 60_000
+    after = Event("after-7", "view", "user-7", "item-1", forgotten_at + 10_000)
+    late = Event("late-7", "view", "user-7", "item-2", forgotten_at - 50_000)
+    # Both reach the state before the request, the late one in a later batch.
+    processor.process_events([_message(after, 0)])
+    processor.process_events([_message(late, 1)])
+    pseudonym = processor.pseudonymize("user-7")
+    token = processor.forget_token(pseudonym)
+
+    processor.merge_forgotten({token: forgotten_at})
+
+    assert not processor.engine.has_user(pseudonym)
+
+
+def test_state_of_older_version_erases_forgotten_user():
+    processor = _processor()
+    forgotten_at = NOW_MS - 60_000
+    before = Event("before-8", "view", "user-8", "item-1", forgotten_at - 10_000)
+    after = Event("after-8", "view", "user-8", "item-2", forgotten_at + 10_000)
+    processor.process_events([_message(before, 0), _message(after, 1)])
+    pseudonym = processor.pseudonymize("user-8")
+    # A state saved before the earliest event time was kept has no first_ms.
+    engine_state = processor.engine.__getstate__()
+    delattr(engine_state["_users"][pseudonym], "first_ms")
+    processor.engine.__setstate__(engine_state)
+
+    processor.merge_forgotten({processor.forget_token(pseudonym): forgotten_at})
+
+    assert not processor.engine.has_user(pseudonym)
+
+
 def test_state_holds_no_raw_user_id():
     import pickle
 
