@@ -306,7 +306,15 @@ class Worker:
 
     async def _merge_registry(self) -> int:
         registry = await self._require_sink().client.hgetall(self.forgotten_key)
-        merged = {_text(token): int(stamp) for token, stamp in registry.items()}
+        merged: dict[str, int] = {}
+        for token, stamp in registry.items():
+            try:
+                merged[_text(token)] = int(stamp)
+            except (UnicodeDecodeError, ValueError):
+                self.metrics.errors.labels(kind="redis_forget_registry").inc()
+                logger.warning(
+                    "skipped an entry of %s that is not a token and a time", self.forgotten_key
+                )
         processor = self.processor
         async with self.lock:
             # Tokens of the checkpoint that Redis lacks, because a write failed
@@ -516,10 +524,13 @@ class Worker:
         """Refresh the popular list, gauges, and checkpoint when due."""
         now = time.monotonic()
         sink = self._require_sink()
-        if now - self._last_popular >= _POPULAR_EVERY_S:
-            self._last_popular = now
-            sink.put(self.processor.popular_key, self.processor.popular_list())
-            self.served.expire(time.time())
+        # Building the list touches the popularity cache, which a checkpoint
+        # may be pickling, so it waits for a second when the lock is taken.
+        if now - self._last_popular >= _POPULAR_EVERY_S and not self.lock.locked():
+            async with self.lock:
+                self._last_popular = now
+                sink.put(self.processor.popular_key, self.processor.popular_list())
+                self.served.expire(time.time())
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
@@ -542,6 +553,12 @@ class Worker:
             return
         self.metrics.errors.labels(kind="checkpoint").inc()
         logger.error("interval checkpoint failed", exc_info=task.exception())
+
+    def _log_task_failure(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.metrics.errors.labels(kind="background_task").inc()
+        logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def watch_brokers(self) -> None:
         """Probe the bootstrap brokers every few seconds until the worker stops."""
@@ -795,6 +812,8 @@ class Worker:
             self._background.append(
                 asyncio.create_task(self.watch_brokers(), name="fusionrec-broker-watch")
             )
+            for task in self._background:
+                task.add_done_callback(self._log_task_failure)
 
         @app.timer(interval=1.0)
         async def periodic() -> None:

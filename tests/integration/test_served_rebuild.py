@@ -216,3 +216,24 @@ def test_registry_merged_once_redis_answers(tmp_path):
 
     assert erased_while_refused is False
     assert not processor.engine.has_user(pseudonym)
+
+
+def test_bad_registry_entry_skipped(redis_url, tmp_path):
+    worker = _worker(redis_url, tmp_path)
+    processor = worker.processor
+    pseudonym = processor.pseudonymize("gone")
+    processor.engine.learn([Event("e1", "view", pseudonym, "i1", T0)])
+    token = processor.forget_token(pseudonym)
+
+    async def run() -> None:
+        client = redis_client(worker.settings)
+        try:
+            await client.hset(worker.forgotten_key, mapping={token: T0 + 1000, "odd": "not a time"})
+            await _restart(worker, {_key(worker, "kept"): _list("i1")})
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+    assert worker.served_ready
+    assert not processor.engine.has_user(pseudonym)
