@@ -291,7 +291,7 @@ class Worker:
     async def load_forgotten(self) -> int:
         """Merge the forget registry kept in Redis into the state; return its size.
 
-        When Redis does not answer, the rebuild of the served index merges
+        When Redis does not reply, the rebuild of the served index merges
         the registry once Redis is back.
         """
         try:
@@ -299,7 +299,7 @@ class Worker:
         except (RedisError, OSError) as exc:
             logger.warning(
                 "forget registry not read from Redis (%r); using the checkpoint's until "
-                "Redis answers",
+                "Redis replies",
                 exc,
             )
             return 0
@@ -872,7 +872,7 @@ class Worker:
 
 
 async def _broker_answers(settings: Settings) -> bool:
-    """Return whether a bootstrap broker answers a metadata request in time.
+    """Return whether a bootstrap broker replies to a metadata request in time.
 
     A TCP connection alone is not enough: the kernel accepts connections
     for a broker process that is frozen.

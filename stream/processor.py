@@ -339,10 +339,10 @@ class Processor:
         return len(doomed)
 
     def _erased_by_request(self, pseudonym: str) -> bool:
-        """Return whether a forget request covers what the state holds of the user.
+        """Return whether a forget request covers what the state contains of the user.
 
         Events stamped after the request are admitted again, so a user who
-        came back has a state that holds only those and is kept.
+        came back has a state that contains only those and is kept.
         """
         forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
         if forgotten_at is None:
