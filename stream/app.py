@@ -88,12 +88,12 @@ class Worker:
         self._background: list[asyncio.Task[Any]] = []
         self._refresh_wakeup: asyncio.Event | None = None
         self._stopping = False
-        # Forget tokens that Redis's registry still lacks, with their times.
+        # Forget tokens that the registry in Redis still lacks, with their times.
         self._registry_owed: dict[str, int] = {}
         self._registry_merged = False
         # Whether the served-list index has been rebuilt from Redis since start.
         self.served_ready = False
-        # Whether a bootstrap broker accepted a TCP connection at the last probe.
+        # Whether a bootstrap broker replied to a metadata request at the last probe.
         self.broker_reachable = True
         self._interval_checkpoint: asyncio.Task[None] | None = None
         self.app = self._build_app()
@@ -525,7 +525,7 @@ class Worker:
         now = time.monotonic()
         sink = self._require_sink()
         # Building the list touches the popularity cache, which a checkpoint
-        # may be pickling, so it waits for a second when the lock is taken.
+        # may be pickling, so the list waits for the next tick while the lock is taken.
         if now - self._last_popular >= _POPULAR_EVERY_S and not self.lock.locked():
             async with self.lock:
                 self._last_popular = now
@@ -546,15 +546,10 @@ class Worker:
             self._interval_checkpoint = asyncio.create_task(
                 self.checkpoint("interval"), name="fusionrec-checkpoint"
             )
-            self._interval_checkpoint.add_done_callback(self._log_checkpoint_failure)
-
-    def _log_checkpoint_failure(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        self.metrics.errors.labels(kind="checkpoint").inc()
-        logger.error("interval checkpoint failed", exc_info=task.exception())
+            self._interval_checkpoint.add_done_callback(self._log_task_failure)
 
     def _log_task_failure(self, task: asyncio.Task[Any]) -> None:
+        """Log and count the exception that ended a background task, if any."""
         if task.cancelled() or task.exception() is None:
             return
         self.metrics.errors.labels(kind="background_task").inc()
@@ -567,12 +562,12 @@ class Worker:
             await asyncio.sleep(_BROKER_PROBE_EVERY_S)
 
     async def check_brokers(self) -> None:
-        """Probe the bootstrap brokers and record whether any accepts a connection.
+        """Probe the bootstrap brokers and record whether any replies to a metadata request.
 
         The consumer runs in Faust's own thread and only logs when it loses
         the broker, so readiness needs this separate probe.
         """
-        reachable = await _broker_answers(self.settings)
+        reachable = await _broker_replies(self.settings)
         if not reachable:
             self.metrics.errors.labels(kind="kafka_unreachable").inc()
         if reachable != self.broker_reachable:
@@ -580,8 +575,8 @@ class Worker:
                 logger.info("Kafka reachable again at %s", self.settings.kafka_bootstrap)
             else:
                 logger.error(
-                    "no Kafka broker at %s accepts connections; the worker is not ready "
-                    "and its lag figures are stale until one does",
+                    "no Kafka broker at %s replies to a metadata request; the worker is not "
+                    "ready and its lag figures are stale until one does",
                     self.settings.kafka_bootstrap,
                 )
         self.broker_reachable = reachable
@@ -871,7 +866,7 @@ class Worker:
         return app
 
 
-async def _broker_answers(settings: Settings) -> bool:
+async def _broker_replies(settings: Settings) -> bool:
     """Return whether a bootstrap broker replies to a metadata request in time.
 
     A TCP connection alone is not enough: the kernel accepts connections

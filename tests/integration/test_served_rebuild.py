@@ -28,6 +28,11 @@ def _worker(redis_url: str, tmp_path) -> Worker:
     return Worker(settings)
 
 
+def _with_password(settings: Settings, redis: RedisServer) -> Settings:
+    """Return ``settings`` with the URL that logs in to ``redis`` with its password."""
+    return replace(settings, redis_url=f"redis://:{redis.password}@127.0.0.1:{redis.port}/0")
+
+
 def _list(*item_ids: str) -> bytes:
     items = [
         RecommendedItem(item_id, 1.0 - n / 100, ("popular",)) for n, item_id in enumerate(item_ids)
@@ -133,9 +138,7 @@ def test_rebuild_waits_for_redis_at_start(tmp_path):
     # password is cleared, and keeps its data meanwhile.
     with RedisServer(tmp_path / "redis", password="secret") as redis:
         worker = _worker(redis.url, tmp_path / "worker")
-        admin_settings = replace(
-            worker.settings, redis_url=f"redis://:secret@127.0.0.1:{redis.port}/0"
-        )
+        admin_settings = _with_password(worker.settings, redis)
         key = _key(worker, "shopper")
 
         async def run() -> bool:
@@ -144,17 +147,17 @@ def test_rebuild_waits_for_redis_at_start(tmp_path):
                 await admin.set(key, _list("i1", "i2"), ex=3600)
                 rebuild = asyncio.create_task(worker.rebuild_served())
                 await asyncio.sleep(2.0)
-                ready_while_refused = worker.served_ready
+                ready_while_locked_out = worker.served_ready
                 await admin.config_set("requirepass", "")
                 await asyncio.wait_for(rebuild, 60)
             finally:
                 await admin.aclose()
                 await worker._require_sink().client.aclose()
-            return ready_while_refused
+            return ready_while_locked_out
 
-        ready_while_refused = asyncio.run(run())
+        ready_while_locked_out = asyncio.run(run())
 
-    assert ready_while_refused is False
+    assert ready_while_locked_out is False
     assert worker.served_ready
     assert len(worker.served) == 1
 
@@ -182,12 +185,10 @@ def test_rebuild_reads_prefix_with_glob_characters(redis_url, tmp_path):
     assert len(worker.served) == 1
 
 
-def test_registry_merged_once_redis_answers(tmp_path):
+def test_registry_merged_once_redis_replies(tmp_path):
     with RedisServer(tmp_path / "redis", password="secret") as redis:
         worker = _worker(redis.url, tmp_path / "worker")
-        admin_settings = replace(
-            worker.settings, redis_url=f"redis://:secret@127.0.0.1:{redis.port}/0"
-        )
+        admin_settings = _with_password(worker.settings, redis)
         processor = worker.processor
         pseudonym = processor.pseudonymize("gone")
         processor.engine.learn([Event("e1", "view", pseudonym, "i1", T0)])
@@ -202,7 +203,7 @@ def test_registry_merged_once_redis_answers(tmp_path):
                 assert await worker.load_forgotten() == 0
                 rebuild = asyncio.create_task(worker.rebuild_served())
                 await asyncio.sleep(1.0)
-                erased_while_refused = not processor.engine.has_user(pseudonym)
+                erased_while_locked_out = not processor.engine.has_user(pseudonym)
                 await admin.config_set("requirepass", "")
                 await worker.start_sink()
                 await asyncio.wait_for(rebuild, 60)
@@ -210,11 +211,11 @@ def test_registry_merged_once_redis_answers(tmp_path):
                 assert await admin.get(_key(worker, "gone")) is None
             finally:
                 await admin.aclose()
-            return erased_while_refused
+            return erased_while_locked_out
 
-        erased_while_refused = asyncio.run(run())
+        erased_while_locked_out = asyncio.run(run())
 
-    assert erased_while_refused is False
+    assert erased_while_locked_out is False
     assert not processor.engine.has_user(pseudonym)
 
 
