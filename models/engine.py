@@ -266,9 +266,17 @@ class CandidateScores:
 
 _UNKNOWN_FIRST_MS = -1
 
+# The engine keeps a user's latest events for `user_history` and the count of
+# all of them; the models hold what they learned from older ones. The list is
+# cut back once it doubles, so a user with a million events costs no more
+# than one with 200.
+_HISTORY_KEPT = 100
+
 
 @dataclass(slots=True)
 class _UserState:
+    # The items of the user's latest events, oldest first: once the user has
+    # _HISTORY_KEPT events, at least that many and at most twice that many.
     history: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     session_items: set[int] = field(default_factory=set)
@@ -279,6 +287,7 @@ class _UserState:
     # Time of the earliest event learned, None before any. States saved before
     # it was kept get _UNKNOWN_FIRST_MS, which counts as earlier than any time.
     first_ms: int | None = None
+    events: int = 0
 
 
 class Recommender:
@@ -378,6 +387,10 @@ class Recommender:
         for user_state in self._users.values():
             if not hasattr(user_state, "first_ms"):
                 user_state.first_ms = _UNKNOWN_FIRST_MS
+            if not hasattr(user_state, "events"):
+                # Older states kept every event in the history.
+                user_state.events = len(user_state.history)
+                del user_state.history[:-_HISTORY_KEPT]
         category = self.models.get("category")
         if isinstance(category, CategoryModel):
             # A state written before the category model counted users starts
@@ -490,7 +503,10 @@ class Recommender:
             # event can be earlier than the first one learned.
             if state.first_ms is None or event.timestamp_ms < state.first_ms:
                 state.first_ms = event.timestamp_ms
+            state.events += 1
             state.history.append(item)
+            if len(state.history) > 2 * _HISTORY_KEPT:
+                del state.history[:-_HISTORY_KEPT]
             state.seen.add(item)
             if self._new_session(state, event):
                 state.session_items = set()
@@ -572,17 +588,17 @@ class Recommender:
         return user_id in self._users
 
     def user_history(self, user_id: str) -> list[str]:
-        """Return the item ids of the user's events, in the order learned."""
+        """Return the item ids of the user's latest 100 events, in the order learned."""
         state = self._users.get(user_id)
         if state is None:
             return []
         ids = self.catalog.ids
-        return [ids[row] for row in state.history]
+        return [ids[row] for row in state.history[-_HISTORY_KEPT:]]
 
-    def user_item_rows(self, user_id: str) -> list[int]:
-        """Return the catalog rows of the user's events, in the order learned."""
+    def user_event_count(self, user_id: str) -> int:
+        """Return how many events of the user the engine has learned."""
         state = self._users.get(user_id)
-        return [] if state is None else list(state.history)
+        return 0 if state is None else state.events
 
     def stats(self) -> dict[str, Any]:
         """Return counts and the estimated bytes of state per model."""
@@ -601,7 +617,7 @@ class Recommender:
     def is_cold(self, user_id: str) -> bool:
         """Return whether the user has fewer events than ``cold_events``."""
         state = self._users.get(user_id)
-        return state is None or len(state.history) < self.config.cold_events
+        return state is None or state.events < self.config.cold_events
 
     def _blocked(self, user_id: str, items: IntArray) -> IntArray:
         keep = self.catalog.in_stock[items]

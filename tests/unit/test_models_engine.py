@@ -324,6 +324,32 @@ def test_user_history_in_learned_order() -> None:
     assert engine.user_history("u") == ["b", "a", "b"]
 
 
+def test_long_history_keeps_latest_events_and_full_count() -> None:
+    engine = Recommender(EngineConfig(cold_events=500))
+    engine.learn([_event(n, "u", f"i{n}") for n in range(1_000)])
+    assert engine.user_history("u") == [f"i{n}" for n in range(900, 1_000)]
+    assert engine.user_event_count("u") == 1_000
+    assert not engine.is_cold("u")
+    assert len(engine.__getstate__()["_users"]["u"].history) <= 200
+
+
+def test_state_of_older_version_counts_every_kept_event() -> None:
+    engine = Recommender(EngineConfig(cold_events=150))
+    engine.learn([_event(n, "u", f"i{n % 7}") for n in range(120)])
+    state = engine.__getstate__()
+    user = state["_users"]["u"]
+    # A state saved before the event count was kept held every event.
+    user.history = user.history + user.history[:60]
+    delattr(user, "events")
+
+    restored = pickle.loads(pickle.dumps(state))
+    engine.__setstate__(restored)
+
+    assert engine.user_event_count("u") == 180
+    assert not engine.is_cold("u")
+    assert len(engine.user_history("u")) == 100
+
+
 def test_ids_are_opaque() -> None:
     composed = unicodedata.normalize("NFC", "caf\u00e9")
     decomposed = unicodedata.normalize("NFD", "caf\u00e9")
