@@ -1,6 +1,6 @@
 """Read historical event files and map their rows to events.
 
-Three formats are understood:
+Four formats are understood:
 
 ``taobao``
     Alibaba Taobao UserBehavior CSV: ``user_id,item_id,category_id,
@@ -14,6 +14,13 @@ Three formats are understood:
     item's category is its product family, the first four characters of its
     stock code (see `retail_family`). The optional ``Description`` column
     becomes the item's title.
+``diginetica``
+    DIGINETICA (CIKM Cup 2016) item views, semicolon-separated:
+    ``session_id;user_id;item_id;timeframe;eventdate``. Every row is a view
+    in its session. The time is the session's date, taken as UTC midnight,
+    plus ``timeframe`` milliseconds. A row whose ``user_id`` is ``NA`` or
+    empty belongs to an anonymous shopper, whose user id becomes
+    ``session-{session_id}``.
 ``jsonl``
     One event of the wire contract per line; events keep their own ids.
 
@@ -36,7 +43,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
@@ -48,7 +55,7 @@ from schemas.events import MAX_TITLE_LENGTH
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("taobao", "online-retail", "jsonl")
+FORMATS = ("taobao", "online-retail", "diginetica", "jsonl")
 TAOBAO_TYPES = {"pv": "view", "cart": "click", "fav": "click", "buy": "purchase"}
 _UK = ZoneInfo("Europe/London")
 # Online Retail stock codes of real products start with five digits; the
@@ -106,7 +113,12 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         raise SourceError(msg)
 
     result = LoadResult(events=[])
-    readers = {"taobao": _taobao_rows, "online-retail": _retail_rows, "jsonl": _jsonl_rows}
+    readers = {
+        "taobao": _taobao_rows,
+        "online-retail": _retail_rows,
+        "diginetica": _diginetica_rows,
+        "jsonl": _jsonl_rows,
+    }
     try:
         with _open_text(file_path) as handle:
             for item in readers[fmt](handle, file_path.name, result):
@@ -353,6 +365,59 @@ def _description(row: list[str], column: int | None) -> str | None:
         return None
     text = row[column].strip()[:MAX_TITLE_LENGTH]
     return text or None
+
+
+def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
+    reader = csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE)
+    expected = ("session_id", "user_id", "item_id", "timeframe", "eventdate")
+    col = _header(reader, expected, name)
+    width = max(col.values()) + 1
+    # A session's rows share its date, so the conversion is cached.
+    midnights: dict[str, int] = {}
+
+    for line_no, row in _csv_rows(reader, result):
+        if isinstance(row, str):
+            yield row
+            continue
+        if len(row) < width:
+            yield "short_row"
+            continue
+        session = row[col["session_id"]].strip()
+        item = row[col["item_id"]].strip()
+        if not session or not item:
+            yield "empty_id"
+            continue
+        user = row[col["user_id"]].strip()
+        if user in ("", "NA"):
+            user = f"session-{session}"
+        stamp = row[col["eventdate"]].strip()
+        midnight = midnights.get(stamp)
+        if midnight is None:
+            try:
+                day = date.fromisoformat(stamp)
+            except ValueError:
+                yield "invalid_timestamp"
+                continue
+            midnight = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
+            midnights[stamp] = midnight
+        offset = row[col["timeframe"]].strip()
+        try:
+            if not (offset.isascii() and offset.isdigit()):
+                raise ValueError(offset)
+            timestamp_ms = parse_timestamp(midnight + int(offset))
+        except (ValueError, SchemaError):
+            yield "invalid_timestamp"
+            continue
+        yield _checked(
+            Event(
+                event_id=f"{name}:{line_no}",
+                type="view",
+                user_id=user,
+                item_id=item,
+                timestamp_ms=timestamp_ms,
+                session_id=session,
+            )
+        )
 
 
 def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:

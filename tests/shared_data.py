@@ -12,6 +12,7 @@ SHARED_DATA = Path(os.environ.get("FUSIONREC_SHARED_DATA", REPO.parent / "shared
 TAOBAO = SHARED_DATA / "taobao-userbehavior" / "taobao_first_users.csv.gz"
 TAOBAO_SLICE = SHARED_DATA / "taobao-userbehavior" / "taobao_timeslice_20171126.csv.gz"
 RETAIL = SHARED_DATA / "online-retail" / "online_retail.csv.gz"
+DIGINETICA = SHARED_DATA / "diginetica-sample" / "diginetica_sample_train-item-views.csv"
 
 
 def shared_file(path: Path) -> Path:

@@ -6,10 +6,13 @@ from stream.ratelimit import PairRateLimiter, UserRateLimiter
 from stream.settings import Settings
 from stream.sources import read_events
 
-from shared_data import RETAIL, TAOBAO, shared_file
+from shared_data import DIGINETICA, RETAIL, TAOBAO, shared_file
 
 
-@pytest.mark.parametrize(("path", "fmt"), [(TAOBAO, "taobao"), (RETAIL, "online-retail")])
+@pytest.mark.parametrize(
+    ("path", "fmt"),
+    [(TAOBAO, "taobao"), (RETAIL, "online-retail"), (DIGINETICA, "diginetica")],
+)
 def test_no_real_user_is_rate_limited(path, fmt):
     shared_file(path)
     settings = Settings()

@@ -9,6 +9,8 @@ import pytest
 
 from stream.sources import SourceError, read_events, retail_family
 
+from shared_data import DIGINETICA, shared_file
+
 RETAIL_HEADER = (
     "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 )
@@ -44,6 +46,56 @@ def test_retail_line_to_purchase(tmp_path: Path) -> None:
     assert first.price == 3.75
     assert first.event_id == "retail.csv.gz:2"
     assert first.title == "ALARM CLOCK PINK"
+
+
+DIGINETICA_HEADER = "session_id;user_id;item_id;timeframe;eventdate\n"
+
+
+def test_diginetica_rows_to_views_in_time_order(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        DIGINETICA_HEADER
+        + "7;NA;81766;526309;2016-05-09\n"
+        + "7;NA;31331;1031018;2016-05-09\n"
+        + "8;42;32118;0;2016-05-09\n",
+    )
+
+    events = read_events(path, "diginetica").events
+
+    midnight = 1_462_752_000_000  # 2016-05-09T00:00:00Z
+    assert [(e.user_id, e.item_id, e.session_id, e.timestamp_ms) for e in events] == [
+        ("42", "32118", "8", midnight),
+        ("session-7", "81766", "7", midnight + 526_309),
+        ("session-7", "31331", "7", midnight + 1_031_018),
+    ]
+    assert {e.type for e in events} == {"view"}
+    assert events[1].event_id == "views.csv:2"
+
+
+def test_diginetica_skip_reasons(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        DIGINETICA_HEADER
+        + "1;NA;100;10;2016-05-09\n"
+        + "2;NA;101;10;2016-13-40\n"
+        + "3;NA;102;-5;2016-05-09\n"
+        + "4;NA;103;\u00b2;2016-05-09\n"
+        + "5;NA;;10;2016-05-09\n"
+        + "6;NA;105\n",
+    )
+
+    result = read_events(path, "diginetica")
+
+    assert [e.item_id for e in result.events] == ["100"]
+    assert result.skipped == {"invalid_timestamp": 3, "empty_id": 1, "short_row": 1}
+
+
+def test_diginetica_sample_reads_whole() -> None:
+    result = read_events(shared_file(DIGINETICA), "diginetica")
+    assert result.summary() == {"rows_read": 12391, "events": 12391, "skipped": {}}
+    anonymous = {e.session_id for e in result.events if e.user_id.startswith("session-")}
+    registered = {e.user_id for e in result.events if not e.user_id.startswith("session-")}
+    assert (len(registered), len(anonymous)) == (1270, 1724)
 
 
 def test_retail_long_description_cut_to_limit(tmp_path: Path) -> None:
