@@ -50,12 +50,15 @@ def redis_client(settings: Settings, **overrides: Any) -> aioredis.Redis:
         "retry": Retry(NoBackoff(), 0),
         "protocol": 3,
     }
-    if settings.redis_password:
-        options["password"] = settings.redis_password
     if settings.redis_ssl_ca_certs:
         options["ssl_ca_certs"] = settings.redis_ssl_ca_certs
     options.update(overrides)
-    return aioredis.Redis.from_url(settings.redis_url, **options)
+    client = aioredis.Redis.from_url(settings.redis_url, **options)
+    if settings.redis_password:
+        # redis-py lets a password in the URL win over the keyword, and the
+        # setting is documented to win over the URL.
+        client.connection_pool.connection_kwargs["password"] = settings.redis_password
+    return client
 
 
 class RedisSink:

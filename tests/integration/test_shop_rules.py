@@ -396,6 +396,8 @@ def test_redis_password_is_used(run_settings, tmp_path):
             assert worker.terminate() == 0
         assert lists["user-1"]["items"]
         assert password not in log.read_text()
+        stale_url = replace(settings, redis_url=f"redis://:stale@127.0.0.1:{port}/0")
+        assert _ping(stale_url), "the password setting did not win over the URL's"
         anonymous = replace(settings, redis_password="")
         with pytest.raises(Exception, match="(?i)auth"):
             asyncio.run(_get(anonymous, f"{settings.redis_key_prefix}user:user-1"))

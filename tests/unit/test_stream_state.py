@@ -13,6 +13,7 @@ from stream.logs import JsonFormatter
 from stream.privacy import Pseudonymizer, load_pseudonymizer
 from stream.ratelimit import UserRateLimiter
 from stream.settings import Settings, SettingsError
+from stream.sink import redis_client
 
 
 def test_dedup_rejects_repeat():
@@ -207,6 +208,19 @@ def test_settings_mask_query_password():
     masked = Settings(redis_url="redis://127.0.0.1:6379/0?password=urlpass").masked()
     assert "urlpass" not in masked["FUSIONREC_REDIS_URL"]
     assert masked["FUSIONREC_REDIS_URL"] == "redis://127.0.0.1:6379/0?password=***"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:urlpass@127.0.0.1:6379/0", "redis://127.0.0.1:6379/0?password=urlpass"]
+)
+def test_password_setting_wins_over_url(url):
+    client = redis_client(Settings(redis_url=url, redis_password="setting"))
+    assert client.connection_pool.connection_kwargs["password"] == "setting"
+
+
+def test_url_password_used_without_setting():
+    client = redis_client(Settings(redis_url="redis://:urlpass@127.0.0.1:6379/0"))
+    assert client.connection_pool.connection_kwargs["password"] == "urlpass"
 
 
 def test_settings_reject_short_ttl():
