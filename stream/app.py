@@ -53,6 +53,10 @@ _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
 _COMMIT_TIMEOUT_S = 10.0
+# How long a checkpoint waits for the broker to take the dead letters of the
+# messages it covers. Past it, the checkpoint is put off and tried again later.
+_DEAD_LETTER_TIMEOUT_S = 10.0
+_CHECKPOINT_RETRY_S = 30.0
 
 
 class Worker:
@@ -76,7 +80,14 @@ class Worker:
         # Users whose list was cut short by sold-out items: pseudonym to Redis key.
         self._short: dict[str, str] = {}
         self.served = ServedLists(settings.k + settings.spare_items)
+        # Dead letters not yet handed to the producer, oldest first.
         self.dead_letters: list[tuple[bytes | None, bytes]] = []
+        # Dead letters handed to the producer, with their delivery futures.
+        self._dead_letters_sent: list[tuple[bytes | None, bytes, asyncio.Future[Any]]] = []
+        # Whether a checkpoint that had to delete older files was put off.
+        self._prune_owed = False
+        self._checkpoint_retry_at = 0.0
+        self._dead_letter_lock: asyncio.Lock | None = None
         self.assigned: set[TP] = set()
         # Partitions of the source topics, once the consumer has their metadata.
         self.partitions_total: int | None = None
@@ -510,13 +521,70 @@ class Worker:
                 sink.put(entry.key, entry.payload)
         return len(chunk)
 
-    async def _send_dead_letters(self) -> None:
-        if not self.dead_letters:
-            return
-        batch, self.dead_letters = self.dead_letters, []
-        topic = self.deadletter_topic
-        for key, value in batch:
-            await topic.send(key=key, value=value)
+    async def _send_dead_letters(self, timeout_s: float = _DEAD_LETTER_TIMEOUT_S) -> None:
+        """Hand the queued dead letters to the producer, and keep queued those it does not take.
+
+        Handing over waits for the topic's metadata, so during a broker
+        outage it gives up after ``timeout_s``.
+        """
+        try:
+            await asyncio.wait_for(self._hand_dead_letters(), timeout_s)
+        except TimeoutError:
+            self.metrics.errors.labels(kind="dead_letter_send").inc()
+            logger.warning(
+                "%d dead letters not handed to the producer within %.0f s, so they stay queued",
+                len(self.dead_letters),
+                timeout_s,
+            )
+
+    async def _hand_dead_letters(self) -> None:
+        async with self._letters_lock:
+            handed = 0
+            try:
+                for key, value in self.dead_letters:
+                    sending = await self.deadletter_topic.send(key=key, value=value)
+                    delivery = asyncio.ensure_future(sending)
+                    self._dead_letters_sent.append((key, value, delivery))
+                    handed += 1
+            except Exception as exc:  # noqa: BLE001 - the letters stay queued for the next try
+                self.metrics.errors.labels(kind="dead_letter_send").inc()
+                logger.warning(
+                    "%d dead letters not handed to the producer (%r), so they stay queued",
+                    len(self.dead_letters) - handed,
+                    exc,
+                )
+            finally:
+                # Letters queued meanwhile were appended, so the handed ones lead.
+                del self.dead_letters[:handed]
+
+    async def _confirm_dead_letters(self, timeout_s: float) -> bool:
+        """Wait until the broker has taken every dead letter, and return whether it has.
+
+        A letter whose delivery failed goes back to the front of the queue.
+        """
+        started = time.monotonic()
+        await self._send_dead_letters(timeout_s)
+        if self.dead_letters:
+            return False
+        waiting = [delivery for *_, delivery in self._dead_letters_sent]
+        if waiting:
+            remaining = max(timeout_s - (time.monotonic() - started), 0.0)
+            await asyncio.wait(waiting, timeout=remaining)
+        async with self._letters_lock:
+            sent = self._dead_letters_sent
+            failed = [
+                (key, value)
+                for key, value, delivery in sent
+                if delivery.done() and (delivery.cancelled() or delivery.exception() is not None)
+            ]
+            self._dead_letters_sent = [entry for entry in sent if not entry[2].done()]
+            if failed:
+                self.metrics.errors.labels(kind="dead_letter_send").inc(len(failed))
+                logger.warning(
+                    "%d dead letters not delivered, so they are queued again", len(failed)
+                )
+                self.dead_letters[:0] = failed
+        return not self.dead_letters and not self._dead_letters_sent
 
     # -- periodic work and checkpoints --------------------------------------
 
@@ -538,7 +606,10 @@ class Worker:
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
         self._update_lag()
-        due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+        due = (
+            now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+            and now >= self._checkpoint_retry_at
+        )
         idle = self._interval_checkpoint is None or self._interval_checkpoint.done()
         if due and idle and self._changed_since_checkpoint:
             # A task, because the offset commit at its end waits for the broker
@@ -595,16 +666,26 @@ class Worker:
             if final:
                 self.refresh_some()
                 await self._drain_sink()
-            # NOTE: with dead letters to send and the broker down, this waits
-            # under the lock, so refreshes wait too until the broker is back.
-            await self._send_dead_letters()
-            await self.app.producer.flush()
+            if not await self._confirm_dead_letters(_DEAD_LETTER_TIMEOUT_S):
+                # The state covers the rejected messages, so a checkpoint now
+                # would lose their dead letters if the worker stopped.
+                self._prune_owed = self._prune_owed or prune
+                self._checkpoint_retry_at = time.monotonic() + _CHECKPOINT_RETRY_S
+                self.metrics.errors.labels(kind="checkpoint_deferred").inc()
+                logger.warning(
+                    "checkpoint (%s) put off: the broker has not taken %d dead letters; "
+                    "a restart before the next checkpoint consumes their messages again",
+                    reason,
+                    len(self.dead_letters) + len(self._dead_letters_sent),
+                )
+                return
             state = self.processor.state()
             state["pending_lists"] = self.sealer.seal(orjson.dumps(self._pending_keys()))
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
             self._changed_since_checkpoint = False
-        if prune:
+        if prune or self._prune_owed:
+            self._prune_owed = False
             for _, path in self.store.paths()[1:]:
                 path.unlink(missing_ok=True)
         self.last_checkpoint = time.monotonic()
@@ -690,6 +771,13 @@ class Worker:
             self._lock = asyncio.Lock()
         return self._lock
 
+    @property
+    def _letters_lock(self) -> asyncio.Lock:
+        """Serializes handing dead letters to the producer with queueing failed ones again."""
+        if self._dead_letter_lock is None:
+            self._dead_letter_lock = asyncio.Lock()
+        return self._dead_letter_lock
+
     def _require_sink(self) -> RedisSink:
         if self.sink is None:
             self.sink = RedisSink(self.settings, self.metrics)
@@ -740,6 +828,7 @@ class Worker:
             "partitions_total": self.partitions_total,
             "redis_outage": bool(sink and sink.in_outage),
             "lists_pending": len(sink.pending) if sink else 0,
+            "dead_letters_pending": len(self.dead_letters) + len(self._dead_letters_sent),
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
         }
 

@@ -1,0 +1,137 @@
+"""Dead letters and the checkpoints that must not outlive them, without a broker."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from aiokafka.errors import KafkaTimeoutError
+
+from stream.app import Worker
+from stream.settings import Settings
+
+
+class _Topic:
+    """Stands in for the dead-letter topic. Each send takes the next planned outcome.
+
+    Outcomes: ``ok`` (delivered), ``fail`` (delivery fails), ``wait`` (never
+    confirmed), ``raise`` (the producer does not take the letter) and
+    ``hang`` (the send waits for metadata that never comes).
+    """
+
+    def __init__(self, *outcomes: str) -> None:
+        self.outcomes = list(outcomes)
+        self.delivered: list[bytes] = []
+
+    async def send(self, key: bytes | None, value: bytes) -> asyncio.Future[None]:
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if outcome == "raise":
+            raise KafkaTimeoutError("no metadata for the topic")
+        if outcome == "hang":
+            await asyncio.sleep(3600)
+        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if outcome == "ok":
+            self.delivered.append(value)
+            delivery.set_result(None)
+        elif outcome == "fail":
+            delivery.set_exception(KafkaTimeoutError("batch expired"))
+        return delivery
+
+
+class _Sink:
+    pending: dict[str, bytes] = {}
+
+
+def _worker(tmp_path, monkeypatch, topic: _Topic) -> Worker:
+    worker = Worker(replace(Settings(), data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9"))
+    worker.deadletter_topic = topic
+    worker.sink = _Sink()  # type: ignore[assignment]
+    monkeypatch.setattr("stream.app._DEAD_LETTER_TIMEOUT_S", 0.2)
+    return worker
+
+
+def _errors(worker: Worker, kind: str) -> float:
+    return worker.metrics.errors.labels(kind=kind)._value.get()
+
+
+def test_failed_delivery_queued_again_in_order(tmp_path, monkeypatch):
+    topic = _Topic("ok", "fail", "fail", "ok")
+    worker = _worker(tmp_path, monkeypatch, topic)
+    worker.dead_letters = [(None, b"a"), (None, b"b"), (None, b"c"), (None, b"d")]
+
+    async def run() -> tuple[bool, bool]:
+        first = await worker._confirm_dead_letters(1.0)
+        queued = list(worker.dead_letters)
+        assert queued == [(None, b"b"), (None, b"c")]
+        return first, await worker._confirm_dead_letters(1.0)
+
+    first, second = asyncio.run(run())
+
+    assert first is False
+    assert second is True
+    assert topic.delivered == [b"a", b"d", b"b", b"c"]
+    assert _errors(worker, "dead_letter_send") == 2
+
+
+def test_producer_error_keeps_letters_queued(tmp_path, monkeypatch):
+    topic = _Topic("ok", "raise")
+    worker = _worker(tmp_path, monkeypatch, topic)
+    worker.dead_letters = [(None, b"a"), (None, b"b"), (None, b"c")]
+
+    asyncio.run(worker._send_dead_letters())
+
+    assert worker.dead_letters == [(None, b"b"), (None, b"c")]
+    assert _errors(worker, "dead_letter_send") == 1
+
+
+def test_checkpoint_put_off_until_letters_delivered(tmp_path, monkeypatch):
+    topic = _Topic("wait")
+    worker = _worker(tmp_path, monkeypatch, topic)
+    worker.dead_letters = [(None, b"a")]
+
+    async def run() -> int:
+        await worker.checkpoint("interval")
+        files_while_owed = len(worker.store.paths())
+        worker._dead_letters_sent = []
+        worker.dead_letters = [(None, b"a")]
+        await worker.checkpoint("interval")
+        return files_while_owed
+
+    files_while_owed = asyncio.run(run())
+
+    assert files_while_owed == 0
+    assert len(worker.store.paths()) == 1
+    assert _errors(worker, "checkpoint_deferred") == 1
+    assert topic.delivered == [b"a"]
+
+
+def test_final_checkpoint_gives_up_on_silent_broker(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic("hang"))
+    worker.dead_letters = [(None, b"a")]
+
+    asyncio.run(asyncio.wait_for(worker.checkpoint("shutdown", final=True), timeout=10))
+
+    assert worker.store.paths() == []
+    assert worker.dead_letters == [(None, b"a")]
+
+
+def test_put_off_prune_done_by_next_checkpoint(tmp_path, monkeypatch):
+    topic = _Topic("ok", "wait")
+    worker = _worker(tmp_path, monkeypatch, topic)
+
+    async def run() -> int:
+        await worker.checkpoint("interval")
+        worker.dead_letters = [(None, b"a")]
+        await worker.checkpoint("interval")
+        worker.dead_letters = [(None, b"b")]
+        await worker.checkpoint("forget", prune=True)
+        files_after_put_off = len(worker.store.paths())
+        worker._dead_letters_sent = []
+        worker.dead_letters = [(None, b"b")]
+        await worker.checkpoint("interval")
+        return files_after_put_off
+
+    files_after_put_off = asyncio.run(run())
+
+    assert files_after_put_off == 2
+    assert len(worker.store.paths()) == 1
