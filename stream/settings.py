@@ -177,7 +177,7 @@ class Settings:
             except ValueError as exc:
                 msg = (
                     f"{PREFIX}WEIGHTS entry {part!r} is invalid; "
-                    "expected name=number, for example mf=1.0,popularity=0.2"
+                    "expected name=number, for example mf=1.0,popular=0.2"
                 )
                 raise SettingsError(msg) from exc
         return weights
@@ -265,17 +265,22 @@ SETTINGS_DOC: dict[str, str] = {
     "redis_url": "Redis URL; rediss:// turns on TLS.",
     "redis_password": "Redis password (secret, never logged); overrides one in the URL.",
     "redis_ssl_ca_certs": "CA bundle for a rediss:// server.",
-    "redis_key_prefix": "Prefix of the list keys: {prefix}user:{id} and {prefix}popular.",
+    "redis_key_prefix": (
+        "Prefix of the Redis keys: {prefix}user:{id}, {prefix}popular and {prefix}forgotten."
+    ),
     "redis_key_by": "user_id (the shop's id, default) or pseudonym (the keyed HMAC).",
     "ttl_s": (
-        "Expiry of every user list, in seconds (at least 60), renewed whenever the list "
-        "is recomputed."
+        "Expiry of every user list, in seconds (at least 60), renewed whenever the user's "
+        "own events recompute the list."
     ),
     "redis_write_batch": "Lists written per Redis pipeline.",
     "redis_retry_max_s": "Longest wait between Redis retries during an outage, in seconds.",
     "k": "Length of each list.",
     "fusion": "Fusion strategy: weighted, rrf or learned; empty means the model default.",
-    "weights": "Per-model weights for weighted fusion, as name=number,...",
+    "weights": (
+        "Per-model weights for weighted fusion, as name=number,... with the names popular, "
+        "trending, category, covisit, basket, recent, mf, context and title."
+    ),
     "repeat_purchases": "exclude: purchased items leave the user's list; allow: they stay.",
     "rebuyable_categories": "Comma-separated categories whose purchases stay in lists.",
     "max_per_category": "Most items of one category in a list; 0 means no cap.",
@@ -290,7 +295,10 @@ SETTINGS_DOC: dict[str, str] = {
         "Events and forget requests stamped further ahead of the worker clock are rejected."
     ),
     "check_key": "Reject events whose Kafka key is not their user_id.",
-    "dedup_window_s": "Event time span over which event ids are remembered, in seconds.",
+    "dedup_window_s": (
+        "Event time span over which event ids are remembered, in seconds; at least the "
+        "checkpoint interval plus 86400."
+    ),
     "dedup_max_entries": "Most event ids remembered, whatever their age.",
     "user_rate_limit_per_s": "Sustained events per second of event time that one user may send.",
     "user_rate_burst": "Events one user may send at once above the sustained rate.",
