@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from models.engine import EngineConfig, Recommender
+from models.engine import Recommender
 from schemas import (
     Event,
     RecommendationList,
@@ -106,26 +106,6 @@ class Refreshed:
     payload: bytes
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    """Build the model configuration from the worker settings."""
-    options: dict[str, Any] = {
-        "k": settings.k,
-        "repeat_purchases": settings.repeat_purchases,
-        "seed": settings.seed,
-        "exploration": settings.exploration,
-        "max_per_category": settings.max_per_category or None,
-    }
-    if settings.fusion:
-        options["fusion"] = settings.fusion
-    weights = settings.parsed_weights()
-    if weights:
-        options["weights"] = weights
-    categories = [c.strip() for c in settings.rebuyable_categories.split(",") if c.strip()]
-    if categories:
-        options["rebuyable_categories"] = frozenset(categories)
-    return EngineConfig(**options)
-
-
 class Processor:
     """Validate, de-duplicate, rate-limit and learn events; build lists for Redis."""
 
@@ -141,7 +121,7 @@ class Processor:
         self.pseudonymize = pseudonymize
         self.metrics = metrics or WorkerMetrics()
         self.clock = clock
-        self.engine = engine or Recommender(engine_config(settings))
+        self.engine = engine or Recommender(settings.engine_config())
         self.dedup = DedupWindow(int(settings.dedup_window_s * 1000), settings.dedup_max_entries)
         self.limiter = UserRateLimiter(settings.user_rate_limit_per_s, settings.user_rate_burst)
         self.repeats = PairRateLimiter(

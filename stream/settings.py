@@ -7,12 +7,17 @@ with secrets masked.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from models.base import ModelError
+from models.engine import MODEL_NAMES, EngineConfig
+from models.fusion import FUSION_STRATEGIES
 
 PREFIX = "FUSIONREC_"
 
@@ -148,6 +153,53 @@ class Settings:
         if not 0.0 <= self.exploration < 1.0:
             msg = f"{PREFIX}EXPLORATION is {self.exploration}; expected a share in [0, 1)"
             raise SettingsError(msg)
+        non_negative = {
+            "max_future_skew_s": self.max_future_skew_s,
+            "max_per_category": self.max_per_category,
+            "spare_items": self.spare_items,
+            "event_batch_wait_ms": self.event_batch_wait_ms,
+            "consumer_session_timeout_s": self.consumer_session_timeout_s,
+            "consumer_heartbeat_s": self.consumer_heartbeat_s,
+            "redis_retry_max_s": self.redis_retry_max_s,
+            "seed": self.seed,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                msg = f"{PREFIX}{name.upper()} is {value}; expected a number >= 0"
+                raise SettingsError(msg)
+        if self.seed >= 2**32:
+            msg = f"{PREFIX}SEED is {self.seed}; expected a number below 2**32"
+            raise SettingsError(msg)
+        if not 0 <= self.web_port < 65536:
+            msg = f"{PREFIX}WEB_PORT is {self.web_port}; expected a port in [0, 65535]"
+            raise SettingsError(msg)
+        choices = {
+            "fusion": ("", *FUSION_STRATEGIES),
+            "kafka_security_protocol": _SECURITY_PROTOCOLS,
+            "kafka_sasl_mechanism": _SASL_MECHANISMS,
+            "log_level": _LOG_LEVELS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                shown = ", ".join(repr(choice) for choice in allowed)
+                msg = f"{PREFIX}{name.upper()} is {value!r}; expected one of {shown}"
+                raise SettingsError(msg)
+        for name, weight in self.parsed_weights().items():
+            if name not in MODEL_NAMES:
+                msg = (
+                    f"{PREFIX}WEIGHTS names {name!r}; expected model names among "
+                    f"{', '.join(MODEL_NAMES)}"
+                )
+                raise SettingsError(msg)
+            if not math.isfinite(weight) or weight < 0:
+                msg = f"{PREFIX}WEIGHTS gives {name} the weight {weight}; expected a number >= 0"
+                raise SettingsError(msg)
+        try:
+            self.engine_config().validate()
+        except ModelError as exc:
+            msg = f"the model settings are invalid: {exc}"
+            raise SettingsError(msg) from exc
         if self.dedup_window_s < self.checkpoint_interval_s + 24 * 3600:
             msg = (
                 f"{PREFIX}DEDUP_WINDOW_S is {self.dedup_window_s}; expected at least "
@@ -155,6 +207,25 @@ class Settings:
                 "restart is still de-duplicated"
             )
             raise SettingsError(msg)
+
+    def engine_config(self) -> EngineConfig:
+        """Build the model configuration from these settings."""
+        options: dict[str, Any] = {
+            "k": self.k,
+            "repeat_purchases": self.repeat_purchases,
+            "seed": self.seed,
+            "exploration": self.exploration,
+            "max_per_category": self.max_per_category or None,
+        }
+        if self.fusion:
+            options["fusion"] = self.fusion
+        weights = self.parsed_weights()
+        if weights:
+            options["weights"] = weights
+        categories = [c.strip() for c in self.rebuyable_categories.split(",") if c.strip()]
+        if categories:
+            options["rebuyable_categories"] = frozenset(categories)
+        return EngineConfig(**options)
 
     def topic(self, name: str) -> str:
         """Return the full name of topic ``name``, with the configured prefix."""
@@ -197,6 +268,9 @@ class Settings:
 
 # The shortest list expiry accepted, in seconds.
 MIN_TTL_S = 60
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _SECRETS = frozenset({"kafka_sasl_password", "redis_password", "pseudonym_key"})
 # URLs that may carry a password in their user-info part or query string.
@@ -240,12 +314,18 @@ def _convert(name: str, raw: str, default: object) -> object:
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
-            return float(raw)
+            number = float(raw)
+        else:
+            return raw
     except ValueError as exc:
         kind = type(default).__name__
         msg = f"{name} is {raw!r}; expected a value of type {kind}"
         raise SettingsError(msg) from exc
-    return raw
+    if not math.isfinite(number):
+        # No setting has a use for them, and NaN passes every range check.
+        msg = f"{name} is {raw!r}; expected a finite number"
+        raise SettingsError(msg)
+    return number
 
 
 SETTINGS_DOC: dict[str, str] = {

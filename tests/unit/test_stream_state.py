@@ -3,6 +3,7 @@
 import logging
 import os
 import pickle
+import re
 
 import orjson
 import pytest
@@ -221,6 +222,36 @@ def test_password_setting_wins_over_url(url):
 def test_url_password_used_without_setting():
     client = redis_client(Settings(redis_url="redis://:urlpass@127.0.0.1:6379/0"))
     assert client.connection_pool.connection_kwargs["password"] == "urlpass"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("USER_RATE_LIMIT_PER_S", "inf", "expected a finite number"),
+        ("ITEM_REPEAT_RATE_PER_S", "nan", "expected a finite number"),
+        ("CHECKPOINT_INTERVAL_S", "nan", "expected a finite number"),
+        ("MAX_FUTURE_SKEW_S", "-5", "expected a number >= 0"),
+        ("MAX_PER_CATEGORY", "-1", "expected a number >= 0"),
+        ("SEED", "-1", "expected a number >= 0"),
+        ("SEED", str(2**32), "expected a number below 2**32"),
+        ("FUSION", "wrr", "expected one of '', 'weighted', 'rrf', 'learned'"),
+        ("KAFKA_SECURITY_PROTOCOL", "ssl", "expected one of 'PLAINTEXT'"),
+        ("LOG_LEVEL", "verbose", "expected one of 'debug'"),
+        ("WEIGHTS", "mf=1,popularity=0.2", "WEIGHTS names 'popularity'"),
+        ("WEIGHTS", "mf=-1", "expected a number >= 0"),
+    ],
+)
+def test_settings_reject_unusable_value(variable, value, expected):
+    with pytest.raises(SettingsError, match=re.escape(expected)) as raised:
+        Settings.from_env({f"FUSIONREC_{variable}": value})
+    assert f"FUSIONREC_{variable}" in str(raised.value)
+
+
+def test_settings_build_the_engine_config():
+    config = Settings(fusion="rrf", max_per_category=3, weights="mf=2").engine_config()
+    assert config.fusion == "rrf"
+    assert config.max_per_category == 3
+    assert config.model_weights()["mf"] == 2.0
 
 
 def test_settings_reject_short_ttl():
