@@ -57,6 +57,9 @@ _COMMIT_TIMEOUT_S = 10.0
 # messages it covers. Past it, the checkpoint is put off and tried again later.
 _DEAD_LETTER_TIMEOUT_S = 10.0
 _CHECKPOINT_RETRY_S = 30.0
+# A dead letter owed for longer makes the worker not ready: the topic may be
+# missing, or the worker not allowed to write to it.
+_LETTERS_OWED_MAX_S = 30.0
 
 
 class Worker:
@@ -88,6 +91,9 @@ class Worker:
         self._prune_owed = False
         self._checkpoint_retry_at = 0.0
         self._dead_letter_lock: asyncio.Lock | None = None
+        self._letters_wakeup: asyncio.Event | None = None
+        # When the oldest dead letter not yet delivered was queued, None when none is owed.
+        self._letters_owed_since: float | None = None
         self.assigned: set[TP] = set()
         # Partitions of the source topics, once the consumer has their metadata.
         self.partitions_total: int | None = None
@@ -460,14 +466,39 @@ class Worker:
 
     def _take(self, outcome: BatchOutcome) -> None:
         self.dirty.update(outcome.dirty)
-        self.dead_letters.extend(outcome.dead_letters)
+        if outcome.dead_letters:
+            self.dead_letters.extend(outcome.dead_letters)
+            if self._letters_owed_since is None:
+                self._letters_owed_since = time.monotonic()
+            if self._letters_wakeup is not None:
+                self._letters_wakeup.set()
         if outcome.applied or outcome.dead_letters:
             self._changed_since_checkpoint = True
         self._wake_refresher()
 
     def _wake_refresher(self) -> None:
-        if self._refresh_wakeup is not None and (self.dirty or self.dead_letters):
+        if self._refresh_wakeup is not None and self.dirty:
             self._refresh_wakeup.set()
+
+    async def letter_sender(self) -> None:
+        """Deliver dead letters as they come, apart from the refresher.
+
+        Delivery waits for the broker, and a list must not wait for it. Until
+        the broker has taken every letter, the sender tries again with a
+        growing pause.
+        """
+        wakeup = self._letters_wakeup = asyncio.Event()
+        wakeup.set()
+        pause_s = 1.0
+        while not self._stopping:
+            await wakeup.wait()
+            wakeup.clear()
+            if not await self._confirm_dead_letters(_DEAD_LETTER_TIMEOUT_S):
+                await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, _CHECKPOINT_RETRY_S)
+                wakeup.set()
+            else:
+                pause_s = 1.0
 
     async def refresher(self) -> None:
         """Recompute dirty users' lists in batches and hand them to the sink."""
@@ -477,7 +508,6 @@ class Worker:
         while not self._stopping:
             await wakeup.wait()
             wakeup.clear()
-            await self._send_dead_letters()
             while self.dirty and not self._stopping:
                 # A checkpoint pickles the live state in a thread while it
                 # holds the lock, and scoring may touch model caches.
@@ -532,9 +562,11 @@ class Worker:
         except TimeoutError:
             self.metrics.errors.labels(kind="dead_letter_send").inc()
             logger.warning(
-                "%d dead letters not handed to the producer within %.0f s, so they stay queued",
+                "%d dead letters not handed to the producer within %.0f s, so they stay queued; "
+                "check that topic %s exists and that the worker may write to it",
                 len(self.dead_letters),
                 timeout_s,
+                self.deadletter_topic.get_topic_name(),
             )
 
     async def _hand_dead_letters(self) -> None:
@@ -578,6 +610,8 @@ class Worker:
                 if delivery.done() and (delivery.cancelled() or delivery.exception() is not None)
             ]
             self._dead_letters_sent = [entry for entry in sent if not entry[2].done()]
+            if not self.dead_letters and not self._dead_letters_sent and not failed:
+                self._letters_owed_since = None
             if failed:
                 self.metrics.errors.labels(kind="dead_letter_send").inc(len(failed))
                 logger.warning(
@@ -797,7 +831,7 @@ class Worker:
         await self.checkpoint("shutdown", final=True)
         self._stopping = True
         for task in self._background:
-            if task.get_name() == "fusionrec-broker-watch":
+            if task.get_name() in ("fusionrec-broker-watch", "fusionrec-dead-letters"):
                 task.cancel()
         if self._refresh_wakeup is not None:
             self._refresh_wakeup.set()
@@ -811,11 +845,14 @@ class Worker:
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
         shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
+        owed_since = self._letters_owed_since
+        letters_owed_s = 0.0 if owed_since is None else time.monotonic() - owed_since
         ready = (
             bool(self.assigned)
             and redis_ok
             and self.served_ready
             and self.broker_reachable
+            and letters_owed_s <= _LETTERS_OWED_MAX_S
             and not shared
             and not self._stopping
         )
@@ -829,6 +866,7 @@ class Worker:
             "redis_outage": bool(sink and sink.in_outage),
             "lists_pending": len(sink.pending) if sink else 0,
             "dead_letters_pending": len(self.dead_letters) + len(self._dead_letters_sent),
+            "dead_letters_owed_s": round(letters_owed_s, 1),
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
         }
 
@@ -895,6 +933,9 @@ class Worker:
             )
             self._background.append(
                 asyncio.create_task(self.watch_brokers(), name="fusionrec-broker-watch")
+            )
+            self._background.append(
+                asyncio.create_task(self.letter_sender(), name="fusionrec-dead-letters")
             )
             for task in self._background:
                 task.add_done_callback(self._log_task_failure)

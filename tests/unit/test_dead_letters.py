@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
+import orjson
 from aiokafka.errors import KafkaTimeoutError
+from faust.types import TP
 
 from stream.app import Worker
+from stream.processor import Message
 from stream.settings import Settings
 
 
@@ -22,6 +26,9 @@ class _Topic:
     def __init__(self, *outcomes: str) -> None:
         self.outcomes = list(outcomes)
         self.delivered: list[bytes] = []
+
+    def get_topic_name(self) -> str:
+        return "events.deadletter"
 
     async def send(self, key: bytes | None, value: bytes) -> asyncio.Future[None]:
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
@@ -39,7 +46,18 @@ class _Topic:
 
 
 class _Sink:
-    pending: dict[str, bytes] = {}
+    """Stands in for the Redis sink and records the keys the worker writes."""
+
+    in_outage = False
+
+    def __init__(self) -> None:
+        self.pending: dict[str, bytes] = {}
+        self.keys: list[str] = []
+
+    def put(self, key: str, payload: bytes) -> None:
+        self.keys.append(key)
+
+    put_existing = put
 
 
 def _worker(tmp_path, monkeypatch, topic: _Topic) -> Worker:
@@ -135,3 +153,69 @@ def test_put_off_prune_done_by_next_checkpoint(tmp_path, monkeypatch):
 
     assert files_after_put_off == 2
     assert len(worker.store.paths()) == 1
+
+
+def test_refresh_goes_on_while_letters_wait(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic("hang"))
+    monkeypatch.setattr("stream.app._DEAD_LETTER_TIMEOUT_S", 60.0)
+    now_ms = int(time.time() * 1000)
+    view = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1", "timestamp": now_ms}
+    messages = [
+        Message("events.view", 0, 0, b"u1", orjson.dumps(view)),
+        Message("events.view", 0, 1, b"u1", b"not json"),
+    ]
+
+    async def run() -> float:
+        tasks = [
+            asyncio.create_task(worker.letter_sender()),
+            asyncio.create_task(worker.refresher()),
+        ]
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        worker._take(worker.processor.process_events(messages))
+        while not worker.sink.keys:
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - started
+        for task in tasks:
+            task.cancel()
+        return waited
+
+    waited_s = asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+    assert waited_s < 5.0
+    assert worker.health()["dead_letters_pending"] == 1
+
+
+def test_sender_delivers_after_producer_error(tmp_path, monkeypatch):
+    topic = _Topic("raise")
+    worker = _worker(tmp_path, monkeypatch, topic)
+    monkeypatch.setattr("stream.app._CHECKPOINT_RETRY_S", 0.05)
+    worker.dead_letters = [(None, b"a")]
+    worker._letters_owed_since = time.monotonic()
+
+    async def run() -> None:
+        sender = asyncio.create_task(worker.letter_sender())
+        while worker._letters_owed_since is not None:
+            await asyncio.sleep(0.01)
+        sender.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+    assert topic.delivered == [b"a"]
+    assert worker.health()["dead_letters_pending"] == 0
+
+
+def test_letters_owed_too_long_make_worker_unready(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    worker.assigned = {TP("events.view", 0)}
+    worker.served_ready = True
+    worker.dead_letters = [(None, b"a")]
+    worker._letters_owed_since = time.monotonic() - 5.0
+    ready_while_recent = worker.health()["ready"]
+    worker._letters_owed_since = time.monotonic() - 31.0
+
+    report = worker.health()
+
+    assert ready_while_recent is True
+    assert report["ready"] is False
+    assert report["dead_letters_owed_s"] >= 31.0
