@@ -1,14 +1,18 @@
 """Rate limits on event time, per user and per user-item pair.
 
+Each budget is a bucket that fills by one per event and drains at the
+sustained rate as event time moves on. Time is the newest event time seen
+for the key, so an event older than that drains nothing: no event, however
+it is stamped, can widen the allowance. A bucket that would pass ``burst``
+rejects the event.
+
 Events of one user arrive on three topics, and Kafka orders them only within
-a topic, so a limit must not depend on the order in which they arrive. A
-token bucket does, because an older event refills nothing. Each budget here
-counts the events in its current span of event time instead: ``n`` events
-spanning ``t`` seconds are allowed while ``n <= burst + rate * t``, a bound
-that holds whatever the order (which of the events are the rejected ones can
-still depend on it). A span starts again once a new event comes
-later than a full refill (``burst / rate``) after the newest one seen, so a
-quiet period does not bank an unbounded allowance.
+a topic, so the order of arrival can differ from the order of event time.
+Over any set of events, at most ``burst + rate * t`` pass, where ``t`` is
+the span of their times, whatever the order. Which events pass can depend
+on the order: a late event is counted in full at the newest time, so when
+one topic runs ahead of another, its lead costs the user up to ``burst``
+events of drain.
 """
 
 from __future__ import annotations
@@ -16,28 +20,39 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, MutableMapping
 
+# A budget: the bucket's level and the newest event time seen, in ms.
+Budget = tuple[float, int]
+
 
 class _Budgets:
-    """Event-time budgets by key: (events counted, first and last event time)."""
+    """Event-time buckets by key."""
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
         self.rate_per_ms = rate_per_s / 1000.0
         self.burst = burst
         self.refill_ms = burst / self.rate_per_ms
 
-    def take(
-        self, budgets: MutableMapping[Hashable, tuple[int, int, int]], key: Hashable, stamp: int
-    ) -> bool:
+    def take(self, budgets: MutableMapping[Hashable, Budget], key: Hashable, stamp: int) -> bool:
         state = budgets.get(key)
-        if state is None or stamp > state[2] + self.refill_ms:
-            count, first, last = 0, stamp, stamp
+        if state is None:
+            level, newest = 0.0, stamp
         else:
-            count, first, last = state
-            first = min(first, stamp)
-            last = max(last, stamp)
-        allowed = count + 1 <= self.burst + (last - first) * self.rate_per_ms
-        budgets[key] = (count + 1 if allowed else count, first, last)
+            level, newest = _budget(state, self.rate_per_ms)
+            if stamp > newest:
+                level = max(0.0, level - (stamp - newest) * self.rate_per_ms)
+                newest = stamp
+        allowed = level + 1 <= self.burst
+        budgets[key] = (level + 1 if allowed else level, newest)
         return allowed
+
+
+def _budget(state: tuple[float, ...], rate_per_ms: float) -> Budget:
+    """Return ``state`` as a budget; states saved by older code count events over a span."""
+    if len(state) == 3:
+        count, first, last = state
+        return max(0.0, count - (last - first) * rate_per_ms), int(last)
+    level, newest = state
+    return level, int(newest)
 
 
 class UserRateLimiter:
@@ -55,7 +70,7 @@ class UserRateLimiter:
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
         self._budget = _Budgets(rate_per_s, burst)
-        self._state: dict[Hashable, tuple[int, int, int]] = {}
+        self._state: dict[Hashable, Budget] = {}
 
     def __len__(self) -> int:
         return len(self._state)
@@ -73,9 +88,9 @@ class UserRateLimiter:
         self._state.pop(user, None)
 
     def sweep(self, now_ms: int) -> int:
-        """Drop budgets whose span would restart at ``now_ms``; return how many."""
+        """Drop budgets whose bucket would be empty at ``now_ms``; return how many."""
         refill = self._budget.refill_ms
-        stale = [user for user, (_, _, last) in self._state.items() if now_ms > last + refill]
+        stale = [user for user, state in self._state.items() if now_ms > state[-1] + refill]
         for user in stale:
             del self._state[user]
         return len(stale)
@@ -97,7 +112,7 @@ class PairRateLimiter:
     def __init__(self, rate_per_s: float, burst: float, max_pairs: int) -> None:
         self._budget = _Budgets(rate_per_s, burst)
         self.max_pairs = max_pairs
-        self._state: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()
+        self._state: OrderedDict[Hashable, Budget] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._state)
