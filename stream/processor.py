@@ -69,6 +69,7 @@ _USER_ID_IN_TEXT = re.compile(
 # Keys shorter than this are not searched for in the text of a payload,
 # because replacing every "7" or "42" would garble it.
 _MIN_KEY_TO_REDACT = 3
+_MAX_REDACT_DEPTH = 100
 
 
 @dataclass(slots=True)
@@ -444,6 +445,10 @@ class Processor:
         self.counts[f"rejected:{error.reason}"] += 1
         self._warned[error.reason] += 1
         seen = self._warned[error.reason]
+        # The detail and the field may quote the user id, as the name of an
+        # unknown field for instance.
+        detail = self._redact_text(message, error.detail)
+        field_name = None if error.field is None else self._redact_text(message, error.field)
         if seen == 1 or seen % 1000 == 0:
             logger.warning(
                 "rejected message from %s[%d]@%d: %s (%s); %d of this kind so far",
@@ -451,13 +456,13 @@ class Processor:
                 message.partition,
                 message.offset,
                 error.reason,
-                error.detail,
+                detail,
                 seen,
             )
         record = {
             "reason": error.reason,
-            "detail": error.detail,
-            "field": error.field,
+            "detail": detail,
+            "field": field_name,
             "source": {
                 "topic": message.topic,
                 "partition": message.partition,
@@ -507,6 +512,9 @@ class Processor:
                 obj["user_id"] = (
                     self.pseudonymize(user_id) if isinstance(user_id, str) else "<redacted>"
                 )
+            user_key = self._user_key(message)
+            if user_key is not None:
+                obj = _replace_strings(obj, user_key, self.pseudonymize(user_key))
             text = orjson.dumps(obj)
             if len(text) <= _PAYLOAD_PREVIEW:
                 return obj
@@ -524,14 +532,46 @@ class Processor:
         # Producers key user messages by user id, so the key finds the id
         # wherever the text contains it, whatever the field is called.
         key = message.key
-        if (
-            key
-            and len(key) >= _MIN_KEY_TO_REDACT
-            and message.topic != self.settings.topic(ITEMS_TOPIC)
-        ):
+        if key and self._user_key(message) is not None:
             pseudonym = self.pseudonymize(key.decode("utf-8", "replace")).encode()
             cut = cut.replace(key, pseudonym)
         return cut.decode("utf-8", "replace")
+
+    def _user_key(self, message: Message) -> str | None:
+        """Return the message key as the user id to hide, or None when it is no user's id."""
+        key = message.key
+        if not key or len(key) < _MIN_KEY_TO_REDACT:
+            return None
+        if message.topic == self.settings.topic(ITEMS_TOPIC):
+            return None
+        return key.decode("utf-8", "replace")
+
+    def _redact_text(self, message: Message, text: str) -> str:
+        """Return ``text`` with the user id of the message key replaced by its pseudonym."""
+        user_key = self._user_key(message)
+        if user_key is None or user_key not in text:
+            return text
+        return text.replace(user_key, self.pseudonymize(user_key))
+
+
+def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
+    """Return ``value`` with ``old`` replaced by ``new`` in every string and key it contains.
+
+    Below 100 levels of nesting, which no valid message has, whatever is left
+    becomes ``<redacted>``, so a deep payload cannot exhaust the stack.
+    """
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if depth >= _MAX_REDACT_DEPTH and isinstance(value, dict | list):
+        return "<redacted>"
+    if isinstance(value, dict):
+        return {
+            _replace_strings(name, old, new): _replace_strings(item, old, new, depth + 1)
+            for name, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_replace_strings(item, old, new, depth + 1) for item in value]
+    return value
 
 
 def _event_time(event: Event) -> int:

@@ -410,6 +410,34 @@ def test_unparsed_dead_letter_hides_user_id(raw):
     assert b"alice" not in key
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event_id": "e1", "type": "view", "userId": "alice@example.com", "item_id": "i1"}',
+        b'{"event_id": "e2", "type": "view", "user": {"ids": ["alice@example.com"]}}',
+        b'{"alice@example.com": {"event_id": "e3", "item_id": "i1"}}',
+    ],
+    ids=["other field name", "nested value", "id as field name"],
+)
+def test_parsed_dead_letter_hides_keyed_user_id(raw, caplog):
+    processor = _processor()
+    with caplog.at_level("WARNING"):
+        outcome = processor.process_events(
+            [Message("events.view", 0, 0, b"alice@example.com", raw)]
+        )
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert "alice" not in caplog.text
+
+
+def test_deeply_nested_dead_letter_hides_user_id():
+    processor = _processor()
+    raw = b'{"a": ' + b"[" * 1000 + b'"alice@example.com"' + b"]" * 1000 + b"}"
+    outcome = processor.process_events([Message("events.view", 0, 0, b"alice@example.com", raw)])
+    assert b"alice" not in outcome.dead_letters[0][1]
+
+
 def test_short_key_not_replaced_in_text():
     processor = _processor()
     raw = b"7 not json 7"
