@@ -268,6 +268,9 @@ class Worker:
             self._take(outcome)
             sink = self._require_sink()
             for pseudonym, key in outcome.forgotten:
+                if self.processor.engine.has_user(pseudonym):
+                    # Kept: every event learned of the user came after the request.
+                    continue
                 self.dirty.pop(pseudonym, None)
                 self._short.pop(pseudonym, None)
                 self.served.forget(pseudonym)

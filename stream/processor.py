@@ -277,12 +277,17 @@ class Processor:
         return outcome
 
     def forget(self, user_id: str, timestamp_ms: int) -> str:
-        """Erase ``user_id`` from every part of the state; return its pseudonym."""
+        """Erase ``user_id`` from every part of the state; return its pseudonym.
+
+        A user whose learned events all came after the request is kept, as
+        a restore keeps such a user: the request covers nothing of theirs.
+        """
         pseudonym = self.pseudonymize(user_id)
         self.pseudonymize.discard(user_id)
         token = self.forget_token(pseudonym)
         self.forgotten[token] = max(self.forgotten.get(token, 0), timestamp_ms)
-        self._erase(pseudonym)
+        if self._erased_by_request(pseudonym):
+            self._erase(pseudonym)
         self.metrics.forgets.inc()
         # The log keeps no id at all, not even the pseudonym, so that an
         # erased user leaves no trace in it.

@@ -240,6 +240,36 @@ def test_user_back_after_forget_survives_restart():
     assert restored.engine.user_history(pseudonym) == ["item-2"]
 
 
+def test_forget_consumed_after_later_events_keeps_them():
+    processor = _processor()
+    forgotten_at = NOW_MS - 60_000
+    later = [
+        Event(f"later-{n}", "view", "user-9", f"item-{n}", forgotten_at + 10_000 * n)
+        for n in range(1, 4)
+    ]
+    processor.process_events(_stream(later))
+    request = orjson.dumps({"user_id": "user-9", "timestamp": forgotten_at})
+
+    outcome = processor.process_forget([Message("users.forget", 0, 0, b"user-9", request)])
+
+    pseudonym = processor.pseudonymize("user-9")
+    assert outcome.applied == 1
+    assert processor.engine.user_history(pseudonym) == ["item-1", "item-2", "item-3"]
+    assert processor.forget_token(pseudonym) in processor.forgotten
+
+
+def test_forget_consumed_after_earlier_events_erases_them():
+    processor = _processor()
+    forgotten_at = NOW_MS - 60_000
+    before = Event("before-10", "view", "user-10", "item-1", forgotten_at - 10_000)
+    processor.process_events([_message(before, 0)])
+    request = orjson.dumps({"user_id": "user-10", "timestamp": forgotten_at})
+
+    processor.process_forget([Message("users.forget", 0, 0, b"user-10", request)])
+
+    assert not processor.engine.has_user(processor.pseudonymize("user-10"))
+
+
 def test_late_event_before_forget_erases_user():
     processor = _processor()
     forgotten_at = NOW_MS - 60_000
