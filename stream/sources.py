@@ -134,7 +134,10 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
             "rows; expected a whole gzip stream, or a name without .gz for plain text"
         )
         raise SourceError(msg) from exc
-    if result.rows_read and not result.events:
+    if not result.rows_read:
+        msg = f"{file_path.name} has no rows; expected at least one {fmt} event"
+        raise SourceError(msg)
+    if not result.events:
         reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped.most_common())
         msg = (
             f"none of the {result.rows_read} rows of {file_path.name} is a valid {fmt} event "

@@ -306,6 +306,20 @@ def test_all_rows_skipped_is_an_error(tmp_path: Path) -> None:
         read_events(path, "jsonl")
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "fmt"),
+    [
+        ("empty.jsonl", "", "jsonl"),
+        ("header.csv", TAOBAO_HEADER, "taobao"),
+        ("blank.jsonl", "\n\n", "jsonl"),
+    ],
+)
+def test_file_without_rows_is_an_error(tmp_path: Path, name: str, text: str, fmt: str) -> None:
+    path = _write(tmp_path / name, text)
+    with pytest.raises(SourceError, match=f"{name} has no rows"):
+        read_events(path, fmt)
+
+
 def test_event_id_is_start_line_after_quoted_newline(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "multi.csv",
