@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import logging
 import sys
 import time
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     except (SourceError, OSError, UnicodeDecodeError) as exc:
         print(f"fusionrec replay: cannot read {args.path}: {exc}", file=sys.stderr)
         return 2
+    _skip_future(loaded, time.time() + settings.max_future_skew_s)
     summary = _summary_of(args, loaded)
     events = loaded.events if args.limit is None else loaded.events[: args.limit]
     summary.selected = len(events)
@@ -327,6 +329,24 @@ async def _collect(
         )
     bar.update(len(in_flight))
     in_flight.clear()
+
+
+def _skip_future(loaded: LoadResult, limit_s: float) -> None:
+    """Skip the events that the worker would reject as stamped after ``limit_s``.
+
+    The worker checks its clock plus ``FUSIONREC_MAX_FUTURE_SKEW_S``, and the
+    replay uses its own clock, so a row near the limit may fare otherwise.
+    """
+    limit_ms = int(limit_s * 1000)
+    # The events are in time order, so the future ones are the last.
+    kept = bisect.bisect_right(loaded.events, limit_ms, key=_event_time)
+    if kept < len(loaded.events):
+        loaded.skipped["timestamp_in_future"] += len(loaded.events) - kept
+        del loaded.events[kept:]
+
+
+def _event_time(event: Event) -> int:
+    return event.timestamp_ms
 
 
 def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -281,6 +282,23 @@ def test_dry_run_counts_skipped_rows(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert summary["skipped"] == {"short_row": 1, "unknown_behavior_type": 1}
     assert summary["skipped_total"] == 2
     assert summary["by_topic"] == {"events.purchase": 1, "events.view": 1}
+
+
+def test_dry_run_skips_rows_stamped_ahead(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ahead_s = int(time.time()) + 3600
+    path = tmp_path / "behavior.csv"
+    path.write_text(
+        "user_id,item_id,category_id,behavior_type,timestamp\n"
+        "1,10,100,pv,1511658000\n"
+        f"1,11,100,pv,{ahead_s}\n",
+        encoding="utf-8",
+    )
+    assert run(_parse(str(path), "--format", "taobao", "--dry-run", "--json")) == 0
+    summary = _summary(capsys)
+    assert summary["events"] == 1
+    assert summary["skipped"] == {"timestamp_in_future": 1}
 
 
 def test_dry_run_text_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
