@@ -25,7 +25,9 @@ Four formats are understood:
     One event of the wire contract per line; events keep their own ids.
 
 Rows of the CSV formats have no event id, so each gets ``{file name}:{line
-number}``, the line the row starts on: two identical lines remain two events.
+number}:{row digest}``, with the line the row starts on: two identical lines
+remain two events, and rows of two exports with the same name differ unless
+the same row sits on the same line of both.
 Each event is checked against the worker's event contract, and a row that
 fails is skipped with the contract's reason. Every reader returns the events
 in event-time order with a stable sort, so rows with the same time keep their
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import logging
 import re
@@ -196,6 +199,12 @@ def _csv_rows(reader: Any, result: LoadResult) -> Iterator[tuple[int, list[str] 
         yield start, row if _is_utf8("".join(row)) else "not_utf8"
 
 
+def _row_id(name: str, line_no: int, row: list[str]) -> str:
+    """Return the event id of a CSV row: its file name, start line and a digest of its fields."""
+    fields = "\x1f".join(row).encode("utf-8", "surrogateescape")
+    return f"{name}:{line_no}:{hashlib.blake2b(fields, digest_size=4).hexdigest()}"
+
+
 def _checked(event: Event) -> Event | str:
     # The worker decodes every event against the contract, so a row that the
     # contract rejects (an id too long, a price out of range) is skipped here
@@ -255,7 +264,7 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             continue
         yield _checked(
             Event(
-                event_id=f"{name}:{line_no}",
+                event_id=_row_id(name, line_no, row),
                 type=event_type,
                 user_id=row[user_col],
                 item_id=row[item_col],
@@ -346,7 +355,7 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             times[stamp] = timestamp_ms
         yield _checked(
             Event(
-                event_id=f"{name}:{line_no}",
+                event_id=_row_id(name, line_no, row),
                 type="purchase",
                 user_id=customer,
                 item_id=code,
@@ -413,7 +422,7 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
             continue
         yield _checked(
             Event(
-                event_id=f"{name}:{line_no}",
+                event_id=_row_id(name, line_no, row),
                 type="view",
                 user_id=user,
                 item_id=item,

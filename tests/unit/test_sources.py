@@ -17,6 +17,7 @@ RETAIL_HEADER = (
 
 
 def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gz":
         with gzip.open(path, "wt", encoding="utf-8") as handle:
             handle.write(text)
@@ -44,7 +45,7 @@ def test_retail_line_to_purchase(tmp_path: Path) -> None:
     assert first.user_id == "12583"
     assert first.quantity == 24
     assert first.price == 3.75
-    assert first.event_id == "retail.csv.gz:2"
+    assert first.event_id.startswith("retail.csv.gz:2:")
     assert first.title == "ALARM CLOCK PINK"
 
 
@@ -69,7 +70,7 @@ def test_diginetica_rows_to_views_in_time_order(tmp_path: Path) -> None:
         ("session-7", "31331", "7", midnight + 1_031_018),
     ]
     assert {e.type for e in events} == {"view"}
-    assert events[1].event_id == "views.csv:2"
+    assert events[1].event_id.startswith("views.csv:2:")
 
 
 def test_diginetica_skip_reasons(tmp_path: Path) -> None:
@@ -328,4 +329,15 @@ def test_event_id_is_start_line_after_quoted_newline(tmp_path: Path) -> None:
         + "536370,22729,CLOCK,24,2010-12-01 08:45:00,3.75,12583,France\n",
     )
     events = read_events(path, "online-retail").events
-    assert [e.event_id for e in events] == ["multi.csv:2", "multi.csv:4"]
+    assert [e.event_id.rsplit(":", 1)[0] for e in events] == ["multi.csv:2", "multi.csv:4"]
+
+
+def test_same_named_exports_get_distinct_ids(tmp_path: Path) -> None:
+    first = _write(tmp_path / "day1" / "events.csv", TAOBAO_HEADER + "1,10,100,pv,1511658000\n")
+    second = _write(tmp_path / "day2" / "events.csv", TAOBAO_HEADER + "2,11,100,pv,1511744400\n")
+
+    ids_first = [e.event_id for e in read_events(first, "taobao").events]
+    ids_second = [e.event_id for e in read_events(second, "taobao").events]
+
+    assert ids_first != ids_second
+    assert ids_first == [e.event_id for e in read_events(first, "taobao").events]
