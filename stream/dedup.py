@@ -55,7 +55,11 @@ class DedupWindow:
 
     def forget_owner(self, owner: str) -> int:
         """Remove every id recorded for ``owner``; return how many were removed."""
-        doomed = [key for key, who in self._owners.items() if who == owner]
+        return self.forget_owners({owner})
+
+    def forget_owners(self, owners: set[str]) -> int:
+        """Remove every id recorded for any of ``owners`` in one pass; return how many."""
+        doomed = [key for key, who in self._owners.items() if who in owners]
         for key in doomed:
             del self._times[key]
             del self._owners[key]

@@ -271,9 +271,11 @@ class Processor:
             except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
                 outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
-            pseudonym = self.forget(request.user_id, request.timestamp_ms)
+            pseudonym = self._record_forget(request.user_id, request.timestamp_ms)
             outcome.forgotten.append((pseudonym, self.redis_key(request.user_id, pseudonym)))
             outcome.applied += 1
+        # One pass over the shared tables erases the whole batch.
+        self._erase_all([p for p, _ in outcome.forgotten if self._erased_by_request(p)])
         return outcome
 
     def forget(self, user_id: str, timestamp_ms: int) -> str:
@@ -282,12 +284,17 @@ class Processor:
         A user whose learned events all came after the request is kept, as
         a restore keeps such a user: the request covers nothing of theirs.
         """
+        pseudonym = self._record_forget(user_id, timestamp_ms)
+        if self._erased_by_request(pseudonym):
+            self._erase_all([pseudonym])
+        return pseudonym
+
+    def _record_forget(self, user_id: str, timestamp_ms: int) -> str:
+        """Add a forget request to the registry; return the user's pseudonym."""
         pseudonym = self.pseudonymize(user_id)
         self.pseudonymize.discard(user_id)
         token = self.forget_token(pseudonym)
         self.forgotten[token] = max(self.forgotten.get(token, 0), timestamp_ms)
-        if self._erased_by_request(pseudonym):
-            self._erase(pseudonym)
         self.metrics.forgets.inc()
         # The log keeps no id at all, not even the pseudonym, so that an
         # erased user leaves no trace in it.
@@ -320,8 +327,7 @@ class Processor:
             | self.repeats.users()
         )
         doomed = [p for p in candidates if self._erased_by_request(p)]
-        for pseudonym in doomed:
-            self._erase(pseudonym)
+        self._erase_all(doomed)
         return len(doomed)
 
     def _erased_by_request(self, pseudonym: str) -> bool:
@@ -336,11 +342,15 @@ class Processor:
         first_ms, _ = self.engine.user_event_times(pseudonym)
         return first_ms is None or first_ms <= forgotten_at
 
-    def _erase(self, pseudonym: str) -> None:
-        self.engine.forget_user(pseudonym)
-        self.dedup.forget_owner(pseudonym)
-        self.limiter.forget(pseudonym)
-        self.repeats.forget(pseudonym)
+    def _erase_all(self, pseudonyms: list[str]) -> None:
+        if not pseudonyms:
+            return
+        for pseudonym in pseudonyms:
+            self.engine.forget_user(pseudonym)
+            self.limiter.forget(pseudonym)
+        # These two scan their whole tables, so they take the users at once.
+        self.dedup.forget_owners(set(pseudonyms))
+        self.repeats.forget_users(set(pseudonyms))
 
     # -- lists --------------------------------------------------------------
 

@@ -133,5 +133,9 @@ class PairRateLimiter:
 
     def forget(self, user: str) -> None:
         """Drop every budget of ``user``."""
-        for pair in [p for p in self._state if isinstance(p, tuple) and p[0] == user]:
+        self.forget_users({user})
+
+    def forget_users(self, users: set[str]) -> None:
+        """Drop every budget of any of ``users``, in one pass over the pairs."""
+        for pair in [p for p in self._state if isinstance(p, tuple) and p[0] in users]:
             del self._state[pair]

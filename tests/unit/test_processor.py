@@ -270,6 +270,33 @@ def test_forget_consumed_after_earlier_events_erases_them():
     assert not processor.engine.has_user(processor.pseudonymize("user-10"))
 
 
+def test_forget_batch_erases_every_user():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    users = ["user-1", "user-2", "user-3"]
+    requests = [
+        Message(
+            "users.forget",
+            0,
+            n,
+            user.encode(),
+            orjson.dumps({"user_id": user, "timestamp": NOW_MS}),
+        )
+        for n, user in enumerate(users)
+    ]
+    pseudonyms = [processor.pseudonymize(user) for user in users]
+    assert all(processor.engine.has_user(pseudonym) for pseudonym in pseudonyms)
+
+    outcome = processor.process_forget(requests)
+
+    assert outcome.applied == 3
+    for pseudonym in pseudonyms:
+        assert not processor.engine.has_user(pseudonym)
+        assert pseudonym not in processor.dedup.owners()
+        assert pseudonym not in processor.repeats.users()
+    assert processor.engine.has_user(processor.pseudonymize("user-4"))
+
+
 def test_late_event_before_forget_erases_user():
     processor = _processor()
     forgotten_at = NOW_MS - 60_000

@@ -310,3 +310,23 @@ def test_cli_rejects_empty_forget(capsys):
 
     assert main(["forget", ""]) == 2
     assert "user_id is empty" in capsys.readouterr().err
+
+
+def test_dedup_forgets_several_owners_at_once():
+    window = DedupWindow(window_ms=10_000, max_entries=100)
+    for n, owner in enumerate(["a", "b", "c", "a"]):
+        window.add(f"e{n}", owner, n)
+    assert window.forget_owners({"a", "c"}) == 3
+    assert "e1" in window
+    assert not any(f"e{n}" in window for n in (0, 2, 3))
+    assert window.add("e0", "a", 5)
+
+
+def test_pair_limit_forgets_several_users_at_once():
+    from stream.ratelimit import PairRateLimiter
+
+    limiter = PairRateLimiter(rate_per_s=0.1, burst=3.0, max_pairs=100)
+    for user in ("a", "b", "c"):
+        limiter.allow(user, "i", 0)
+    limiter.forget_users({"a", "c"})
+    assert limiter.users() == {"b"}
