@@ -185,6 +185,7 @@ class Worker:
         await consumer.start()
         try:
             beginnings = await consumer.beginning_offsets(tps)
+            self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
             target = {
                 tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
                 for tp in tps
@@ -208,6 +209,32 @@ class Worker:
             logger.info("aligned committed offsets of %d partitions to the state", len(changes))
         finally:
             await consumer.stop()
+
+    def _drop_offsets_past_end(
+        self, beginnings: dict[TopicPartition, int], ends: dict[TopicPartition, int]
+    ) -> None:
+        """Start partitions whose log ends before the restored offset from their beginning.
+
+        A log never shrinks, so such a partition belongs to a topic that was
+        deleted and created again. Its new messages have offsets the state
+        counts as applied, and without this they would be skipped unseen.
+        """
+        offsets = self.processor.offsets
+        for tp, end in ends.items():
+            restored = offsets.get((tp.topic, tp.partition), 0)
+            if restored <= end:
+                continue
+            self.metrics.errors.labels(kind="offset_past_log_end").inc()
+            logger.error(
+                "%s[%d] ends at offset %d, before the restored offset %d: the topic was "
+                "created again, so its messages are read from offset %d",
+                tp.topic,
+                tp.partition,
+                end,
+                restored,
+                beginnings[tp],
+            )
+            offsets[(tp.topic, tp.partition)] = beginnings[tp]
 
     # -- event handling -----------------------------------------------------
 

@@ -226,3 +226,19 @@ def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
     state = _final_state(settings)
     assert state["counts"]["applied:view"] == len(first)
     assert state["counts"]["applied:click"] == len(second)
+
+
+def test_recreated_topic_read_from_its_beginning(run_settings):
+    from stream.app import Worker
+
+    worker = Worker(run_settings)
+    topic = run_settings.topic("events.view")
+    # A state restored from before the topic was deleted and created again.
+    worker.processor.offsets[(topic, 0)] = 20
+    worker.processor.offsets[(topic, 1)] = 0
+
+    asyncio.run(worker.align_committed_offsets(timeout_s=60))
+
+    assert worker.processor.offsets[(topic, 0)] == 0
+    assert worker.processor.offsets[(topic, 1)] == 0
+    assert worker.metrics.errors.labels(kind="offset_past_log_end")._value.get() == 1
