@@ -409,9 +409,11 @@ def _iso_to_millis(text: str, field: str) -> int:
 
 
 def _timestamp(obj: dict[str, Any]) -> int:
-    if "timestamp" not in obj:
+    # A null counts as a missing field, as it does for every other field.
+    value = obj.get("timestamp")
+    if value is None:
         raise SchemaError("missing_field", "required field 'timestamp' is missing", "timestamp")
-    return parse_timestamp(obj["timestamp"])
+    return parse_timestamp(value)
 
 
 def _required_id(obj: dict[str, Any], field: str) -> str:

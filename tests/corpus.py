@@ -77,6 +77,8 @@ BAD_CASES: list[BadCase] = [
     BadCase("numeric user_id", dumps(event(user_id=42)), "wrong_type", "user_id"),
     BadCase("numeric item_id", dumps(event(item_id=7)), "wrong_type", "item_id"),
     BadCase("null item_id", dumps(event(item_id=None)), "missing_field", "item_id"),
+    BadCase("null user_id", dumps(event(user_id=None)), "missing_field", "user_id"),
+    BadCase("null timestamp", dumps(event(timestamp=None)), "missing_field", "timestamp"),
     BadCase("list event_id", dumps(event(event_id=["e"])), "wrong_type", "event_id"),
     BadCase("boolean timestamp", dumps(event(timestamp=True)), "wrong_type", "timestamp"),
     BadCase(

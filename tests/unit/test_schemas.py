@@ -162,6 +162,17 @@ def test_json_schema_rejects_bad_objects(case):
 
 ids = st.text(min_size=1, max_size=40)
 optional_text = st.none() | st.text(max_size=30)
+# A sentinel for a field left out of the object, as opposed to a field set to null.
+ABSENT = object()
+
+
+def _set_optional(draw, obj, name, value):
+    # An optional field without a value is left out or sent as null, which
+    # the contract treats alike.
+    if value is not None:
+        obj[name] = value
+    elif draw(st.booleans()):
+        obj[name] = None
 
 
 @st.composite
@@ -175,14 +186,13 @@ def valid_events(draw):
     }
     for name in ("session_id", "currency", "category", "title"):
         value = draw(optional_text)
-        if value is not None:
-            obj[name] = value[:16] if name == "currency" else value
+        if value is not None and name == "currency":
+            value = value[:16]
+        _set_optional(draw, obj, name, value)
     quantity = draw(st.none() | st.integers(-1000, 1000).filter(lambda q: q != 0))
-    if quantity is not None:
-        obj["quantity"] = quantity
+    _set_optional(draw, obj, "quantity", quantity)
     price = draw(st.none() | st.floats(0, 1e6, allow_nan=False))
-    if price is not None:
-        obj["price"] = price
+    _set_optional(draw, obj, "price", price)
     return obj
 
 
@@ -210,12 +220,13 @@ field_values = st.one_of(
 @given(
     valid_events(),
     st.sampled_from(sorted(load_schema("event.schema.json")["properties"])),
-    field_values,
+    st.just(ABSENT) | field_values,
 )
 def test_decoder_agrees_with_json_schema(obj, name, value):
-    # A stray field value must be rejected by both or accepted by both.
+    # A stray field value, null or a left-out field must be rejected by both
+    # or accepted by both.
     obj = dict(obj)
-    if value is None:
+    if value is ABSENT:
         obj.pop(name, None)
     else:
         obj[name] = value
@@ -226,6 +237,66 @@ def test_decoder_agrees_with_json_schema(obj, name, value):
     except SchemaError:
         decoder_ok = False
     assert decoder_ok == schema_ok, (name, value)
+
+
+@st.composite
+def item_updates(draw):
+    obj = {
+        "item_id": draw(ids),
+        "timestamp": draw(st.integers(946_684_800_000, 4_102_444_800_000)),
+    }
+    _set_optional(draw, obj, "in_stock", draw(st.none() | st.booleans()))
+    _set_optional(draw, obj, "price", draw(st.none() | st.floats(0, 1e6, allow_nan=False)))
+    _set_optional(draw, obj, "category", draw(optional_text))
+    _set_optional(draw, obj, "title", draw(optional_text))
+    return obj
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    item_updates(),
+    st.sampled_from(sorted(load_schema("item_update.schema.json")["properties"])),
+    st.just(ABSENT) | field_values,
+)
+def test_item_update_agrees_with_schema(obj, name, value):
+    obj = dict(obj)
+    if value is ABSENT:
+        obj.pop(name, None)
+    else:
+        obj[name] = value
+    schema_ok = validator("item_update.schema.json").is_valid(obj)
+    try:
+        decode_item_update(orjson.dumps(obj))
+        decoder_ok = True
+    except SchemaError:
+        decoder_ok = False
+    assert decoder_ok == schema_ok, (name, value)
+
+
+@pytest.mark.parametrize(
+    "name", ["session_id", "currency", "category", "title", "quantity", "price"]
+)
+def test_null_optional_field_is_absent(name):
+    obj = event(**{name: None})
+    assert validator("event.schema.json").is_valid(obj)
+    assert getattr(decode_event(orjson.dumps(obj)), name) is None
+
+
+@pytest.mark.parametrize("name", ["in_stock", "price", "category", "title"])
+def test_null_item_update_field_is_absent(name):
+    obj = {"item_id": "i1", "timestamp": 1_700_000_000_000, "title": "LAMP", name: None}
+    if name == "title":
+        obj["in_stock"] = True
+    assert validator("item_update.schema.json").is_valid(obj)
+    assert getattr(decode_item_update(orjson.dumps(obj)), name) is None
+
+
+def test_item_update_of_only_nulls_rejected():
+    obj = {"item_id": "i1", "timestamp": 1_700_000_000_000, "in_stock": None, "title": None}
+    assert not validator("item_update.schema.json").is_valid(obj)
+    with pytest.raises(SchemaError) as caught:
+        decode_item_update(orjson.dumps(obj))
+    assert caught.value.reason == "missing_field"
 
 
 def test_recommendation_list_rejects_nan():
