@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -64,6 +65,11 @@ _ITEM_UPDATE_FIELDS: Final = frozenset(
     {"item_id", "timestamp", "in_stock", "price", "category", "title"}
 )
 _FORGET_FIELDS: Final = frozenset({"user_id", "timestamp"})
+# Rejections are logged and kept in dead-letter records, where a user id may
+# appear only as its pseudonym, so their details never quote these values.
+_PERSONAL_FIELDS: Final = frozenset({"user_id"})
+_ID_EXPECTED: Final = f"a string of 1 to {MAX_ID_LENGTH} characters"
+_TIMESTAMP_EXPECTED: Final = "epoch milliseconds or an ISO 8601 date-time with a UTC offset"
 
 
 class SchemaError(ValueError):
@@ -177,35 +183,115 @@ def parse_object(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> di
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        text = str(exc)
-        if "recursion" in text or "depth limit" in text:
-            msg = "JSON nested too deeply; expected a flat object of the event contract"
-            raise SchemaError("too_deep", msg) from exc
-        if "utf-8" in text.lower() or "surrogate" in text.lower():
-            msg = f"message is not valid UTF-8: {text}"
-            raise SchemaError("not_utf8", msg) from exc
-        _raise_if_not_finite(raw, exc)
-        msg = f"message is not valid JSON: {text}"
-        raise SchemaError("not_json", msg) from exc
+        raise _parse_error(raw, exc) from exc
     if not isinstance(value, dict):
         msg = f"expected a JSON object, got a JSON {_json_kind(value)}"
         raise SchemaError("not_object", msg)
     return value
 
 
-def _raise_if_not_finite(raw: bytes, cause: Exception) -> None:
-    # orjson rejects NaN, Infinity and numbers beyond a double without naming
-    # the field; the standard parser accepts them, which finds the field.
+def _parse_error(raw: bytes, exc: orjson.JSONDecodeError) -> SchemaError:
+    """Return the rejection of a message that orjson cannot parse."""
+    text = str(exc)
+    if "recursion" in text or "depth limit" in text:
+        msg = f"JSON nested too deeply ({text}); expected a flat object of the event contract"
+        return SchemaError("too_deep", msg)
     try:
-        value = json.loads(raw)
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        msg = (
+            f"message is not valid UTF-8: byte 0x{raw[bad.start]:02x} at offset {bad.start}; "
+            "expected JSON text in UTF-8"
+        )
+        return SchemaError("not_utf8", msg)
+    field_error = _field_error_of_valid_json(raw)
+    if field_error is not None:
+        return field_error
+    return SchemaError("not_json", f"message is not valid JSON: {text}")
+
+
+@dataclass(frozen=True, slots=True)
+class _NonFiniteNumber:
+    """The text of a JSON number that is NaN, infinite or beyond the range of a double."""
+
+    text: str
+
+
+def _finite_or_marker(text: str, convert: Callable[[str], float | int]) -> object:
+    if math.isfinite(float(text)):
+        return convert(text)
+    return _NonFiniteNumber(text)
+
+
+def _field_error_of_valid_json(raw: bytes) -> SchemaError | None:
+    r"""Return the rejection that names the field when orjson rejects otherwise valid JSON.
+
+    orjson rejects NaN, Infinity, numbers beyond the range of a double and
+    string escapes of lone surrogates such as \ud800, without naming the
+    field. The standard parser accepts all of them, which finds the field.
+    The object of the standard parser is never returned as valid.
+    """
+    try:
+        obj = json.loads(
+            raw,
+            parse_constant=_NonFiniteNumber,
+            parse_float=lambda text: _finite_or_marker(text, float),
+            parse_int=lambda text: _finite_or_marker(text, int),
+        )
     except (ValueError, RecursionError):
-        return
-    if not isinstance(value, dict):
-        return
-    for name, item in value.items():
-        if isinstance(item, float) and not math.isfinite(item):
-            msg = f"{_preview(name)} is {item}; expected a finite number"
-            raise SchemaError("not_finite", msg, str(name)[:64]) from cause
+        return None
+    if not isinstance(obj, dict):
+        return None
+    for name, value in obj.items():
+        surrogate = _lone_surrogate(name)
+        if surrogate is not None:
+            msg = (
+                f"a field name contains the escape {surrogate}, a UTF-16 surrogate without "
+                "its pair; expected only Unicode characters"
+            )
+            return SchemaError("lone_surrogate", msg)
+        error = _scalar_error(name, value)
+        if error is not None:
+            return error
+    return None
+
+
+def _scalar_error(field: str, value: object) -> SchemaError | None:
+    # A field's value may be an array or object, which the decoders reject
+    # later, so the search walks into them. It uses a stack rather than
+    # recursion, because the nesting may be as deep as the standard parser allows.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _NonFiniteNumber):
+            where = "is" if item is value else "contains"
+            msg = (
+                f"{_preview(field)} {where} {_cut(item.text)}, which is not a finite double; "
+                "expected a finite number"
+            )
+            return SchemaError("not_finite", msg, field[:64])
+        if isinstance(item, str):
+            surrogate = _lone_surrogate(item)
+            if surrogate is not None:
+                msg = (
+                    f"{_preview(field)} contains the escape {surrogate}, a UTF-16 surrogate "
+                    "without its pair; expected only Unicode characters"
+                )
+                return SchemaError("lone_surrogate", msg, field[:64])
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Return the first surrogate code point of ``text`` as a JSON escape, or None."""
+    for char in text:
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            return f"\\u{ord(char):04x}"
+    return None
 
 
 def decode_event(
@@ -234,10 +320,10 @@ def decode_event(
         Messages longer than this are rejected before parsing.
 
     >>> decode_event(b'{"event_id": "e1", "type": "view", "user_id": "u1",'
-    ...              b' "item_id": "i1", "timestamp": 5}')
+    ...              b' "item_id": "i1", "timestamp": 5}')  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    schemas.events.SchemaError: timestamp 5 is before 2000-01-01; expected epoch milliseconds
+    schemas.events.SchemaError: timestamp 5 is before 2000-01-01; expected a later time in ...
 
     """
     obj = parse_object(raw, max_bytes=max_bytes)
@@ -262,15 +348,15 @@ def event_from_object(obj: dict[str, Any]) -> Event:
     ...                    "item_id": "i", "timestamp": 1700000000000})
     Traceback (most recent call last):
     ...
-    schemas.events.SchemaError: type 'buy' is not one of view, click, purchase
+    schemas.events.SchemaError: type "buy" is not one of view, click, purchase
     """
     _reject_unknown_fields(obj, _EVENT_FIELDS)
     event_id = _required_id(obj, "event_id")
     event_type = obj.get("type")
     if event_type is None:
-        raise SchemaError("missing_field", "required field 'type' is missing", "type")
+        raise _missing(obj, "type", f"one of {', '.join(EVENT_TYPES)}")
     if event_type not in EVENT_TYPES:
-        msg = f"type {_preview(event_type)!r} is not one of {', '.join(EVENT_TYPES)}"
+        msg = f"type {_shown(event_type)} is not one of {', '.join(EVENT_TYPES)}"
         raise SchemaError("unknown_type", msg, "type")
     user_id = _required_id(obj, "user_id")
     item_id = _required_id(obj, "item_id")
@@ -311,7 +397,9 @@ def decode_item_update(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES)
     timestamp_ms = _timestamp(obj)
     in_stock = obj.get("in_stock")
     if in_stock is not None and not isinstance(in_stock, bool):
-        msg = f"in_stock is a JSON {_json_kind(in_stock)}; expected true or false"
+        msg = (
+            f"in_stock {_shown(in_stock)} is a JSON {_json_kind(in_stock)}; expected true or false"
+        )
         raise SchemaError("wrong_type", msg, "in_stock")
     price = obj.get("price")
     if price is not None:
@@ -345,10 +433,10 @@ def parse_timestamp(value: object, field: str = "timestamp") -> int:
     >>> parse_timestamp("2017-11-26T09:00:00")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    schemas.events.SchemaError: timestamp '2017-11-26T09:00:00' has no UTC offset; ...
+    schemas.events.SchemaError: timestamp "2017-11-26T09:00:00" has no UTC offset; ...
     """
     if isinstance(value, bool):
-        msg = f"{field} is a JSON boolean; expected epoch milliseconds or an ISO 8601 string"
+        msg = f"{field} {_shown(value)} is a JSON boolean; expected {_TIMESTAMP_EXPECTED}"
         raise SchemaError("wrong_type", msg, field)
     if isinstance(value, int):
         millis = value
@@ -362,30 +450,38 @@ def parse_timestamp(value: object, field: str = "timestamp") -> int:
     elif isinstance(value, str):
         millis = _iso_to_millis(value, field)
     else:
-        msg = f"{field} is a JSON {_json_kind(value)}; expected epoch milliseconds or ISO 8601"
+        msg = (
+            f"{field} {_shown(value)} is a JSON {_json_kind(value)}; expected {_TIMESTAMP_EXPECTED}"
+        )
         raise SchemaError("wrong_type", msg, field)
     if millis < MIN_TIMESTAMP_MS:
-        msg = f"{field} {_preview(value)} is before 2000-01-01; expected epoch milliseconds"
+        msg = (
+            f"{field} {_shown(value)} is before 2000-01-01; "
+            "expected a later time in epoch milliseconds, not seconds"
+        )
         raise SchemaError("timestamp_too_old", msg, field)
     if millis > MAX_TIMESTAMP_MS:
-        msg = f"{field} {_preview(value)} is after the year 3000; expected epoch milliseconds"
+        msg = (
+            f"{field} {_shown(value)} is after the year 3000; "
+            "expected an earlier time in epoch milliseconds"
+        )
         raise SchemaError("timestamp_in_future", msg, field)
     return millis
 
 
 def _iso_to_millis(text: str, field: str) -> int:
     if len(text) > MAX_TIMESTAMP_TEXT_LENGTH:
-        msg = f"{field} is {len(text)} characters; expected an ISO 8601 date-time"
+        msg = f"{field} {_shown(text)} is too long; expected an ISO 8601 date-time"
         raise SchemaError("invalid_timestamp", msg, field)
     if _ISO_NAIVE.match(text):
         msg = (
-            f"{field} {_preview(text)!r} has no UTC offset; "
+            f"{field} {_shown(text)} has no UTC offset; "
             "expected ISO 8601 with an offset such as +00:00 or Z"
         )
         raise SchemaError("invalid_timestamp", msg, field)
     if not _ISO_DATE_TIME.match(text):
         msg = (
-            f"{field} {_preview(text)!r} is not an ISO 8601 date-time; "
+            f"{field} {_shown(text)} is not an ISO 8601 date-time; "
             "expected a form like 2024-05-01T10:00:00+02:00"
         )
         raise SchemaError("invalid_timestamp", msg, field)
@@ -395,11 +491,11 @@ def _iso_to_millis(text: str, field: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
-        msg = f"{field} {_preview(text)!r} is not an ISO 8601 date-time"
+        msg = f"{field} {_shown(text)} is not an ISO 8601 date-time"
         raise SchemaError("invalid_timestamp", msg, field) from exc
     if moment.tzinfo is None or moment.utcoffset() is None:
         msg = (
-            f"{field} {_preview(text)!r} has no UTC offset; "
+            f"{field} {_shown(text)} has no UTC offset; "
             "expected ISO 8601 with an offset such as +00:00 or Z"
         )
         raise SchemaError("invalid_timestamp", msg, field)
@@ -412,21 +508,28 @@ def _timestamp(obj: dict[str, Any]) -> int:
     # A null counts as a missing field, as it does for every other field.
     value = obj.get("timestamp")
     if value is None:
-        raise SchemaError("missing_field", "required field 'timestamp' is missing", "timestamp")
+        raise _missing(obj, "timestamp", _TIMESTAMP_EXPECTED)
     return parse_timestamp(value)
+
+
+def _missing(obj: dict[str, Any], field: str, expected: str) -> SchemaError:
+    state = "null" if field in obj else "missing"
+    return SchemaError(
+        "missing_field", f"required field {field} is {state}; expected {expected}", field
+    )
 
 
 def _required_id(obj: dict[str, Any], field: str) -> str:
     value = obj.get(field)
     if value is None:
-        raise SchemaError("missing_field", f"required field {field!r} is missing", field)
+        raise _missing(obj, field, _ID_EXPECTED)
     if not isinstance(value, str):
-        msg = f"{field} is a JSON {_json_kind(value)}; expected a string"
+        msg = f"{_named(field, value)} is a JSON {_json_kind(value)}; expected {_ID_EXPECTED}"
         raise SchemaError("wrong_type", msg, field)
     if not value:
-        raise SchemaError("empty_id", f"{field} is empty; expected a non-empty string", field)
+        raise SchemaError("empty_id", f'{field} is empty (""); expected {_ID_EXPECTED}', field)
     if len(value) > MAX_ID_LENGTH:
-        msg = f"{field} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
+        msg = f"{_named(field, value)} is too long; expected {_ID_EXPECTED}"
         raise SchemaError("id_too_long", msg, field)
     return value
 
@@ -436,10 +539,10 @@ def _optional_text(obj: dict[str, Any], field: str, max_length: int) -> str | No
     if value is None:
         return None
     if not isinstance(value, str):
-        msg = f"{field} is a JSON {_json_kind(value)}; expected a string"
+        msg = f"{field} {_shown(value)} is a JSON {_json_kind(value)}; expected a string or null"
         raise SchemaError("wrong_type", msg, field)
     if len(value) > max_length:
-        msg = f"{field} is {len(value)} characters long; the limit is {max_length}"
+        msg = f"{field} {_shown(value)} is too long; expected at most {max_length} characters"
         raise SchemaError("text_too_long", msg, field)
     return value
 
@@ -451,31 +554,32 @@ def _quantity(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and not math.isfinite(value):
             raise SchemaError("not_finite", f"quantity is {value}; expected an integer", "quantity")
-        msg = f"quantity {_preview(value)} is a JSON {_json_kind(value)}; expected an integer"
+        msg = f"quantity {_shown(value)} is a JSON {_json_kind(value)}; expected an integer"
         raise SchemaError("wrong_type", msg, "quantity")
     if value == 0:
         msg = "quantity is 0; expected a non-zero integer (negative for a refund)"
         raise SchemaError("invalid_quantity", msg, "quantity")
     if abs(value) > MAX_QUANTITY:
-        msg = f"quantity {value} is beyond the limit of ±{MAX_QUANTITY}"
+        msg = f"quantity {_shown(value)} is beyond the limit of ±{MAX_QUANTITY}"
         raise SchemaError("invalid_quantity", msg, "quantity")
     return value
 
 
 def _price(value: object, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        msg = f"{field} is a JSON {_json_kind(value)}; expected a number"
+        msg = f"{field} {_shown(value)} is a JSON {_json_kind(value)}; expected a number"
         raise SchemaError("wrong_type", msg, field)
-    number = float(value)
-    if not math.isfinite(number):
+    if isinstance(value, float) and not math.isfinite(value):
         raise SchemaError("not_finite", f"{field} is {value}; expected a finite number", field)
-    if number < 0:
-        msg = f"{field} {value} is negative; expected a number >= 0"
+    # The range is checked before the conversion to float, because an int
+    # may be too large for a float.
+    if value < 0:
+        msg = f"{field} {_shown(value)} is negative; expected a number >= 0"
         raise SchemaError("negative_price", msg, field)
-    if number > MAX_PRICE:
-        msg = f"{field} {value} is beyond the limit of {MAX_PRICE:.0f}"
+    if value > MAX_PRICE:
+        msg = f"{field} {_shown(value)} is beyond the limit of {MAX_PRICE:.0f}"
         raise SchemaError("invalid_price", msg, field)
-    return number
+    return float(value)
 
 
 def _reject_unknown_fields(obj: dict[str, Any], known: frozenset[str]) -> None:
@@ -505,3 +609,42 @@ def _json_kind(value: object) -> str:
 def _preview(value: object, limit: int = 64) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _shown(value: object, limit: int = 64) -> str:
+    """Return ``value`` as JSON text for an error message, cut after ``limit`` characters.
+
+    A string is cut before it is quoted, and the cut names its full length.
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return f"{_json_text(value[:limit])}… ({len(value)} characters)"
+    return _cut(_json_text(value), limit)
+
+
+def _json_text(value: object) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except ValueError:
+        # Python 3.11 and later convert an integer of more than 4300 digits
+        # to text only after sys.set_int_max_str_digits raises that limit.
+        return "an integer of more than 4300 digits"
+    except TypeError:
+        return repr(value)
+    # A lone surrogate cannot be written as UTF-8, which the dead-letter
+    # record and the log need, so such text keeps its escapes.
+    if _lone_surrogate(text) is not None:
+        return json.dumps(value)
+    return text
+
+
+def _named(field: str, value: object) -> str:
+    """Return the field name with its value for an error message, hiding personal values."""
+    if field not in _PERSONAL_FIELDS:
+        return f"{field} {_shown(value)}"
+    if isinstance(value, str):
+        return f"{field} ({len(value)} characters, not shown)"
+    return f"{field} (not shown)"

@@ -444,8 +444,8 @@ class Processor:
         if timestamp_ms > now_ms + int(self.settings.max_future_skew_s * 1000):
             ahead_s = (timestamp_ms - now_ms) / 1000
             msg = (
-                f"timestamp is {ahead_s:.0f} s ahead of the worker clock; "
-                f"the limit is {self.settings.max_future_skew_s:.0f} s"
+                f"timestamp {timestamp_ms} is {ahead_s:.0f} s ahead of the worker clock; "
+                f"expected at most {self.settings.max_future_skew_s:.0f} s ahead"
             )
             raise SchemaError("timestamp_in_future", msg, "timestamp")
 

@@ -60,7 +60,15 @@ BAD_CASES: list[BadCase] = [
     BadCase("null value (tombstone)", None, "null_value", None),
     BadCase("truncated json", b'{"event_id": "e-1", "type": "vi', "not_json", None),
     BadCase("invalid utf-8", b'{"event_id": "\xff\xfe", "type": "view"}', "not_utf8", None),
-    BadCase("lone surrogate", b'{"event_id": "\\ud800", "type": "view"}', "not_utf8", None),
+    BadCase(
+        "lone surrogate", b'{"event_id": "\\ud800", "type": "view"}', "lone_surrogate", "event_id"
+    ),
+    BadCase(
+        "lone surrogate in title",
+        dumps(event(title="caf"))[:-2] + b'\\udce9"}',
+        "lone_surrogate",
+        "title",
+    ),
     BadCase("json array", b"[1, 2, 3]", "not_object", None),
     BadCase("json string", b'"view"', "not_object", None),
     BadCase("json number", b"42", "not_object", None),
@@ -101,6 +109,12 @@ BAD_CASES: list[BadCase] = [
         "huge price",
         b'{"event_id":"e","type":"view","user_id":"u1","item_id":"i1",'
         b'"timestamp":1760000000000,"price":1e400}',
+        "not_finite",
+        "price",
+    ),
+    BadCase(
+        "400-digit price",
+        dumps(event())[:-1] + b',"price":' + b"9" * 400 + b"}",
         "not_finite",
         "price",
     ),

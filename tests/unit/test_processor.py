@@ -348,6 +348,15 @@ def test_future_event_rejected_with_skew():
     assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "timestamp_in_future"
 
 
+def test_future_event_detail_shows_timestamp():
+    processor = _processor(max_future_skew_s=60)
+    later = Event("later", "view", "u", "i", NOW_MS + 120_000)
+    outcome = processor.process_events(_stream([later]))
+    detail = orjson.loads(outcome.dead_letters[0][1])["detail"]
+    assert str(NOW_MS + 120_000) in detail
+    assert "at most 60 s ahead" in detail
+
+
 def test_sold_out_item_is_reported():
     processor = _processor()
     processor.process_events(_stream(_warm_events()))

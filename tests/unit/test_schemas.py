@@ -15,13 +15,14 @@ from schemas import (
     decode_event,
     decode_forget,
     decode_item_update,
+    event_from_object,
     load_schema,
     validator,
 )
 from schemas.events import parse_timestamp
 from schemas.files import SCHEMA_FILES
 
-from corpus import BAD_CASES, TRICKY_USER_IDS, event
+from corpus import BAD_CASES, TRICKY_USER_IDS, dumps, event, without
 
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.name)
@@ -127,6 +128,83 @@ def test_overlong_title_rejected_with_its_length():
     assert caught.value.reason == "text_too_long"
     assert caught.value.field == "title"
     assert "513 characters" in caught.value.detail
+
+
+_HUGE_PRICE = dumps(event())[:-1] + b',"price":' + b"9" * 400 + b"}"
+_SURROGATE_TITLE = dumps(event(title="caf"))[:-2] + b'\\udce9"}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field", "shown"),
+    [
+        (dumps(event(user_id=None)), "missing_field", "user_id", "is null"),
+        (dumps(without("user_id")), "missing_field", "user_id", "is missing"),
+        (dumps(event(price="9.99")), "wrong_type", "price", '"9.99"'),
+        (dumps(event(session_id=12345)), "wrong_type", "session_id", "12345"),
+        (dumps(event(quantity="2")), "wrong_type", "quantity", '"2"'),
+        (dumps(event(timestamp={"at": 1})), "wrong_type", "timestamp", '{"at": 1}'),
+        (dumps(event(item_id="i" * 300)), "id_too_long", "item_id", "(300 characters)"),
+        (dumps(event(title="x" * 600)), "text_too_long", "title", "(600 characters)"),
+        (_HUGE_PRICE, "not_finite", "price", "9" * 64),
+        (b'{"event_id":"e","price":[1,NaN]}', "not_finite", "price", "contains NaN"),
+        (_SURROGATE_TITLE, "lone_surrogate", "title", "\\udce9"),
+        (b'{"e\\ud800":1}', "lone_surrogate", None, "\\ud800"),
+    ],
+)
+def test_rejection_detail_shows_value(raw, reason, field, shown):
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == reason
+    assert caught.value.field == field
+    assert shown in caught.value.detail
+
+
+def test_lone_surrogate_not_called_utf8():
+    with pytest.raises(SchemaError) as caught:
+        decode_event(_SURROGATE_TITLE)
+    assert "UTF-8" not in caught.value.detail
+
+
+def test_invalid_utf8_detail_names_byte():
+    with pytest.raises(SchemaError) as caught:
+        decode_event(b'{"event_id": "\xff"}')
+    assert caught.value.reason == "not_utf8"
+    assert "0xff at offset 14" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("user_id", "reason"),
+    [(["alice"], "wrong_type"), ("alice" * 60, "id_too_long"), ({"alice": 1}, "wrong_type")],
+)
+def test_rejection_detail_hides_user_id(user_id, reason):
+    with pytest.raises(SchemaError) as caught:
+        decode_event(dumps(event(user_id=user_id)))
+    assert caught.value.reason == reason
+    assert "alice" not in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("price", "reason", "shown"),
+    [
+        (-(10**400), "negative_price", "-1000"),
+        (10**400, "invalid_price", "1000"),
+        (10**5000, "invalid_price", "more than 4300 digits"),
+    ],
+    ids=["negative", "positive", "over 4300 digits"],
+)
+def test_integer_price_beyond_float(price, reason, shown):
+    obj = event(price=price)
+    with pytest.raises(SchemaError) as caught:
+        event_from_object(obj)
+    assert caught.value.reason == reason
+    assert shown in caught.value.detail
+
+
+def test_item_update_stock_detail_shows_value():
+    with pytest.raises(SchemaError) as caught:
+        decode_item_update(b'{"item_id": "i1", "timestamp": 1700000000000, "in_stock": "false"}')
+    assert caught.value.reason == "wrong_type"
+    assert '"false"' in caught.value.detail
 
 
 def test_item_update_rejects_string_stock():
