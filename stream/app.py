@@ -69,7 +69,7 @@ class Worker:
         self.settings = settings
         self.metrics = WorkerMetrics()
         (settings.data_path / "faust").mkdir(parents=True, exist_ok=True)
-        pseudonymizer = load_pseudonymizer(settings)
+        pseudonymizer = load_pseudonymizer(settings, create=True)
         self.sealer = Sealer(pseudonymizer.derive_key("pending-lists"))
         self.processor = Processor(settings, pseudonymizer, self.metrics)
         self.store = CheckpointStore(

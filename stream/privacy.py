@@ -21,6 +21,7 @@ from stream.settings import Settings, SettingsError
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
+MIN_KEY_BYTES = 16
 PSEUDONYM_HEX_CHARS = 32
 
 
@@ -35,8 +36,8 @@ class Pseudonymizer:
     __slots__ = ("_cache", "_cache_size", "_key")
 
     def __init__(self, key: bytes, cache_size: int = 1 << 18) -> None:
-        if len(key) < 16:
-            msg = f"pseudonym key is {len(key)} bytes; expected at least 16"
+        if len(key) < MIN_KEY_BYTES:
+            msg = f"pseudonym key is {len(key)} bytes; expected at least {MIN_KEY_BYTES}"
             raise SettingsError(msg)
         self._key = key
         # Active users send many events, so recent pseudonyms are kept in
@@ -102,22 +103,32 @@ class Sealer:
         return "Sealer(key=***)"
 
 
-def load_pseudonymizer(settings: Settings) -> Pseudonymizer:
-    """Read the key from the environment or the key file, creating the file on first use.
+def load_pseudonymizer(settings: Settings, *, create: bool = False) -> Pseudonymizer:
+    """Read the pseudonym key from the environment or the key file.
 
     The key comes from ``FUSIONREC_PSEUDONYM_KEY`` (hex, or any text of 16
     or more bytes), else from ``FUSIONREC_PSEUDONYM_KEY_FILE``, else from
-    ``pseudonym.key`` in the data folder, which is created with a random key
-    and mode 0600 when missing. A lost key makes every pseudonym new, so back
-    up that file with the checkpoints.
+    ``pseudonym.key`` in the data folder. With ``create``, which only the
+    worker sets, a missing ``pseudonym.key`` is created with a random key and
+    mode 0600. Tools that only read, such as ``fusionrec recs``, raise
+    `SettingsError` instead, because a new key would match no stored
+    pseudonym. A lost key makes every pseudonym new, so back up that file
+    with the checkpoints.
     """
     if settings.pseudonym_key:
         return Pseudonymizer(_key_bytes(settings.pseudonym_key))
     path = Path(settings.pseudonym_key_file or settings.data_path / "pseudonym.key")
     if path.exists():
-        return Pseudonymizer(_key_bytes(path.read_text().strip()))
+        return _read_key_file(path)
     if settings.pseudonym_key_file:
         msg = f"pseudonym key file {path} does not exist; create it or unset the variable"
+        raise SettingsError(msg)
+    if not create:
+        msg = (
+            f"pseudonym key file {path} does not exist. The worker creates it on its first "
+            "start, so run this command with the worker's FUSIONREC_DATA_DIR, or set "
+            "FUSIONREC_PSEUDONYM_KEY or FUSIONREC_PSEUDONYM_KEY_FILE to the worker's key"
+        )
         raise SettingsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(KEY_BYTES)
@@ -126,6 +137,29 @@ def load_pseudonymizer(settings: Settings) -> Pseudonymizer:
         handle.write(key + "\n")
     logger.info("created a new pseudonym key file at %s", path)
     return Pseudonymizer(bytes.fromhex(key))
+
+
+_KEY_FILE_EXPECTED = (
+    f"expected {2 * KEY_BYTES} hex characters, such as the output of "
+    f"`openssl rand -hex {KEY_BYTES}`, or other UTF-8 text of 16 bytes or more"
+)
+
+
+def _read_key_file(path: Path) -> Pseudonymizer:
+    # The messages never quote the file's content, because it is the secret.
+    try:
+        text = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        msg = f"pseudonym key file {path} is not UTF-8 text; {_KEY_FILE_EXPECTED}"
+        raise SettingsError(msg) from exc
+    except OSError as exc:
+        msg = f"cannot read pseudonym key file {path}: {exc.strerror or exc}"
+        raise SettingsError(msg) from exc
+    key = _key_bytes(text)
+    if len(key) < MIN_KEY_BYTES:
+        msg = f"pseudonym key in {path} is {len(key)} bytes; {_KEY_FILE_EXPECTED}"
+        raise SettingsError(msg)
+    return Pseudonymizer(key)
 
 
 def _key_bytes(text: str) -> bytes:

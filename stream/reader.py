@@ -16,7 +16,11 @@ from stream.topics import FORGET_TOPIC
 
 
 def list_key(settings: Settings, user_id: str) -> str:
-    """Return the Redis key of ``user_id``'s list."""
+    """Return the Redis key of ``user_id``'s list.
+
+    Raises `SettingsError` when the list is keyed by pseudonym and the
+    worker's pseudonym key cannot be read. A missing key is never created.
+    """
     if settings.redis_key_by == "pseudonym":
         user_id = load_pseudonymizer(settings)(user_id)
     return f"{settings.redis_key_prefix}user:{user_id}"
@@ -24,9 +28,9 @@ def list_key(settings: Settings, user_id: str) -> str:
 
 async def read_list(settings: Settings, user_id: str, *, popular: bool = False) -> Any:
     """Return the parsed list of ``user_id`` (or ``recs:popular``), or None when absent."""
+    key = f"{settings.redis_key_prefix}popular" if popular else list_key(settings, user_id)
     client = redis_client(settings)
     try:
-        key = f"{settings.redis_key_prefix}popular" if popular else list_key(settings, user_id)
         raw = await client.get(key)
     finally:
         await client.aclose()

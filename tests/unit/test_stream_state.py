@@ -186,10 +186,57 @@ def test_pseudonym_keeps_nfc_and_nfd_apart():
 
 def test_pseudonym_key_file_created_private(tmp_path):
     settings = Settings(data_dir=str(tmp_path))
-    first = load_pseudonymizer(settings)
+    first = load_pseudonymizer(settings, create=True)
     again = load_pseudonymizer(settings)
     assert first("u") == again("u")
     assert os.stat(tmp_path / "pseudonym.key").st_mode & 0o777 == 0o600
+
+
+def test_missing_pseudonym_key_not_created(tmp_path):
+    settings = Settings(data_dir=str(tmp_path))
+    with pytest.raises(SettingsError, match="does not exist") as caught:
+        load_pseudonymizer(settings)
+    assert str(tmp_path / "pseudonym.key") in str(caught.value)
+    assert not (tmp_path / "pseudonym.key").exists()
+
+
+@pytest.mark.parametrize("default_file", [True, False], ids=["data dir", "key file setting"])
+def test_binary_pseudonym_key_file_rejected(tmp_path, default_file):
+    path = tmp_path / "pseudonym.key"
+    path.write_bytes(bytes(range(200, 232)))
+    if default_file:
+        settings = Settings(data_dir=str(tmp_path))
+    else:
+        settings = Settings(data_dir=str(tmp_path / "data"), pseudonym_key_file=str(path))
+    with pytest.raises(SettingsError, match="not UTF-8 text") as caught:
+        load_pseudonymizer(settings, create=True)
+    assert str(path) in str(caught.value)
+    assert "hex characters" in str(caught.value)
+
+
+def test_short_pseudonym_key_file_rejected(tmp_path):
+    path = tmp_path / "pseudonym.key"
+    path.write_text("deadbeefdeadbeef\n")
+    with pytest.raises(SettingsError, match="8 bytes") as caught:
+        load_pseudonymizer(Settings(pseudonym_key_file=str(path)))
+    assert str(path) in str(caught.value)
+    assert "deadbeef" not in str(caught.value)
+
+
+def test_recs_by_pseudonym_needs_key_file(tmp_path, monkeypatch, capsys):
+    from stream.cli import main
+
+    monkeypatch.setenv("FUSIONREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSIONREC_REDIS_KEY_BY", "pseudonym")
+    monkeypatch.delenv("FUSIONREC_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("FUSIONREC_PSEUDONYM_KEY_FILE", raising=False)
+    # The key is needed before Redis, so no connection may be opened.
+    monkeypatch.setattr(
+        "stream.reader.redis_client", lambda settings: pytest.fail("Redis was contacted")
+    )
+    assert main(["recs", "u1"]) == 2
+    assert "pseudonym key file" in capsys.readouterr().err
+    assert not (tmp_path / "pseudonym.key").exists()
 
 
 def test_pseudonymizer_repr_hides_key():
