@@ -93,7 +93,7 @@ def _recs(args: argparse.Namespace) -> int:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    from stream.reader import request_forget
+    from stream.reader import ForgetError, request_forget
 
     settings = Settings.from_env()
     # The worker would reject an invalid request to the dead-letter topic, so
@@ -104,7 +104,11 @@ def _forget(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"fusionrec: invalid forget request: {exc.detail}", file=sys.stderr)
         return 2
-    asyncio.run(request_forget(settings, args.user))
+    try:
+        asyncio.run(request_forget(settings, args.user))
+    except ForgetError as exc:
+        print(f"fusionrec forget: {exc}", file=sys.stderr)
+        return 1
     print("forget request sent; the worker erases the user within a second of reading it")
     return 0
 

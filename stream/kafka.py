@@ -7,6 +7,9 @@ from typing import Any
 
 from stream.settings import Settings
 
+# Maximum time in seconds that a producer of the command line tools waits to reach a broker.
+CONNECT_TIMEOUT_S = 30.0
+
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """Build the TLS context for SSL and SASL_SSL, or ``None`` for plaintext."""

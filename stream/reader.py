@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
-from stream.kafka import client_options
+from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.privacy import load_pseudonymizer
 from stream.settings import Settings
 from stream.sink import redis_client
@@ -37,16 +39,40 @@ async def read_list(settings: Settings, user_id: str, *, popular: bool = False) 
     return None if raw is None else orjson.loads(raw)
 
 
+class ForgetError(RuntimeError):
+    """Failure to deliver a forget request: no broker was reached, or it rejected the request."""
+
+
 async def request_forget(settings: Settings, user_id: str) -> None:
-    """Produce a forget request for ``user_id`` stamped now, and wait for the broker's ack."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", **client_options(settings)
-    )
-    await producer.start()
+    """Produce a forget request for ``user_id`` stamped now, and wait for the broker's ack.
+
+    Raises
+    ------
+    ForgetError
+        If no broker can be reached within `CONNECT_TIMEOUT_S`, or the
+        broker does not take the request.
+
+    """
+    bootstrap = settings.kafka_bootstrap
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **client_options(settings))
+    try:
+        await asyncio.wait_for(producer.start(), CONNECT_TIMEOUT_S)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        await producer.stop()
+        msg = (
+            f"cannot connect to Kafka at {bootstrap}: {exc!r}; start the broker "
+            "(make services-up) or set FUSIONREC_KAFKA_BOOTSTRAP"
+        )
+        raise ForgetError(msg) from exc
+    topic = settings.topic(FORGET_TOPIC)
     try:
         value = orjson.dumps({"user_id": user_id, "timestamp": int(time.time() * 1000)})
-        await producer.send_and_wait(
-            settings.topic(FORGET_TOPIC), value=value, key=user_id.encode()
+        await producer.send_and_wait(topic, value=value, key=user_id.encode())
+    except (KafkaError, OSError, TimeoutError) as exc:
+        msg = (
+            f"Kafka at {bootstrap} did not take the forget request on {topic}: {exc!r}; "
+            "check that the topic exists (fusionrec topics --create)"
         )
+        raise ForgetError(msg) from exc
     finally:
         await producer.stop()

@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError, UnsupportedVersionError
 from tqdm import tqdm
 
 from schemas import Event
-from stream.kafka import client_options
+from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.settings import Settings
 from stream.sources import FORMATS, LoadResult, SourceError, read_events
 from stream.topics import EVENT_TOPICS
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 # Deliveries awaited at once; bounds the memory of pending futures.
 MAX_IN_FLIGHT = 20_000
-CONNECT_TIMEOUT_S = 30.0
 
 
 class ReplayError(RuntimeError):

@@ -352,6 +352,55 @@ def test_checkpoint_file_is_owner_only(tmp_path):
     assert info.path.stat().st_mode & 0o777 == 0o600
 
 
+class _FailingProducer:
+    """A stand-in for AIOKafkaProducer that fails to start or to send, and records its stop."""
+
+    fail_at = "start"
+    stopped = False
+
+    def __init__(self, **options):
+        self.options = options
+
+    async def start(self):
+        from aiokafka.errors import KafkaConnectionError
+
+        if self.fail_at == "start":
+            raise KafkaConnectionError(
+                f"Unable to bootstrap from {self.options['bootstrap_servers']}"
+            )
+
+    async def send_and_wait(self, topic, **message):
+        from aiokafka.errors import KafkaTimeoutError
+
+        raise KafkaTimeoutError
+
+    async def stop(self):
+        type(self).stopped = True
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "expected"),
+    [
+        ("start", "cannot connect to Kafka at broker-a:9092,broker-b:9092"),
+        ("send", "Kafka at broker-a:9092,broker-b:9092 did not take the forget request"),
+    ],
+)
+def test_forget_without_broker_prints_one_line(monkeypatch, capsys, fail_at, expected):
+    from stream.cli import main
+
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", "broker-a:9092,broker-b:9092")
+    monkeypatch.setattr(_FailingProducer, "fail_at", fail_at)
+    monkeypatch.setattr(_FailingProducer, "stopped", False)
+    monkeypatch.setattr("stream.reader.AIOKafkaProducer", _FailingProducer)
+    assert main(["forget", "u1"]) == 1
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert len(output.err.splitlines()) == 1
+    assert expected in output.err
+    assert "Traceback" not in output.err
+    assert _FailingProducer.stopped
+
+
 def test_cli_rejects_empty_forget(capsys):
     from stream.cli import main
 
