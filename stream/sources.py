@@ -51,9 +51,7 @@ from pathlib import Path
 from typing import IO, Any
 from zoneinfo import ZoneInfo
 
-import orjson
-
-from schemas import Event, SchemaError, event_from_object, parse_timestamp
+from schemas import Event, SchemaError, event_from_object, parse_object, parse_timestamp
 from schemas.events import MAX_TITLE_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -440,15 +438,11 @@ def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Even
         if not _is_utf8(line):
             yield "not_utf8"
             continue
+        raw = line.encode("utf-8")
         try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            yield "not_json"
-            continue
-        if not isinstance(obj, dict):
-            yield "not_object"
-            continue
-        try:
-            yield event_from_object(obj)
+            # It uses the worker's parser, so that a row is skipped with the
+            # reason that the worker would give. The size limit is left out,
+            # because replay produces the decoded event and not the line.
+            yield event_from_object(parse_object(raw, max_bytes=len(raw)))
         except SchemaError as exc:
             yield exc.reason

@@ -301,6 +301,25 @@ def test_contract_violations_skipped_with_reason(tmp_path: Path) -> None:
     assert loaded.skipped["invalid_timestamp"] == 1
 
 
+def test_jsonl_rows_skipped_with_worker_reasons(tmp_path: Path) -> None:
+    head = '{"event_id":"e1","type":"view","user_id":"u1","item_id":"i1","timestamp":1700000000000'
+    lines = [
+        head + "}",
+        head + ',"price":1e400}',
+        head + ',"price":NaN}',
+        head + ',"title":"caf\\udce9"}',
+        "[1, 2]",
+        head,
+    ]
+    path = _write(tmp_path / "events.jsonl", "\n".join(lines) + "\n")
+    loaded = read_events(path, "jsonl")
+    assert len(loaded.events) == 1
+    assert loaded.skipped["not_finite"] == 2
+    assert loaded.skipped["lone_surrogate"] == 1
+    assert loaded.skipped["not_object"] == 1
+    assert loaded.skipped["not_json"] == 1
+
+
 def test_all_rows_skipped_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path / "wrong.jsonl", TAOBAO_HEADER + "1,2,3,pv,1511544070\n")
     with pytest.raises(SourceError, match=r"none of the 2 rows .* not_json 2"):
