@@ -43,6 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="models and fusion strategies to report (default: all of them)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=EngineConfig().seed,
+        metavar="N",
+        help=(
+            "seed of the models' initial vectors and sampled negatives; runs with other "
+            "seeds show how much a figure owes to sampling (default: %(default)s)"
+        ),
+    )
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write HR@10 over time as a PNG")
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help="write the result tables as Markdown"
@@ -56,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the evaluation; return the process exit code."""
     if args.every < 1:
         print(f"error: --every is {args.every}; expected 1 or more", file=sys.stderr)
+        return 2
+    if not 0 <= args.seed < 2**32:
+        print(f"error: --seed is {args.seed}; expected a number in [0, 2**32)", file=sys.stderr)
         return 2
     # The outputs are checked before a run of minutes, not after it.
     for option, target in (("--plot", args.plot), ("--markdown", args.markdown)):
@@ -79,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     loaded_s = time.perf_counter() - started
     logger.info("read %d events from %s in %.1f s", len(loaded.events), args.path, loaded_s)
 
-    config = EngineConfig(repeat_purchases=args.repeat_purchases)
+    config = EngineConfig(repeat_purchases=args.repeat_purchases, seed=args.seed)
     # A name given twice would be scored twice into the same result.
     strategies = list(dict.fromkeys(args.strategies)) if args.strategies else None
     if strategies is not None and config.fusion not in strategies:

@@ -104,3 +104,26 @@ def test_repeated_strategy_counted_once(tmp_path: Path, capsys) -> None:
     assert run(_parse(argv)) == 0
     twice = json.loads(capsys.readouterr().out)["results"]["mf"]["all"]["n"]
     assert twice == once
+
+
+def test_seed_reaches_the_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream.evaluate
+
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    seeds: list[int] = []
+    real = stream.evaluate.evaluate
+
+    def recording(events, config, **options):
+        seeds.append(config.seed)
+        return real(events, config, **options)
+
+    monkeypatch.setattr(stream.evaluate, "evaluate", recording)
+    assert run(_parse([str(source), "--format", "jsonl", "--json", "--seed", "7"])) == 0
+    assert seeds == [7]
+
+
+def test_negative_seed_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    assert run(_parse([str(source), "--format", "jsonl", "--seed", "-1"])) == 2
