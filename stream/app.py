@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import pickle
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -53,13 +55,26 @@ _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
 _COMMIT_TIMEOUT_S = 10.0
-# How long a checkpoint waits for the broker to take the dead letters of the
-# messages it covers. Past it, the checkpoint is put off and tried again later.
+# How long one round of dead-letter delivery waits for the broker, and the
+# longest pause between rounds after a failure.
 _DEAD_LETTER_TIMEOUT_S = 10.0
-_CHECKPOINT_RETRY_S = 30.0
+_LETTER_RETRY_MAX_S = 30.0
+# How long a stopping worker tries to deliver dead letters before its final
+# checkpoint takes the rest along.
+_FINAL_DELIVERY_S = 5.0
 # A dead letter owed for longer makes the worker not ready: the topic may be
 # missing, or the worker not allowed to write to it.
 _LETTERS_OWED_MAX_S = 30.0
+
+
+@dataclass(slots=True)
+class _Letter:
+    """A dead letter on its way to the broker."""
+
+    key: bytes | None
+    value: bytes
+    queued_at: float
+    delivery: asyncio.Future[Any] | None = None
 
 
 class Worker:
@@ -83,17 +98,12 @@ class Worker:
         # Users whose list was cut short by sold-out items: pseudonym to Redis key.
         self._short: dict[str, str] = {}
         self.served = ServedLists(settings.k + settings.spare_items)
-        # Dead letters not yet handed to the producer, oldest first.
-        self.dead_letters: list[tuple[bytes | None, bytes]] = []
-        # Dead letters handed to the producer, with their delivery futures.
-        self._dead_letters_sent: list[tuple[bytes | None, bytes, asyncio.Future[Any]]] = []
-        # Whether a checkpoint that had to delete older files was put off.
-        self._prune_owed = False
-        self._checkpoint_retry_at = 0.0
+        # Dead letters that the broker has not confirmed, by sequence number,
+        # oldest first. Checkpoints carry them, so none is lost in a crash.
+        self.dead_letters: dict[int, _Letter] = {}
+        self._letter_seq = 0
         self._dead_letter_lock: asyncio.Lock | None = None
         self._letters_wakeup: asyncio.Event | None = None
-        # When the oldest dead letter not yet delivered was queued, None when none is owed.
-        self._letters_owed_since: float | None = None
         self.assigned: set[TP] = set()
         # Partitions of the source topics, once the consumer has their metadata.
         self.partitions_total: int | None = None
@@ -126,6 +136,7 @@ class Worker:
         state, path = restored
         self.processor.load_state(state)
         owed = self._load_pending(state.get("pending_lists"))
+        self._load_dead_letters(state.get("dead_letters"))
         self.last_checkpoint = time.monotonic()
         logger.info(
             "checkpoint restored from %s: %d partitions, %d events applied so far",
@@ -160,6 +171,11 @@ class Worker:
             self.dirty.setdefault(pseudonym, "")
             self._short[pseudonym] = key
         return len(keys)
+
+    def _load_dead_letters(self, sealed: bytes | None) -> None:
+        # States saved before checkpoints carried dead letters have none.
+        if sealed:
+            self.queue_dead_letters(pickle.loads(self.sealer.open(sealed)))
 
     async def align_committed_offsets(self, timeout_s: float | None = None) -> None:
         """Commit the restored offsets for the group before Faust joins it.
@@ -297,8 +313,15 @@ class Worker:
             outcome = self.processor.process_forget(_messages(events))
             self._take(outcome)
             sink = self._require_sink()
+            erased = {
+                pseudonym
+                for pseudonym, _ in outcome.forgotten
+                if not self.processor.engine.has_user(pseudonym)
+            }
+            # Checkpoints carry unconfirmed dead letters, which are keyed by pseudonym.
+            self.forget_dead_letters(erased)
             for pseudonym, key in outcome.forgotten:
-                if self.processor.engine.has_user(pseudonym):
+                if pseudonym not in erased:
                     # Kept: every event learned of the user came after the request.
                     continue
                 self.dirty.pop(pseudonym, None)
@@ -499,12 +522,7 @@ class Worker:
 
     def _take(self, outcome: BatchOutcome) -> None:
         self.dirty.update(outcome.dirty)
-        if outcome.dead_letters:
-            self.dead_letters.extend(outcome.dead_letters)
-            if self._letters_owed_since is None:
-                self._letters_owed_since = time.monotonic()
-            if self._letters_wakeup is not None:
-                self._letters_wakeup.set()
+        self.queue_dead_letters(outcome.dead_letters)
         if outcome.applied or outcome.dead_letters:
             self._changed_since_checkpoint = True
         self._wake_refresher()
@@ -513,12 +531,24 @@ class Worker:
         if self._refresh_wakeup is not None and self.dirty:
             self._refresh_wakeup.set()
 
+    def queue_dead_letters(self, letters: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Queue dead letters (key, value) for delivery by `letter_sender`."""
+        now = time.monotonic()
+        for key, value in letters:
+            self._letter_seq += 1
+            self.dead_letters[self._letter_seq] = _Letter(key, value, now)
+        if letters:
+            self._wake_letter_sender()
+
+    def _wake_letter_sender(self, *_: Any) -> None:
+        if self._letters_wakeup is not None:
+            self._letters_wakeup.set()
+
     async def letter_sender(self) -> None:
         """Deliver dead letters as they come, apart from the refresher.
 
-        Delivery waits for the broker, and a list must not wait for it. Until
-        the broker has taken every letter, the sender tries again with a
-        growing pause.
+        Delivery waits for the broker, and a list must not wait for it. After
+        a failure the sender pauses, longer after each one in a row.
         """
         wakeup = self._letters_wakeup = asyncio.Event()
         wakeup.set()
@@ -526,12 +556,12 @@ class Worker:
         while not self._stopping:
             await wakeup.wait()
             wakeup.clear()
-            if not await self._confirm_dead_letters(_DEAD_LETTER_TIMEOUT_S):
-                await asyncio.sleep(pause_s)
-                pause_s = min(2 * pause_s, _CHECKPOINT_RETRY_S)
-                wakeup.set()
-            else:
+            if await self.deliver_dead_letters(_DEAD_LETTER_TIMEOUT_S):
                 pause_s = 1.0
+                continue
+            await asyncio.sleep(pause_s)
+            pause_s = min(2 * pause_s, _LETTER_RETRY_MAX_S)
+            wakeup.set()
 
     async def refresher(self) -> None:
         """Recompute dirty users' lists in batches and hand them to the sink."""
@@ -584,74 +614,80 @@ class Worker:
                 sink.put(entry.key, entry.payload)
         return len(chunk)
 
-    async def _send_dead_letters(self, timeout_s: float = _DEAD_LETTER_TIMEOUT_S) -> None:
-        """Hand the queued dead letters to the producer, and keep queued those it does not take.
+    async def deliver_dead_letters(self, timeout_s: float) -> bool:
+        """Hand queued dead letters to the producer and collect confirmations.
 
-        Handing over waits for the topic's metadata, so during a broker
-        outage it gives up after ``timeout_s``.
+        Waits at most ``timeout_s`` for the broker. Returns False when a
+        letter could not be handed over or its delivery failed; such a letter
+        stays queued.
         """
+        started = time.monotonic()
+        handed = True
         try:
             await asyncio.wait_for(self._hand_dead_letters(), timeout_s)
         except TimeoutError:
+            handed = False
             self.metrics.errors.labels(kind="dead_letter_send").inc()
             logger.warning(
-                "%d dead letters not handed to the producer within %.0f s, so they stay queued; "
+                "dead letters not handed to the producer within %.0f s, so they stay queued; "
                 "check that topic %s exists and that the worker may write to it",
-                len(self.dead_letters),
                 timeout_s,
                 self.deadletter_topic.get_topic_name(),
             )
-
-    async def _hand_dead_letters(self) -> None:
-        async with self._letters_lock:
-            handed = 0
-            try:
-                for key, value in self.dead_letters:
-                    sending = await self.deadletter_topic.send(key=key, value=value)
-                    delivery = asyncio.ensure_future(sending)
-                    self._dead_letters_sent.append((key, value, delivery))
-                    handed += 1
-            except Exception as exc:  # noqa: BLE001 - the letters stay queued for the next try
-                self.metrics.errors.labels(kind="dead_letter_send").inc()
-                logger.warning(
-                    "%d dead letters not handed to the producer (%r), so they stay queued",
-                    len(self.dead_letters) - handed,
-                    exc,
-                )
-            finally:
-                # Letters queued meanwhile were appended, so the handed ones lead.
-                del self.dead_letters[:handed]
-
-    async def _confirm_dead_letters(self, timeout_s: float) -> bool:
-        """Wait until the broker has taken every dead letter, and return whether it has.
-
-        A letter whose delivery failed goes back to the front of the queue.
-        """
-        started = time.monotonic()
-        await self._send_dead_letters(timeout_s)
-        if self.dead_letters:
-            return False
-        waiting = [delivery for *_, delivery in self._dead_letters_sent]
+        waiting = [
+            letter.delivery
+            for letter in self.dead_letters.values()
+            if letter.delivery is not None and not letter.delivery.done()
+        ]
         if waiting:
             remaining = max(timeout_s - (time.monotonic() - started), 0.0)
             await asyncio.wait(waiting, timeout=remaining)
+        failed = await self._collect_deliveries()
+        return handed and failed == 0 and not self._unhanded()
+
+    def _unhanded(self) -> bool:
+        return any(letter.delivery is None for letter in self.dead_letters.values())
+
+    async def _hand_dead_letters(self) -> None:
         async with self._letters_lock:
-            sent = self._dead_letters_sent
-            failed = [
-                (key, value)
-                for key, value, delivery in sent
-                if delivery.done() and (delivery.cancelled() or delivery.exception() is not None)
-            ]
-            self._dead_letters_sent = [entry for entry in sent if not entry[2].done()]
-            if not self.dead_letters and not self._dead_letters_sent and not failed:
-                self._letters_owed_since = None
-            if failed:
-                self.metrics.errors.labels(kind="dead_letter_send").inc(len(failed))
-                logger.warning(
-                    "%d dead letters not delivered, so they are queued again", len(failed)
-                )
-                self.dead_letters[:0] = failed
-        return not self.dead_letters and not self._dead_letters_sent
+            for letter in list(self.dead_letters.values()):
+                if letter.delivery is not None:
+                    continue
+                try:
+                    sending = await self.deadletter_topic.send(key=letter.key, value=letter.value)
+                except Exception as exc:  # noqa: BLE001 - the letters stay queued for the next try
+                    self.metrics.errors.labels(kind="dead_letter_send").inc()
+                    logger.warning(
+                        "dead letters not handed to the producer (%r), so they stay queued", exc
+                    )
+                    return
+                letter.delivery = asyncio.ensure_future(sending)
+                letter.delivery.add_done_callback(self._wake_letter_sender)
+
+    async def _collect_deliveries(self) -> int:
+        """Drop the letters the broker confirmed and queue failed ones again; return those."""
+        failed = 0
+        async with self._letters_lock:
+            for seq, letter in list(self.dead_letters.items()):
+                delivery = letter.delivery
+                if delivery is None or not delivery.done():
+                    continue
+                if delivery.cancelled() or delivery.exception() is not None:
+                    letter.delivery = None
+                    failed += 1
+                else:
+                    del self.dead_letters[seq]
+        if failed:
+            self.metrics.errors.labels(kind="dead_letter_send").inc(failed)
+            logger.warning("%d dead letters not delivered, so they are queued again", failed)
+        return failed
+
+    def forget_dead_letters(self, pseudonyms: set[str]) -> None:
+        """Drop the queued dead letters of forgotten users, keyed by their pseudonyms."""
+        keys = {pseudonym.encode() for pseudonym in pseudonyms}
+        for seq, letter in list(self.dead_letters.items()):
+            if letter.key in keys:
+                del self.dead_letters[seq]
 
     # -- periodic work and checkpoints --------------------------------------
 
@@ -673,10 +709,7 @@ class Worker:
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
         self._update_lag()
-        due = (
-            now - self.last_checkpoint >= self.settings.checkpoint_interval_s
-            and now >= self._checkpoint_retry_at
-        )
+        due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
         idle = self._interval_checkpoint is None or self._interval_checkpoint.done()
         if due and idle and self._changed_since_checkpoint:
             # A task, because the offset commit at its end waits for the broker
@@ -722,37 +755,30 @@ class Worker:
     async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
 
-        Dead letters are sent first, so that a restart owes the dead-letter
-        topic nothing. The Redis keys of lists still owed (users to
-        recompute, lists not yet written) go into the checkpoint encrypted,
-        and a restart recomputes them. A ``final`` checkpoint first computes
-        and writes every owed list. With ``prune`` every older checkpoint is
-        deleted, which a forget request needs so that no file keeps the user.
+        The Redis keys of lists still owed (users to recompute, lists not yet
+        written) and the dead letters the broker has not confirmed go into
+        the checkpoint encrypted, and a restart recomputes and sends them. A
+        ``final`` checkpoint first tries to deliver the dead letters for a
+        few seconds, and computes and writes every owed list. With ``prune``
+        every older checkpoint is deleted, which a forget request needs so
+        that no file keeps the user.
         """
+        if final:
+            await self.deliver_dead_letters(_FINAL_DELIVERY_S)
         async with self.lock:
             if final:
                 self.refresh_some()
                 await self._drain_sink()
-            if not await self._confirm_dead_letters(_DEAD_LETTER_TIMEOUT_S):
-                # The state covers the rejected messages, so a checkpoint now
-                # would lose their dead letters if the worker stopped.
-                self._prune_owed = self._prune_owed or prune
-                self._checkpoint_retry_at = time.monotonic() + _CHECKPOINT_RETRY_S
-                self.metrics.errors.labels(kind="checkpoint_deferred").inc()
-                logger.warning(
-                    "checkpoint (%s) put off: the broker has not taken %d dead letters; "
-                    "a restart before the next checkpoint consumes their messages again",
-                    reason,
-                    len(self.dead_letters) + len(self._dead_letters_sent),
-                )
-                return
             state = self.processor.state()
             state["pending_lists"] = self.sealer.seal(orjson.dumps(self._pending_keys()))
+            # The state covers the rejected messages, so the letters the broker
+            # has not confirmed go along, and a restart sends them again.
+            letters = [(letter.key, letter.value) for letter in self.dead_letters.values()]
+            state["dead_letters"] = self.sealer.seal(pickle.dumps(letters))
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
             self._changed_since_checkpoint = False
-        if prune or self._prune_owed:
-            self._prune_owed = False
+        if prune:
             for _, path in self.store.paths()[1:]:
                 path.unlink(missing_ok=True)
         self.last_checkpoint = time.monotonic()
@@ -878,8 +904,8 @@ class Worker:
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
         shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
-        owed_since = self._letters_owed_since
-        letters_owed_s = 0.0 if owed_since is None else time.monotonic() - owed_since
+        oldest = next(iter(self.dead_letters.values()), None)
+        letters_owed_s = 0.0 if oldest is None else time.monotonic() - oldest.queued_at
         ready = (
             bool(self.assigned)
             and redis_ok
@@ -898,7 +924,7 @@ class Worker:
             "partitions_total": self.partitions_total,
             "redis_outage": bool(sink and sink.in_outage),
             "lists_pending": len(sink.pending) if sink else 0,
-            "dead_letters_pending": len(self.dead_letters) + len(self._dead_letters_sent),
+            "dead_letters_pending": len(self.dead_letters),
             "dead_letters_owed_s": round(letters_owed_s, 1),
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
         }

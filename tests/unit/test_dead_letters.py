@@ -1,4 +1,4 @@
-"""Dead letters and the checkpoints that must not outlive them, without a broker."""
+"""Dead letters on their way to the broker, and the checkpoints that carry them."""
 
 from __future__ import annotations
 
@@ -61,10 +61,14 @@ class _Sink:
 
 
 def _worker(tmp_path, monkeypatch, topic: _Topic) -> Worker:
-    worker = Worker(replace(Settings(), data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9"))
+    settings = replace(
+        Settings(), data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9", pseudonym_key="00" * 32
+    )
+    worker = Worker(settings)
     worker.deadletter_topic = topic
     worker.sink = _Sink()  # type: ignore[assignment]
     monkeypatch.setattr("stream.app._DEAD_LETTER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("stream.app._FINAL_DELIVERY_S", 0.2)
     return worker
 
 
@@ -72,87 +76,72 @@ def _errors(worker: Worker, kind: str) -> float:
     return worker.metrics.errors.labels(kind=kind)._value.get()
 
 
+def _queued(worker: Worker) -> list[bytes]:
+    return [letter.value for letter in worker.dead_letters.values()]
+
+
 def test_failed_delivery_queued_again_in_order(tmp_path, monkeypatch):
     topic = _Topic("ok", "fail", "fail", "ok")
     worker = _worker(tmp_path, monkeypatch, topic)
-    worker.dead_letters = [(None, b"a"), (None, b"b"), (None, b"c"), (None, b"d")]
+    worker.queue_dead_letters([(None, b"a"), (None, b"b"), (None, b"c"), (None, b"d")])
 
-    async def run() -> tuple[bool, bool]:
-        first = await worker._confirm_dead_letters(1.0)
-        queued = list(worker.dead_letters)
-        assert queued == [(None, b"b"), (None, b"c")]
-        return first, await worker._confirm_dead_letters(1.0)
+    async def run() -> tuple[bool, list[bytes], bool]:
+        first = await worker.deliver_dead_letters(1.0)
+        queued = _queued(worker)
+        return first, queued, await worker.deliver_dead_letters(1.0)
 
-    first, second = asyncio.run(run())
+    first, queued, second = asyncio.run(run())
 
     assert first is False
+    assert queued == [b"b", b"c"]
     assert second is True
     assert topic.delivered == [b"a", b"d", b"b", b"c"]
+    assert worker.dead_letters == {}
     assert _errors(worker, "dead_letter_send") == 2
 
 
 def test_producer_error_keeps_letters_queued(tmp_path, monkeypatch):
     topic = _Topic("ok", "raise")
     worker = _worker(tmp_path, monkeypatch, topic)
-    worker.dead_letters = [(None, b"a"), (None, b"b"), (None, b"c")]
+    worker.queue_dead_letters([(None, b"a"), (None, b"b"), (None, b"c")])
 
-    asyncio.run(worker._send_dead_letters())
+    delivered = asyncio.run(worker.deliver_dead_letters(1.0))
 
-    assert worker.dead_letters == [(None, b"b"), (None, b"c")]
+    assert delivered is False
+    assert _queued(worker) == [b"b", b"c"]
     assert _errors(worker, "dead_letter_send") == 1
 
 
-def test_checkpoint_put_off_until_letters_delivered(tmp_path, monkeypatch):
-    topic = _Topic("wait")
-    worker = _worker(tmp_path, monkeypatch, topic)
-    worker.dead_letters = [(None, b"a")]
+def test_checkpoint_carries_unconfirmed_letters(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic("wait"))
+    worker.queue_dead_letters([(b"k", b"a")])
 
-    async def run() -> int:
+    async def run() -> float:
+        await worker.deliver_dead_letters(0.1)
+        started = time.monotonic()
         await worker.checkpoint("interval")
-        files_while_owed = len(worker.store.paths())
-        worker._dead_letters_sent = []
-        worker.dead_letters = [(None, b"a")]
-        await worker.checkpoint("interval")
-        return files_while_owed
+        return time.monotonic() - started
 
-    files_while_owed = asyncio.run(run())
+    took_s = asyncio.run(run())
+    restarted = _worker(tmp_path, monkeypatch, _Topic())
+    assert restarted.restore()
 
-    assert files_while_owed == 0
+    assert took_s < 5.0
     assert len(worker.store.paths()) == 1
-    assert _errors(worker, "checkpoint_deferred") == 1
-    assert topic.delivered == [b"a"]
+    assert [(letter.key, letter.value) for letter in restarted.dead_letters.values()] == [
+        (b"k", b"a")
+    ]
 
 
-def test_final_checkpoint_gives_up_on_silent_broker(tmp_path, monkeypatch):
+def test_final_checkpoint_written_while_broker_silent(tmp_path, monkeypatch):
     worker = _worker(tmp_path, monkeypatch, _Topic("hang"))
-    worker.dead_letters = [(None, b"a")]
+    worker.queue_dead_letters([(None, b"a")])
 
     asyncio.run(asyncio.wait_for(worker.checkpoint("shutdown", final=True), timeout=10))
+    restarted = _worker(tmp_path, monkeypatch, _Topic())
+    assert restarted.restore()
 
-    assert worker.store.paths() == []
-    assert worker.dead_letters == [(None, b"a")]
-
-
-def test_put_off_prune_done_by_next_checkpoint(tmp_path, monkeypatch):
-    topic = _Topic("ok", "wait")
-    worker = _worker(tmp_path, monkeypatch, topic)
-
-    async def run() -> int:
-        await worker.checkpoint("interval")
-        worker.dead_letters = [(None, b"a")]
-        await worker.checkpoint("interval")
-        worker.dead_letters = [(None, b"b")]
-        await worker.checkpoint("forget", prune=True)
-        files_after_put_off = len(worker.store.paths())
-        worker._dead_letters_sent = []
-        worker.dead_letters = [(None, b"b")]
-        await worker.checkpoint("interval")
-        return files_after_put_off
-
-    files_after_put_off = asyncio.run(run())
-
-    assert files_after_put_off == 2
-    assert len(worker.store.paths()) == 1
+    assert _queued(restarted) == [b"a"]
 
 
 def test_refresh_goes_on_while_letters_wait(tmp_path, monkeypatch):
@@ -189,13 +178,13 @@ def test_refresh_goes_on_while_letters_wait(tmp_path, monkeypatch):
 def test_sender_delivers_after_producer_error(tmp_path, monkeypatch):
     topic = _Topic("raise")
     worker = _worker(tmp_path, monkeypatch, topic)
-    monkeypatch.setattr("stream.app._CHECKPOINT_RETRY_S", 0.05)
-    worker.dead_letters = [(None, b"a")]
-    worker._letters_owed_since = time.monotonic()
+    monkeypatch.setattr("stream.app._LETTER_RETRY_MAX_S", 0.05)
 
     async def run() -> None:
         sender = asyncio.create_task(worker.letter_sender())
-        while worker._letters_owed_since is not None:
+        await asyncio.sleep(0)
+        worker.queue_dead_letters([(None, b"a")])
+        while worker.dead_letters:
             await asyncio.sleep(0.01)
         sender.cancel()
 
@@ -205,17 +194,46 @@ def test_sender_delivers_after_producer_error(tmp_path, monkeypatch):
     assert worker.health()["dead_letters_pending"] == 0
 
 
+def test_sender_keeps_pace_with_steady_letters(tmp_path, monkeypatch):
+    topic = _Topic()
+    worker = _worker(tmp_path, monkeypatch, topic)
+
+    async def run() -> float:
+        sender = asyncio.create_task(worker.letter_sender())
+        for n in range(50):
+            worker.queue_dead_letters([(None, str(n).encode())])
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        while worker.dead_letters:
+            await asyncio.sleep(0.01)
+        sender.cancel()
+        return time.monotonic() - started
+
+    drained_s = asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+    assert drained_s < 0.5
+    assert len(topic.delivered) == 50
+
+
 def test_letters_owed_too_long_make_worker_unready(tmp_path, monkeypatch):
     worker = _worker(tmp_path, monkeypatch, _Topic())
     worker.assigned = {TP("events.view", 0)}
     worker.served_ready = True
-    worker.dead_letters = [(None, b"a")]
-    worker._letters_owed_since = time.monotonic() - 5.0
+    worker.queue_dead_letters([(None, b"a")])
     ready_while_recent = worker.health()["ready"]
-    worker._letters_owed_since = time.monotonic() - 31.0
+    next(iter(worker.dead_letters.values())).queued_at -= 31.0
 
     report = worker.health()
 
     assert ready_while_recent is True
     assert report["ready"] is False
     assert report["dead_letters_owed_s"] >= 31.0
+
+
+def test_forgotten_user_letters_leave_the_queue(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    worker.queue_dead_letters([(b"p-alice", b"a"), (b"p-bob", b"b"), (None, b"c")])
+
+    worker.forget_dead_letters({"p-alice"})
+
+    assert _queued(worker) == [b"b", b"c"]
