@@ -577,6 +577,9 @@ def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
     """
     if isinstance(value, str):
         return value.replace(old, new)
+    # A numeric user id arrives as a number as often as as a string.
+    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) == old:
+        return new
     if depth >= _MAX_REDACT_DEPTH and isinstance(value, dict | list):
         return "<redacted>"
     if isinstance(value, dict):

@@ -497,6 +497,19 @@ def test_parsed_dead_letter_hides_keyed_user_id(raw, caplog):
     assert "alice" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"event_id": "e1", "type": "view", "userId": 1001234}', b'{"customer": {"id": 1001234}}'],
+    ids=["number field", "nested number"],
+)
+def test_dead_letter_hides_numeric_user_id(raw):
+    processor = _processor()
+    outcome = processor.process_events([Message("events.view", 0, 0, b"1001234", raw)])
+    value = outcome.dead_letters[0][1]
+    assert b"1001234" not in value
+    assert processor.pseudonymize("1001234").encode() in value
+
+
 def test_deeply_nested_dead_letter_hides_user_id():
     processor = _processor()
     raw = b'{"a": ' + b"[" * 1000 + b'"alice@example.com"' + b"]" * 1000 + b"}"
