@@ -190,6 +190,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"fusionrec replay: cannot read {args.path}: {exc}", file=sys.stderr)
         return 2
     _skip_future(loaded, time.time() + settings.max_future_skew_s)
+    if not loaded.events:
+        print(
+            f"fusionrec replay: none of the {loaded.rows_read} rows of {args.path} is an "
+            f"event the worker would take (skipped: {dict(loaded.skipped)})",
+            file=sys.stderr,
+        )
+        return 2
     summary = _summary_of(args, loaded)
     events = loaded.events if args.limit is None else loaded.events[: args.limit]
     summary.selected = len(events)

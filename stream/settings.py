@@ -126,6 +126,9 @@ class Settings:
             "item_repeat_rate_per_s": self.item_repeat_rate_per_s,
             "item_repeat_burst": self.item_repeat_burst,
             "item_repeat_max_pairs": self.item_repeat_max_pairs,
+            "consumer_session_timeout_s": self.consumer_session_timeout_s,
+            "consumer_heartbeat_s": self.consumer_heartbeat_s,
+            "redis_retry_max_s": self.redis_retry_max_s,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -158,15 +161,24 @@ class Settings:
             "max_per_category": self.max_per_category,
             "spare_items": self.spare_items,
             "event_batch_wait_ms": self.event_batch_wait_ms,
-            "consumer_session_timeout_s": self.consumer_session_timeout_s,
-            "consumer_heartbeat_s": self.consumer_heartbeat_s,
-            "redis_retry_max_s": self.redis_retry_max_s,
             "seed": self.seed,
         }
         for name, value in non_negative.items():
             if value < 0:
                 msg = f"{PREFIX}{name.upper()} is {value}; expected a number >= 0"
                 raise SettingsError(msg)
+        for name in ("user_rate_burst", "item_repeat_burst"):
+            burst = getattr(self, name)
+            if burst < 1:
+                # A bucket below one event rejects every event.
+                msg = f"{PREFIX}{name.upper()} is {burst}; expected at least 1 event"
+                raise SettingsError(msg)
+        if self.consumer_heartbeat_s >= self.consumer_session_timeout_s:
+            msg = (
+                f"{PREFIX}CONSUMER_HEARTBEAT_S is {self.consumer_heartbeat_s}; expected less "
+                f"than {PREFIX}CONSUMER_SESSION_TIMEOUT_S ({self.consumer_session_timeout_s})"
+            )
+            raise SettingsError(msg)
         if self.seed >= 2**32:
             msg = f"{PREFIX}SEED is {self.seed}; expected a number below 2**32"
             raise SettingsError(msg)

@@ -214,13 +214,20 @@ def _checked(event: Event) -> Event | str:
     return event
 
 
-def _header(reader: Iterator[list[str]], expected: tuple[str, ...], name: str) -> dict[str, int]:
+def _header(
+    reader: Iterator[list[str]],
+    expected: tuple[str, ...],
+    name: str,
+    aliases: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Return the column of each name in the header; ``aliases`` maps other spellings."""
     try:
         header = next(reader)
     except StopIteration:
         msg = f"{name} is empty; expected a CSV header with {', '.join(expected)}"
         raise SourceError(msg) from None
-    columns = {column.strip(): index for index, column in enumerate(header)}
+    aliases = aliases or {}
+    columns = {aliases.get(column.strip(), column.strip()): i for i, column in enumerate(header)}
     missing = [column for column in expected if column not in columns]
     if missing:
         msg = (
@@ -380,7 +387,9 @@ def _description(row: list[str], column: int | None) -> str | None:
 def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
     reader = csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE)
     expected = ("session_id", "user_id", "item_id", "timeframe", "eventdate")
-    col = _header(reader, expected, name)
+    # The published train-item-views.csv spells them sessionId, userId and itemId.
+    aliases = {"sessionId": "session_id", "userId": "user_id", "itemId": "item_id"}
+    col = _header(reader, expected, name, aliases)
     width = max(col.values()) + 1
     # A session's rows share its date, so the conversion is cached.
     midnights: dict[str, int] = {}

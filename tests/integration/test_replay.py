@@ -301,6 +301,19 @@ def test_dry_run_skips_rows_stamped_ahead(
     assert summary["skipped"] == {"timestamp_in_future": 1}
 
 
+def test_dry_run_of_rows_all_ahead_is_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ahead_s = int(time.time()) + 3600
+    path = tmp_path / "behavior.csv"
+    path.write_text(
+        f"user_id,item_id,category_id,behavior_type,timestamp\n1,11,100,pv,{ahead_s}\n",
+        encoding="utf-8",
+    )
+    assert run(_parse(str(path), "--format", "taobao", "--dry-run", "--json")) == 2
+    assert "timestamp_in_future" in capsys.readouterr().err
+
+
 def test_dry_run_text_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "sample.jsonl"
     write_jsonl(path, generate_events(50, 5, 10, seed=3, now_ms=NOW_MS))

@@ -73,6 +73,17 @@ def test_diginetica_rows_to_views_in_time_order(tmp_path: Path) -> None:
     assert events[1].event_id.startswith("views.csv:2:")
 
 
+def test_diginetica_published_header(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "train-item-views.csv",
+        "sessionId;userId;itemId;timeframe;eventdate\n1;NA;81766;526309;2016-05-09\n",
+    )
+
+    events = read_events(path, "diginetica").events
+
+    assert [(e.user_id, e.item_id, e.session_id) for e in events] == [("session-1", "81766", "1")]
+
+
 def test_diginetica_skip_reasons(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "views.csv",

@@ -304,6 +304,10 @@ def test_url_password_used_without_setting():
         ("LOG_LEVEL", "verbose", "expected one of 'debug'"),
         ("WEIGHTS", "mf=1,popularity=0.2", "WEIGHTS names 'popularity'"),
         ("WEIGHTS", "mf=-1", "expected a number >= 0"),
+        ("USER_RATE_BURST", "0.5", "expected at least 1 event"),
+        ("ITEM_REPEAT_BURST", "0.5", "expected at least 1 event"),
+        ("CONSUMER_SESSION_TIMEOUT_S", "0", "expected a positive number"),
+        ("CONSUMER_HEARTBEAT_S", "30", "expected less than"),
     ],
 )
 def test_settings_reject_unusable_value(variable, value, expected):
