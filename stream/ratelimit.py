@@ -71,12 +71,23 @@ class UserRateLimiter:
     def __init__(self, rate_per_s: float, burst: float) -> None:
         self._budget = _Budgets(rate_per_s, burst)
         self._state: dict[Hashable, Budget] = {}
+        # The newest event time of any user, and its value when each user
+        # last sent an event, so that a sweep spares users still sending.
+        self._newest_ms = 0
+        self._touched: dict[Hashable, int] = {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("_newest_ms", 0)
+        state.setdefault("_touched", {})
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self._state)
 
     def allow(self, user: str, timestamp_ms: int) -> bool:
         """Count one event of ``user`` at ``timestamp_ms``; return False when over budget."""
+        self._newest_ms = max(self._newest_ms, timestamp_ms)
+        self._touched[user] = self._newest_ms
         return self._budget.take(self._state, user, timestamp_ms)
 
     def users(self) -> set[str]:
@@ -86,13 +97,26 @@ class UserRateLimiter:
     def forget(self, user: str) -> None:
         """Drop the budget of ``user``."""
         self._state.pop(user, None)
+        self._touched.pop(user, None)
 
     def sweep(self, now_ms: int) -> int:
-        """Drop budgets whose bucket would be empty at ``now_ms``; return how many."""
+        """Drop budgets that would be empty at ``now_ms``; return how many.
+
+        A budget goes only when the user has sent nothing for a full refill,
+        measured on the newest event time of all users. Its own event time
+        would not do: a bot that stamps every event an hour back would get a
+        fresh burst at each sweep.
+        """
         refill = self._budget.refill_ms
-        stale = [user for user, state in self._state.items() if now_ms > state[-1] + refill]
+        touched = self._touched
+        stale = [
+            user
+            for user, state in self._state.items()
+            if now_ms > max(state[-1], touched.get(user, 0)) + refill
+        ]
         for user in stale:
             del self._state[user]
+            touched.pop(user, None)
         return len(stale)
 
 

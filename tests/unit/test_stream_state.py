@@ -84,6 +84,25 @@ def test_back_dated_event_does_not_lift_limit():
     assert sum(flood) == 0
 
 
+def test_sweep_spares_bot_stamping_the_past():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=2.0)
+    now_ms = 3_600_000
+    assert limiter.allow("shopper", now_ms)
+    allowed = 0
+    for _ in range(5):
+        allowed += sum(limiter.allow("bot", 0) for _ in range(10))
+        limiter.sweep(now_ms)
+    assert allowed == 2
+
+
+def test_sweep_drops_quiet_users():
+    limiter = UserRateLimiter(rate_per_s=1.0, burst=2.0)
+    limiter.allow("quiet", 0)
+    limiter.allow("active", 10_000)
+    assert limiter.sweep(10_000) == 1
+    assert limiter.users() == {"active"}
+
+
 def test_rate_limit_reads_budget_saved_as_span():
     limiter = UserRateLimiter(rate_per_s=1.0, burst=2.0)
     # Older code kept (events counted, first time, last time): 3 events over 2 s.
