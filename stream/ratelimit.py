@@ -1,18 +1,21 @@
 """Rate limits on event time, per user and per user-item pair.
 
-Each budget is a bucket that fills by one per event and drains at the
-sustained rate as event time moves on. Time is the newest event time seen
-for the key, so an event older than that drains nothing: no event, however
-it is stamped, can widen the allowance. A bucket that would pass ``burst``
-rejects the event.
-
 Events of one user arrive on three topics, and Kafka orders them only within
-a topic, so the order of arrival can differ from the order of event time.
-Over any set of events, at most ``burst + rate * t`` pass, where ``t`` is
-the span of their times, whatever the order. Which events pass can depend
-on the order: a late event is counted in full at the newest time, so when
-one topic runs ahead of another, its lead costs the user up to ``burst``
-events of drain.
+a topic, so a limit must not depend on the order in which they arrive. A
+token bucket does, because an older event refills nothing: in a test with
+the synthetic sample consumed in chunks of its partitions, buckets rejected
+up to 59 valid repeats that time order let through. Each budget here counts
+the events in its current span of event time instead: ``n`` events spanning
+``t`` seconds are allowed while ``n <= burst + rate * t``, a bound that
+holds whatever the order (which of the events are the rejected ones can
+still depend on it). A span starts again once a new event comes later than
+a full refill (``burst / rate``) after the newest one seen, so a quiet
+period does not bank an unbounded allowance.
+
+A late event stretches the span back however old it is. A replay at full
+speed can deliver one topic hours of event time ahead of another, and a
+limit on how far back the span may reach rejected valid events of the
+synthetic sample in that test too.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, MutableMapping
 
-# A budget: the bucket's level and the newest event time seen, in ms.
-Budget = tuple[float, int]
+# A budget: events counted, and the first and last event time of its span, in ms.
+Budget = tuple[int, int, int]
 
 
 class _Budgets:
-    """Event-time buckets by key."""
+    """Event-time budgets by key."""
 
     def __init__(self, rate_per_s: float, burst: float) -> None:
         self.rate_per_ms = rate_per_s / 1000.0
@@ -34,25 +37,17 @@ class _Budgets:
 
     def take(self, budgets: MutableMapping[Hashable, Budget], key: Hashable, stamp: int) -> bool:
         state = budgets.get(key)
-        if state is None:
-            level, newest = 0.0, stamp
+        if state is None or stamp > state[2] + self.refill_ms:
+            count, first, last = 0, stamp, stamp
         else:
-            level, newest = _budget(state, self.rate_per_ms)
-            if stamp > newest:
-                level = max(0.0, level - (stamp - newest) * self.rate_per_ms)
-                newest = stamp
-        allowed = level + 1 <= self.burst
-        budgets[key] = (level + 1 if allowed else level, newest)
+            count, first, last = state
+            # NOTE: a producer that stamps one event a day back therefore
+            # widens the allowance of its span by a day of the sustained rate.
+            first = min(first, stamp)
+            last = max(last, stamp)
+        allowed = count + 1 <= self.burst + (last - first) * self.rate_per_ms
+        budgets[key] = (count + 1 if allowed else count, first, last)
         return allowed
-
-
-def _budget(state: tuple[float, ...], rate_per_ms: float) -> Budget:
-    """Return ``state`` as a budget; states saved by older code count events over a span."""
-    if len(state) == 3:
-        count, first, last = state
-        return max(0.0, count - (last - first) * rate_per_ms), int(last)
-    level, newest = state
-    return level, int(newest)
 
 
 class UserRateLimiter:
@@ -100,7 +95,7 @@ class UserRateLimiter:
         self._touched.pop(user, None)
 
     def sweep(self, now_ms: int) -> int:
-        """Drop budgets that would be empty at ``now_ms``; return how many.
+        """Drop budgets whose span would start again at ``now_ms``; return how many.
 
         A budget goes only when the user has sent nothing for a full refill,
         measured on the newest event time of all users. Its own event time
