@@ -172,11 +172,12 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _csv_rows(reader: Any, result: LoadResult) -> Iterator[tuple[int, list[str] | str]]:
+def _csv_rows(reader: Any, result: LoadResult, width: int) -> Iterator[tuple[int, list[str] | str]]:
     """Yield each row with the file line it starts on, or a skip reason instead of the row.
 
-    The line is counted from the reader, so a quoted field that spans lines
-    does not shift the lines of the rows after it.
+    A row with fewer than ``width`` fields is skipped as short. The line is
+    counted from the reader, so a quoted field that spans lines does not
+    shift the lines of the rows after it.
     """
     end = reader.line_num
     while True:
@@ -194,7 +195,10 @@ def _csv_rows(reader: Any, result: LoadResult) -> Iterator[tuple[int, list[str] 
             continue
         end = reader.line_num
         result.rows_read += 1
-        yield start, row if _is_utf8("".join(row)) else "not_utf8"
+        if len(row) < width:
+            yield start, "short_row"
+        else:
+            yield start, row if _is_utf8("".join(row)) else "not_utf8"
 
 
 def _row_id(name: str, line_no: int, row: list[str]) -> str:
@@ -248,12 +252,9 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     type_col, time_col = col["behavior_type"], col["timestamp"]
     width = max(col.values()) + 1
 
-    for line_no, row in _csv_rows(reader, result):
+    for line_no, row in _csv_rows(reader, result, width):
         if isinstance(row, str):
             yield row
-            continue
-        if len(row) < width:
-            yield "short_row"
             continue
         event_type = TAOBAO_TYPES.get(row[type_col])
         if event_type is None:
@@ -304,12 +305,9 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     # Many lines share an invoice time, so the conversion is cached.
     times: dict[str, int] = {}
 
-    for line_no, row in _csv_rows(reader, result):
+    for line_no, row in _csv_rows(reader, result, width):
         if isinstance(row, str):
             yield row
-            continue
-        if len(row) < width:
-            yield "short_row"
             continue
         customer = row[col["CustomerID"]].strip()
         if customer.endswith(".0"):
@@ -394,12 +392,9 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
     # A session's rows share its date, so the conversion is cached.
     midnights: dict[str, int] = {}
 
-    for line_no, row in _csv_rows(reader, result):
+    for line_no, row in _csv_rows(reader, result, width):
         if isinstance(row, str):
             yield row
-            continue
-        if len(row) < width:
-            yield "short_row"
             continue
         session = row[col["session_id"]].strip()
         item = row[col["item_id"]].strip()
