@@ -136,6 +136,9 @@ class Processor:
         # nor the pseudonym appears anywhere in the state.
         self.forgotten: dict[str, int] = {}
         self._forget_key = pseudonymize.derive_key("forget")
+        # Called with the pseudonyms of erased users, so that state kept
+        # outside the processor, such as queued dead letters, drops them too.
+        self.on_erase: Callable[[set[str]], None] | None = None
         # Next offset to apply, by (topic, partition); lower offsets are already in the state.
         self.offsets: dict[tuple[str, int], int] = {}
         self.counts: Counter[str] = Counter()
@@ -176,25 +179,13 @@ class Processor:
                 outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
 
-            pseudonym = self.pseudonymize(event.user_id)
-            if self.forgotten:
-                forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
-                if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
-                    self._drop("forgotten_user")
-                    continue
-            if not self.dedup.add(event.event_id, pseudonym, event.timestamp_ms):
-                self.metrics.duplicates.inc()
-                self.counts["duplicate"] += 1
+            try:
+                pseudonym = self._admit(event)
+            except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
+                outcome.dead_letters.append(self._decode_failed(message, exc, now_ms, "admit"))
                 continue
-            self._newest_event_ms = max(self._newest_event_ms, event.timestamp_ms)
-            self._limited_since_sweep += 1
-            if not self.limiter.allow(pseudonym, event.timestamp_ms):
-                self._drop("rate_limited")
+            if pseudonym is None:
                 continue
-            if not self.repeats.allow(pseudonym, event.item_id, event.timestamp_ms):
-                self._drop("item_repeat_limited")
-                continue
-
             outcome.dirty[pseudonym] = event.user_id
             event.user_id = pseudonym
             accepted.append(event)
@@ -345,6 +336,8 @@ class Processor:
     def _erase_all(self, pseudonyms: list[str]) -> None:
         if not pseudonyms:
             return
+        if self.on_erase is not None:
+            self.on_erase(set(pseudonyms))
         for pseudonym in pseudonyms:
             self.engine.forget_user(pseudonym)
             self.limiter.forget(pseudonym)
@@ -440,6 +433,28 @@ class Processor:
         self.offsets[tp] = message.offset + 1
         return True
 
+    def _admit(self, event: Event) -> str | None:
+        """Return the pseudonym of a decoded event to learn, or None when it is dropped."""
+        pseudonym = self.pseudonymize(event.user_id)
+        if self.forgotten:
+            forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
+            if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
+                self._drop("forgotten_user")
+                return None
+        if not self.dedup.add(event.event_id, pseudonym, event.timestamp_ms):
+            self.metrics.duplicates.inc()
+            self.counts["duplicate"] += 1
+            return None
+        self._newest_event_ms = max(self._newest_event_ms, event.timestamp_ms)
+        self._limited_since_sweep += 1
+        if not self.limiter.allow(pseudonym, event.timestamp_ms):
+            self._drop("rate_limited")
+            return None
+        if not self.repeats.allow(pseudonym, event.item_id, event.timestamp_ms):
+            self._drop("item_repeat_limited")
+            return None
+        return pseudonym
+
     def _check_not_future(self, timestamp_ms: int, now_ms: int) -> None:
         if timestamp_ms > now_ms + int(self.settings.max_future_skew_s * 1000):
             ahead_s = (timestamp_ms - now_ms) / 1000
@@ -490,22 +505,25 @@ class Processor:
         return key, orjson.dumps(record)
 
     def _decode_failed(
-        self, message: Message, error: Exception, now_ms: int
+        self, message: Message, error: Exception, now_ms: int, stage: str = "decode"
     ) -> tuple[bytes | None, bytes]:
-        # A decoder that raises anything but SchemaError has a bug. The
-        # message goes to the dead-letter topic like any rejected one, so
-        # that the rest of its batch is still applied and it can be replayed
-        # once the bug is fixed. Only the exception's type is logged and
-        # kept, because its text may quote the message and so a user id.
+        # Code that raises anything but SchemaError has a bug. The message
+        # goes to the dead-letter topic like any rejected one, so that the
+        # rest of its batch is still applied and it can be replayed once the
+        # bug is fixed. Only the exception's type is logged and kept,
+        # because its text may quote the message and so a user id.
+        step = "decoding" if stage == "decode" else "admitting"
         logger.error(
-            "decoding the message from %s[%d]@%d failed with %s",
+            "%s the message from %s[%d]@%d failed with %s",
+            step,
             message.topic,
             message.partition,
             message.offset,
             type(error).__name__,
         )
-        detail = f"the decoder failed with {type(error).__name__}; expected a valid message"
-        return self._dead_letter(message, SchemaError("decode_failed", detail), now_ms)
+        self.metrics.errors.labels(kind=f"{stage}_failed").inc()
+        detail = f"{step} the message failed with {type(error).__name__}; expected a valid message"
+        return self._dead_letter(message, SchemaError(f"{stage}_failed", detail), now_ms)
 
     def _redact_key(self, message: Message) -> bytes:
         if message.topic == self.settings.topic(ITEMS_TOPIC):

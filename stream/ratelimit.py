@@ -37,7 +37,8 @@ class _Budgets:
 
     def take(self, budgets: MutableMapping[Hashable, Budget], key: Hashable, stamp: int) -> bool:
         state = budgets.get(key)
-        if state is None or stamp > state[2] + self.refill_ms:
+        # A budget of another shape, from a state saved by other code, starts afresh.
+        if state is None or len(state) != 3 or stamp > state[2] + self.refill_ms:
             count, first, last = 0, stamp, stamp
         else:
             count, first, last = state
@@ -107,7 +108,7 @@ class UserRateLimiter:
         stale = [
             user
             for user, state in self._state.items()
-            if now_ms > max(state[-1], touched.get(user, 0)) + refill
+            if now_ms > max(int(state[-1]), touched.get(user, 0)) + refill
         ]
         for user in stale:
             del self._state[user]

@@ -433,6 +433,41 @@ def test_decoder_bug_becomes_dead_letter(monkeypatch):
     assert "decoder bug" not in record["detail"]
 
 
+def test_budget_of_other_shape_does_not_stop_batch():
+    processor = _processor()
+    bob = processor.pseudonymize("bob")
+    # A budget as other code saved it: (level, newest event time).
+    processor.limiter._state[bob] = (3.0, NOW_MS - 5000)
+    events = [
+        Event("b1", "view", "bob", "i1", NOW_MS - 2000),
+        Event("c1", "view", "carol", "i1", NOW_MS - 1000),
+    ]
+    outcome = processor.process_events(_stream(events))
+    assert outcome.applied == 2
+    assert outcome.dead_letters == []
+
+
+def test_admission_bug_becomes_dead_letter(monkeypatch):
+    processor = _processor()
+
+    def broken(user, timestamp_ms):
+        if user == processor.pseudonymize("bob"):
+            raise IndexError("budget bug")
+        return True
+
+    monkeypatch.setattr(processor.limiter, "allow", broken)
+    events = [
+        Event("b1", "view", "bob", "i1", NOW_MS - 2000),
+        Event("c1", "view", "carol", "i1", NOW_MS - 1000),
+    ]
+    outcome = processor.process_events(_stream(events))
+    assert outcome.applied == 1
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "admit_failed"
+    assert "IndexError" in record["detail"]
+    assert "budget bug" not in record["detail"]
+
+
 def test_future_forget_rejected_with_skew():
     processor = _processor(max_future_skew_s=60)
     processor.process_events(_stream(_warm_events()))
