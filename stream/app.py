@@ -65,6 +65,9 @@ _FINAL_DELIVERY_S = 5.0
 # A dead letter owed for longer makes the worker not ready: the topic may be
 # missing, or the worker not allowed to write to it.
 _LETTERS_OWED_MAX_S = 30.0
+# At this many letters owed, the worker takes no more messages until the
+# broker takes some: the messages wait in Kafka, not in memory and checkpoints.
+_MAX_LETTERS_OWED = 10_000
 
 
 @dataclass(slots=True)
@@ -73,6 +76,7 @@ class _Letter:
 
     key: bytes | None
     value: bytes
+    # Wall-clock time when the letter was first queued, kept over restarts.
     queued_at: float
     delivery: asyncio.Future[Any] | None = None
 
@@ -87,6 +91,7 @@ class Worker:
         pseudonymizer = load_pseudonymizer(settings, create=True)
         self.sealer = Sealer(pseudonymizer.derive_key("pending-lists"))
         self.processor = Processor(settings, pseudonymizer, self.metrics)
+        self.processor.on_erase = self.forget_dead_letters
         self.store = CheckpointStore(
             settings.data_path / "checkpoints",
             pseudonymizer.derive_key("checkpoint"),
@@ -134,9 +139,10 @@ class Worker:
             logger.info("no checkpoint in %s; starting from empty state", self.store.folder)
             return False
         state, path = restored
+        # Letters first, so that users erased while the state loads lose theirs.
+        self._load_dead_letters(state.get("dead_letters"))
         self.processor.load_state(state)
         owed = self._load_pending(state.get("pending_lists"))
-        self._load_dead_letters(state.get("dead_letters"))
         self.last_checkpoint = time.monotonic()
         logger.info(
             "checkpoint restored from %s: %d partitions, %d events applied so far",
@@ -173,9 +179,16 @@ class Worker:
         return len(keys)
 
     def _load_dead_letters(self, sealed: bytes | None) -> None:
-        # States saved before checkpoints carried dead letters have none.
-        if sealed:
-            self.queue_dead_letters(pickle.loads(self.sealer.open(sealed)))
+        # States saved before checkpoints carried dead letters have none, and
+        # the first states that carried them kept no queue times.
+        if not sealed:
+            return
+        entries = pickle.loads(self.sealer.open(sealed))
+        now = time.time()
+        self.queue_dead_letters(
+            [(entry[0], entry[1]) for entry in entries],
+            [entry[2] if len(entry) > 2 else now for entry in entries],
+        )
 
     async def align_committed_offsets(self, timeout_s: float | None = None) -> None:
         """Commit the restored offsets for the group before Faust joins it.
@@ -235,7 +248,7 @@ class Worker:
         deleted and created again. Its new messages have offsets the state
         counts as applied, and without this they would be skipped unseen.
         """
-        # NOTE: a topic created again that already holds more messages than
+        # NOTE: a topic created again that already contains more messages than
         # the restored offset looks like the old one, and its first messages
         # are still skipped.
         offsets = self.processor.offsets
@@ -257,14 +270,28 @@ class Worker:
 
     # -- event handling -----------------------------------------------------
 
+    async def _wait_for_letter_room(self) -> None:
+        """Wait while the dead-letter queue is full, so that it cannot grow without bound."""
+        if len(self.dead_letters) < _MAX_LETTERS_OWED:
+            return
+        logger.warning(
+            "%d dead letters owed to topic %s; taking no messages until the broker takes some",
+            len(self.dead_letters),
+            self.deadletter_topic.get_topic_name(),
+        )
+        while len(self.dead_letters) >= _MAX_LETTERS_OWED and not self._stopping:
+            await asyncio.sleep(0.5)
+
     async def on_event_batch(self, events: Sequence[Any]) -> None:
         """Process one batch of Faust events from the event topics."""
+        await self._wait_for_letter_room()
         async with self.lock:
             outcome = self.processor.process_events(_messages(events))
             self._take(outcome)
 
     async def on_item_batch(self, events: Sequence[Any]) -> None:
         """Apply item updates, then rewrite at once every list that contains a sold-out item."""
+        await self._wait_for_letter_room()
         async with self.lock:
             outcome = self.processor.process_item_updates(_messages(events))
             self._take(outcome)
@@ -313,15 +340,11 @@ class Worker:
             outcome = self.processor.process_forget(_messages(events))
             self._take(outcome)
             sink = self._require_sink()
-            erased = {
-                pseudonym
-                for pseudonym, _ in outcome.forgotten
-                if not self.processor.engine.has_user(pseudonym)
-            }
-            # Checkpoints carry unconfirmed dead letters, which are keyed by pseudonym.
-            self.forget_dead_letters(erased)
+            # Queued dead letters carry no event time that would tell which
+            # came after the request, so every named user loses them.
+            self.forget_dead_letters({pseudonym for pseudonym, _ in outcome.forgotten})
             for pseudonym, key in outcome.forgotten:
-                if pseudonym not in erased:
+                if self.processor.engine.has_user(pseudonym):
                     # Kept: every event learned of the user came after the request.
                     continue
                 self.dirty.pop(pseudonym, None)
@@ -531,12 +554,19 @@ class Worker:
         if self._refresh_wakeup is not None and self.dirty:
             self._refresh_wakeup.set()
 
-    def queue_dead_letters(self, letters: Sequence[tuple[bytes | None, bytes]]) -> None:
-        """Queue dead letters (key, value) for delivery by `letter_sender`."""
-        now = time.monotonic()
-        for key, value in letters:
+    def queue_dead_letters(
+        self, letters: Sequence[tuple[bytes | None, bytes]], queued_at: Sequence[float] = ()
+    ) -> None:
+        """Queue dead letters (key, value) for delivery by `letter_sender`.
+
+        ``queued_at`` gives the wall-clock time each was first queued, for
+        letters that a checkpoint carried over a restart; others are new.
+        """
+        now = time.time()
+        for index, (key, value) in enumerate(letters):
             self._letter_seq += 1
-            self.dead_letters[self._letter_seq] = _Letter(key, value, now)
+            first = queued_at[index] if index < len(queued_at) else now
+            self.dead_letters[self._letter_seq] = _Letter(key, value, first)
         if letters:
             self._wake_letter_sender()
 
@@ -650,8 +680,9 @@ class Worker:
 
     async def _hand_dead_letters(self) -> None:
         async with self._letters_lock:
-            for letter in list(self.dead_letters.values()):
-                if letter.delivery is not None:
+            for seq, letter in list(self.dead_letters.items()):
+                # A forget request may have dropped the letter during an earlier send.
+                if letter.delivery is not None or seq not in self.dead_letters:
                     continue
                 try:
                     sending = await self.deadletter_topic.send(key=letter.key, value=letter.value)
@@ -773,7 +804,10 @@ class Worker:
             state["pending_lists"] = self.sealer.seal(orjson.dumps(self._pending_keys()))
             # The state covers the rejected messages, so the letters the broker
             # has not confirmed go along, and a restart sends them again.
-            letters = [(letter.key, letter.value) for letter in self.dead_letters.values()]
+            letters = [
+                (letter.key, letter.value, letter.queued_at)
+                for letter in self.dead_letters.values()
+            ]
             state["dead_letters"] = self.sealer.seal(pickle.dumps(letters))
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
@@ -905,7 +939,7 @@ class Worker:
         redis_ok = sink is not None and not sink.in_outage
         shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
         oldest = next(iter(self.dead_letters.values()), None)
-        letters_owed_s = 0.0 if oldest is None else time.monotonic() - oldest.queued_at
+        letters_owed_s = 0.0 if oldest is None else max(time.time() - oldest.queued_at, 0.0)
         ready = (
             bool(self.assigned)
             and redis_ok

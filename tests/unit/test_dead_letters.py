@@ -237,3 +237,126 @@ def test_forgotten_user_letters_leave_the_queue(tmp_path, monkeypatch):
     worker.forget_dead_letters({"p-alice"})
 
     assert _queued(worker) == [b"b", b"c"]
+
+
+class _SlowTopic(_Topic):
+    """A topic whose sends take a while, so other work can run meanwhile."""
+
+    async def send(self, key: bytes | None, value: bytes) -> asyncio.Future[None]:
+        await asyncio.sleep(0.05)
+        return await super().send(key, value)
+
+
+def test_letters_dropped_during_send_are_not_sent(tmp_path, monkeypatch):
+    topic = _SlowTopic()
+    worker = _worker(tmp_path, monkeypatch, topic)
+    worker.queue_dead_letters([(b"p-alice", b"a1"), (b"p-alice", b"a2"), (b"p-bob", b"b")])
+
+    async def run() -> None:
+        delivery = asyncio.create_task(worker.deliver_dead_letters(5.0))
+        await asyncio.sleep(0.02)
+        worker.forget_dead_letters({"p-alice"})
+        await delivery
+
+    asyncio.run(run())
+
+    assert topic.delivered == [b"a1", b"b"]
+
+
+def test_users_erased_at_restore_lose_their_letters(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    worker.processor.process_events(
+        [
+            Message(
+                "events.view",
+                0,
+                0,
+                b"alice",
+                orjson.dumps(
+                    {
+                        "event_id": "e1",
+                        "type": "view",
+                        "user_id": "alice",
+                        "item_id": "i1",
+                        "timestamp": int(time.time() * 1000) - 60_000,
+                    }
+                ),
+            )
+        ]
+    )
+    alice = worker.processor.pseudonymize("alice")
+    worker.queue_dead_letters([(alice.encode(), b"a"), (b"p-bob", b"b")])
+
+    erased = worker.processor.merge_forgotten(
+        {worker.processor.forget_token(alice): int(time.time() * 1000)}
+    )
+
+    assert erased == 1
+    assert _queued(worker) == [b"b"]
+
+
+class _Record:
+    def __init__(self, topic: str, offset: int, key: bytes, value: bytes) -> None:
+        self.message = Message(topic, 0, offset, key, value)
+
+
+def test_forget_drops_letters_of_kept_user(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    worker.sink.delete = lambda key: None  # type: ignore[attr-defined]
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    # The registry write and the checkpoint need Redis and are tested elsewhere.
+    monkeypatch.setattr(worker, "_record_forgotten", nothing)
+    monkeypatch.setattr(worker, "checkpoint", nothing)
+    now_ms = int(time.time() * 1000)
+    view = {
+        "event_id": "e1",
+        "type": "view",
+        "user_id": "alice",
+        "item_id": "i1",
+        "timestamp": now_ms,
+    }
+    worker.processor.process_events([Message("events.view", 0, 0, b"alice", orjson.dumps(view))])
+    alice = worker.processor.pseudonymize("alice")
+    worker.queue_dead_letters([(alice.encode(), b"a")])
+    request = orjson.dumps({"user_id": "alice", "timestamp": now_ms - 60_000})
+
+    async def run() -> None:
+        await worker.on_forget_batch([_Record("users.forget", 0, b"alice", request)])
+
+    asyncio.run(run())
+
+    assert worker.processor.engine.has_user(alice)
+    assert worker.dead_letters == {}
+
+
+def test_owed_age_survives_restart(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    worker.queue_dead_letters([(None, b"a")], [time.time() - 3600])
+    asyncio.run(worker.checkpoint("interval"))
+
+    restarted = _worker(tmp_path, monkeypatch, _Topic())
+    assert restarted.restore()
+
+    assert restarted.health()["dead_letters_owed_s"] >= 3600
+
+
+def test_full_letter_queue_holds_new_batches(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    monkeypatch.setattr("stream.app._MAX_LETTERS_OWED", 2)
+    worker.queue_dead_letters([(None, b"a"), (None, b"b")])
+
+    async def run() -> tuple[bool, bool]:
+        batch = asyncio.create_task(worker.on_event_batch([]))
+        await asyncio.sleep(0.2)
+        held = not batch.done()
+        worker.dead_letters.clear()
+        await asyncio.wait_for(batch, timeout=5)
+        return held, batch.done()
+
+    held, done = asyncio.run(run())
+
+    assert held is True
+    assert done is True
