@@ -142,6 +142,7 @@ class Worker:
         # Letters first, so that users erased while the state loads lose theirs.
         self._load_dead_letters(state.get("dead_letters"))
         self.processor.load_state(state)
+        self._drop_letters_of_forgotten()
         owed = self._load_pending(state.get("pending_lists"))
         self.last_checkpoint = time.monotonic()
         logger.info(
@@ -419,6 +420,7 @@ class Worker:
                 if merged.get(token, -1) < stamp:
                     self._registry_owed[token] = stamp
             erased = processor.merge_forgotten(merged)
+            self._drop_letters_of_forgotten()
             for pseudonym in list(self.dirty):
                 forgotten = processor.forget_token(pseudonym) in processor.forgotten
                 if forgotten and not processor.engine.has_user(pseudonym):
@@ -712,6 +714,23 @@ class Worker:
             self.metrics.errors.labels(kind="dead_letter_send").inc(failed)
             logger.warning("%d dead letters not delivered, so they are queued again", failed)
         return failed
+
+    def _drop_letters_of_forgotten(self) -> None:
+        """Drop the queued dead letters of every user named by a forget request.
+
+        A user whose messages were all rejected has no state to erase, so the
+        erasure hook never sees them, and their letters are found by token.
+        """
+        forgotten = self.processor.forgotten
+        if not forgotten:
+            return
+        token = self.processor.forget_token
+        for seq, letter in list(self.dead_letters.items()):
+            if letter.key is None:
+                continue
+            pseudonym = letter.key.decode("utf-8", "replace")
+            if token(pseudonym) in forgotten:
+                del self.dead_letters[seq]
 
     def forget_dead_letters(self, pseudonyms: set[str]) -> None:
         """Drop the queued dead letters of forgotten users, keyed by their pseudonyms."""

@@ -360,3 +360,21 @@ def test_full_letter_queue_holds_new_batches(tmp_path, monkeypatch):
 
     assert held is True
     assert done is True
+
+
+def test_letters_of_user_named_by_registry_dropped(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Topic())
+    alice = worker.processor.pseudonymize("alice")
+    # Alice's only message was rejected, so no state of hers is there to erase.
+    worker.queue_dead_letters([(alice.encode(), b"a"), (b"p-bob", b"b")])
+
+    class _Registry:
+        async def hgetall(self, key: str) -> dict[bytes, bytes]:
+            token = worker.processor.forget_token(alice)
+            return {token.encode(): str(int(time.time() * 1000)).encode()}
+
+    worker.sink.client = _Registry()  # type: ignore[attr-defined]
+
+    asyncio.run(worker._merge_registry())
+
+    assert _queued(worker) == [b"b"]
