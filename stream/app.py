@@ -719,7 +719,7 @@ class Worker:
         """Drop the queued dead letters of every user named by a forget request.
 
         A user whose messages were all rejected has no state to erase, so the
-        erasure hook never sees them, and their letters are found by token.
+        erasure hook is never called for them, and their letters are found by token.
         """
         forgotten = self.processor.forgotten
         if not forgotten:

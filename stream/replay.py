@@ -345,10 +345,10 @@ def _skip_future(loaded: LoadResult, limit_s: float) -> None:
     """
     limit_ms = int(limit_s * 1000)
     # The events are in time order, so the future ones are the last.
-    kept = bisect.bisect_right(loaded.events, limit_ms, key=_event_time)
-    if kept < len(loaded.events):
-        loaded.skipped["timestamp_in_future"] += len(loaded.events) - kept
-        del loaded.events[kept:]
+    in_time = bisect.bisect_right(loaded.events, limit_ms, key=_event_time)
+    if in_time < len(loaded.events):
+        loaded.skipped["timestamp_in_future"] += len(loaded.events) - in_time
+        del loaded.events[in_time:]
 
 
 def _event_time(event: Event) -> int:

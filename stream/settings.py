@@ -194,8 +194,8 @@ class Settings:
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
-                shown = ", ".join(repr(choice) for choice in allowed)
-                msg = f"{PREFIX}{name.upper()} is {value!r}; expected one of {shown}"
+                listed = ", ".join(repr(choice) for choice in allowed)
+                msg = f"{PREFIX}{name.upper()} is {value!r}; expected one of {listed}"
                 raise SettingsError(msg)
         for name, weight in self.parsed_weights().items():
             if name not in MODEL_NAMES:

@@ -301,9 +301,7 @@ def test_dry_run_skips_rows_stamped_ahead(
     assert summary["skipped"] == {"timestamp_in_future": 1}
 
 
-def test_dry_run_of_rows_all_ahead_is_bad_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dry_run_all_rows_ahead_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ahead_s = int(time.time()) + 3600
     path = tmp_path / "behavior.csv"
     path.write_text(

@@ -351,14 +351,14 @@ def test_full_letter_queue_holds_new_batches(tmp_path, monkeypatch):
     async def run() -> tuple[bool, bool]:
         batch = asyncio.create_task(worker.on_event_batch([]))
         await asyncio.sleep(0.2)
-        held = not batch.done()
+        waiting = not batch.done()
         worker.dead_letters.clear()
         await asyncio.wait_for(batch, timeout=5)
-        return held, batch.done()
+        return waiting, batch.done()
 
-    held, done = asyncio.run(run())
+    waiting, done = asyncio.run(run())
 
-    assert held is True
+    assert waiting is True
     assert done is True
 
 
