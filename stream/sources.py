@@ -175,7 +175,8 @@ def _is_utf8(text: str) -> bool:
 def _csv_rows(reader: Any, result: LoadResult, width: int) -> Iterator[tuple[int, list[str] | str]]:
     """Yield each row with the file line it starts on, or a skip reason instead of the row.
 
-    A row with fewer than ``width`` fields is skipped as short. The line is
+    A row with fewer than ``width`` fields is skipped as short, and a blank
+    line is passed over without being counted as a row. The line is
     counted from the reader, so a quoted field that spans lines does not
     shift the lines of the rows after it.
     """
@@ -194,6 +195,9 @@ def _csv_rows(reader: Any, result: LoadResult, width: int) -> Iterator[tuple[int
             yield start, "malformed_row"
             continue
         end = reader.line_num
+        if not row:
+            # A blank line, as exports often end with, is no row, as in jsonl files.
+            continue
         result.rows_read += 1
         if len(row) < width:
             yield start, "short_row"

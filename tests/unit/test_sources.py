@@ -371,3 +371,21 @@ def test_same_named_exports_get_distinct_ids(tmp_path: Path) -> None:
 
     assert ids_first != ids_second
     assert ids_first == [e.event_id for e in read_events(first, "taobao").events]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "header", "row"),
+    [
+        ("taobao", TAOBAO_HEADER, "1,2,3,pv,1511544070"),
+        ("online-retail", RETAIL_HEADER, "536370,22728,CLOCK,24,2010-12-01 08:45:00,3.75,12583,UK"),
+        ("diginetica", "session_id;user_id;item_id;timeframe;eventdate\n", "1;NA;2;100;2016-05-09"),
+    ],
+    ids=["taobao", "online-retail", "diginetica"],
+)
+def test_blank_lines_not_rows(tmp_path: Path, fmt: str, header: str, row: str) -> None:
+    path = tmp_path / "blank.csv"
+    path.write_bytes((header + "\r\n" + row + "\r\n\r\n" + row + "\n\n\n").encode())
+    loaded = read_events(path, fmt)
+    assert len(loaded.events) == 2
+    assert loaded.rows_read == 2
+    assert loaded.skipped == {}
