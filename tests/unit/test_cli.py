@@ -24,3 +24,34 @@ def test_topics_create_without_broker(
     err = capsys.readouterr().err
     assert f"cannot create the topics on Kafka at {address}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "value", ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:9092,", ":9092", "127.0.0.1:port"]
+)
+def test_invalid_bootstrap_named(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", value)
+    assert main(["settings"]) == 2
+    err = capsys.readouterr().err
+    assert f"FUSIONREC_KAFKA_BOOTSTRAP entry {value.rpartition(',')[2]!r}" in err
+    assert "expected comma-separated host:port" in err
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:9092", "a:1, b:2", "[::1]:9092"])
+def test_valid_bootstrap_accepted(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", value)
+    assert main(["settings"]) == 0
+
+
+def test_redis_url_scheme_checked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FUSIONREC_REDIS_URL", "http://:secret@127.0.0.1:6379/0")
+    assert main(["recs", "u1"]) == 2
+    err = capsys.readouterr().err
+    assert "FUSIONREC_REDIS_URL is 'http://:***@127.0.0.1:6379/0'" in err
+    assert "expected a URL starting with redis://, rediss:// or unix://" in err
+    assert "secret" not in err
+    assert "Traceback" not in err
