@@ -229,6 +229,36 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+class _UnquotingReader:
+    """A csv reader without quoting that removes the quotes around a whole field.
+
+    Spreadsheets and many export tools quote every field, as ``"1","10"``.
+    Without this, the quotes would become part of the user and item ids. A
+    quote inside a field stays, and so does a field that only starts or
+    ends with one.
+    """
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+
+    @property
+    def line_num(self) -> int:
+        return int(self._reader.line_num)
+
+    def __iter__(self) -> _UnquotingReader:
+        return self
+
+    def __next__(self) -> list[str]:
+        return [_unquote(value) for value in next(self._reader)]
+
+
+def _unquote(value: str) -> str:
+    stripped = value.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
+        return stripped[1:-1].replace('""', '"')
+    return value
+
+
 def _csv_rows(
     reader: Any, result: LoadResult, width: int
 ) -> Iterator[tuple[int, list[str] | Rejection]]:
@@ -322,8 +352,9 @@ def _header(
 
 def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
     # The format has no quoting, so a stray quote stays in its field instead
-    # of joining the rest of the file into one field.
-    reader = csv.reader(handle, quoting=csv.QUOTE_NONE)
+    # of joining the rest of the file into one field. Fields that a
+    # spreadsheet quoted whole are unquoted by `_UnquotingReader`.
+    reader = _UnquotingReader(csv.reader(handle, quoting=csv.QUOTE_NONE))
     expected = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
     col = _header(reader, expected, name)
     user_col, item_col, cat_col = col["user_id"], col["item_id"], col["category_id"]
@@ -492,7 +523,7 @@ def _description(row: list[str], column: int | None) -> str | None:
 
 
 def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
-    reader = csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE)
+    reader = _UnquotingReader(csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE))
     expected = ("session_id", "user_id", "item_id", "timeframe", "eventdate")
     # The published train-item-views.csv spells them sessionId, userId and itemId.
     aliases = {"sessionId": "session_id", "userId": "user_id", "itemId": "item_id"}

@@ -449,3 +449,28 @@ def test_no_valid_row_error_names_first_rejection(tmp_path: Path) -> None:
     path = _write(tmp_path / "wrong.csv", TAOBAO_HEADER + "1,2,3,like,1511544070\n")
     with pytest.raises(SourceError, match=r"first: line 2: behavior_type 'like' is unknown"):
         read_events(path, "taobao")
+
+
+def test_quoted_taobao_fields_unquoted(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "quoted.csv",
+        '"user_id","item_id","category_id","behavior_type","timestamp"\n'
+        '"1","10","5","pv","1511544070"\n'
+        '2,"a""b",5,buy,1511544071\n'
+        '3,"11,5,pv,1511544072\n',
+    )
+    loaded = read_events(path, "taobao")
+    assert [(e.user_id, e.item_id, e.category) for e in loaded.events] == [
+        ("1", "10", "5"),
+        ("2", 'a"b', "5"),
+        ("3", '"11', "5"),
+    ]
+
+
+def test_quoted_diginetica_fields_unquoted(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        '"sessionId";"userId";"itemId";"timeframe";"eventdate"\n"1";"NA";"2";"100";"2016-05-09"\n',
+    )
+    [event] = read_events(path, "diginetica").events
+    assert (event.user_id, event.item_id, event.session_id) == ("session-1", "2", "1")
