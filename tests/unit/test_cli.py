@@ -55,3 +55,19 @@ def test_redis_url_scheme_checked(
     assert "expected a URL starting with redis://, rediss:// or unix://" in err
     assert "secret" not in err
     assert "Traceback" not in err
+
+
+def test_recs_missing_popular_names_its_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def absent(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr("stream.reader.read_list", absent)
+    monkeypatch.setenv("FUSIONREC_REDIS_KEY_PREFIX", "shop1:recs:")
+    assert main(["recs", "--popular"]) == 1
+    assert "no list in Redis at shop1:recs:popular" in capsys.readouterr().err
+    assert main(["recs", "u1"]) == 1
+    err = capsys.readouterr().err
+    assert "no list in Redis for user 'u1'" in err
+    assert "served shop1:recs:popular" in err
