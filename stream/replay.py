@@ -1,6 +1,6 @@
 """Produce the events of a file to Kafka in event-time order.
 
-``fusionrec replay PATH --format taobao|online-retail|jsonl`` reads a plain or
+``fusionrec replay PATH --format taobao|online-retail|diginetica|jsonl`` reads a plain or
 gzip file with `stream.sources.read_events`, which maps rows to events, skips
 and counts invalid rows and sorts the events by event time. Each event is sent
 as JSON to ``events.{type}`` with the UTF-8 bytes of its user_id as the key,
