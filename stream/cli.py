@@ -75,11 +75,18 @@ def _recs(args: argparse.Namespace) -> int:
         )
         return 1
     if value is None:
-        name = "recs:popular" if args.popular else f"user {args.user!r}"
-        print(
-            f"no list in Redis for {name}; a user with no list yet is served recs:popular",
-            file=sys.stderr,
-        )
+        popular_key = f"{settings.redis_key_prefix}popular"
+        if args.popular:
+            message = (
+                f"no list in Redis at {popular_key}; the worker writes it once it has "
+                "learned events"
+            )
+        else:
+            message = (
+                f"no list in Redis for user {args.user!r}; a user with no list yet is "
+                f"served {popular_key} (fusionrec recs --popular)"
+            )
+        print(message, file=sys.stderr)
         return 1
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")

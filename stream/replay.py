@@ -1,13 +1,14 @@
 """Produce the events of a file to Kafka in event-time order.
 
-``fusionrec replay PATH --format taobao|online-retail|jsonl`` reads a plain or
+``fusionrec replay PATH --format taobao|online-retail|diginetica|jsonl`` reads a plain or
 gzip file with `stream.sources.read_events`, which maps rows to events, skips
 and counts invalid rows and sorts the events by event time. Each event is sent
 as JSON to ``events.{type}`` with the UTF-8 bytes of its user_id as the key,
 so that all events of a user land on one partition in order. ``--dry-run``
 reads and validates without connecting to Kafka. The summary counts rows read,
-events produced and rows skipped by reason; ``--json`` prints it as one JSON
-object on stdout.
+events produced and rows skipped by reason, and shows the first skipped rows
+of each reason with their line, the value read and what was expected;
+``--json`` prints it as one JSON object on stdout.
 
 The Kafka message timestamp is the time of sending, not the event time,
 because the broker's time-based retention would delete old event times, such
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from schemas import Event
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.settings import Settings
-from stream.sources import FORMATS, LoadResult, SourceError, read_events
+from stream.sources import FORMATS, LoadResult, Rejection, SourceError, read_events
 from stream.topics import EVENT_TOPICS
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class ReplaySummary:
     selected: int = 0
     produced: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    skipped_examples: dict[str, list[Rejection]] = field(default_factory=dict)
     failed: Counter[str] = field(default_factory=Counter)
     by_topic: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
@@ -118,6 +120,10 @@ class ReplaySummary:
             "produced": self.produced,
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_total": sum(self.skipped.values()),
+            "skipped_examples": {
+                reason: [rejection.to_json() for rejection in self.skipped_examples[reason]]
+                for reason in sorted(self.skipped_examples)
+            },
             "failed": dict(sorted(self.failed.items())),
             "by_topic": dict(sorted(self.by_topic.items())),
             "elapsed_s": round(self.elapsed_s, 3),
@@ -135,6 +141,8 @@ class ReplaySummary:
         lines.append(f"skipped     {sum(self.skipped.values())}")
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"  {reason:<22} {count}")
+            for rejection in self.skipped_examples.get(reason, []):
+                lines.append(f"    {rejection}")
         if self.failed:
             lines.append(f"failed      {sum(self.failed.values())}")
             for error, count in sorted(self.failed.items()):
@@ -191,9 +199,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _skip_future(loaded, time.time() + settings.max_future_skew_s)
     if not loaded.events:
+        first = loaded.examples["timestamp_in_future"][0]
         print(
             f"fusionrec replay: none of the {loaded.rows_read} rows of {args.path} is an "
-            f"event the worker would take (skipped: {dict(loaded.skipped)})",
+            f"event the worker would take (skipped: {dict(loaded.skipped)}; first: {first})",
             file=sys.stderr,
         )
         return 2
@@ -346,9 +355,14 @@ def _skip_future(loaded: LoadResult, limit_s: float) -> None:
     limit_ms = int(limit_s * 1000)
     # The events are in time order, so the future ones are the last.
     in_time = bisect.bisect_right(loaded.events, limit_ms, key=_event_time)
-    if in_time < len(loaded.events):
-        loaded.skipped["timestamp_in_future"] += len(loaded.events) - in_time
-        del loaded.events[in_time:]
+    for event in loaded.events[in_time:]:
+        detail = (
+            f"event {event.event_id} has timestamp {event.timestamp_ms}, after "
+            f"{limit_ms}; expected at most FUSIONREC_MAX_FUTURE_SKEW_S ahead of the "
+            "replay's clock, in epoch milliseconds"
+        )
+        loaded.skip(Rejection("timestamp_in_future", detail))
+    del loaded.events[in_time:]
 
 
 def _event_time(event: Event) -> int:
@@ -363,6 +377,7 @@ def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:
         rows_read=loaded.rows_read,
         events=len(loaded.events),
         skipped=Counter(loaded.skipped),
+        skipped_examples={reason: list(found) for reason, found in loaded.examples.items()},
     )
 
 

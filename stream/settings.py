@@ -110,6 +110,14 @@ class Settings:
 
     def validate(self) -> None:
         """Raise `SettingsError` on values that are out of range."""
+        _check_bootstrap(self.kafka_bootstrap)
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in _REDIS_SCHEMES:
+            msg = (
+                f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r}; expected a URL "
+                "starting with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
+            )
+            raise SettingsError(msg)
         positive = {
             "partitions": self.partitions,
             "k": self.k,
@@ -287,6 +295,24 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _SECRETS = frozenset({"kafka_sasl_password", "redis_password", "pseudonym_key"})
 # URLs that may carry a password in their user-info part or query string.
 _URLS = frozenset({"redis_url"})
+
+
+# The URL schemes that redis-py's from_url accepts.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_bootstrap(bootstrap: str) -> None:
+    """Raise `SettingsError` unless ``bootstrap`` is a comma-separated list of host:port."""
+    entries = [entry.strip() for entry in bootstrap.split(",")]
+    for entry in entries:
+        host, _, port = entry.rpartition(":")
+        if host.strip("[]") and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+            continue
+        msg = (
+            f"{PREFIX}KAFKA_BOOTSTRAP entry {entry!r} of {bootstrap!r} is invalid; expected "
+            "comma-separated host:port pairs, such as 127.0.0.1:9092"
+        )
+        raise SettingsError(msg)
 
 
 def _mask_url_password(url: str) -> str:

@@ -67,8 +67,34 @@ _PRODUCT_CODE = re.compile(r"^(\d{5}|DCGS)")
 _FAMILY_LENGTH = 4
 
 
+# Skipped rows kept as examples for each reason, with their line and detail.
+EXAMPLES_PER_REASON = 3
+# Characters of a field value quoted in a rejection's detail.
+_SHOWN_CHARACTERS = 64
+
+
 class SourceError(ValueError):
     """A file cannot be read in the requested format."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A skipped row: the stable reason code, and the value read and what was expected.
+
+    ``line`` is the file line the row starts on, or None when the row is no
+    longer tied to a line.
+    """
+
+    reason: str
+    detail: str
+    line: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return the rejection as a JSON-ready mapping."""
+        return {"line": self.line, "detail": self.detail}
+
+    def __str__(self) -> str:
+        return self.detail if self.line is None else f"line {self.line}: {self.detail}"
 
 
 @dataclass
@@ -78,13 +104,30 @@ class LoadResult:
     events: list[Event]
     rows_read: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    # The first `EXAMPLES_PER_REASON` skipped rows of each reason, in file order.
+    examples: dict[str, list[Rejection]] = field(default_factory=dict)
+
+    def skip(self, rejection: Rejection) -> None:
+        """Count a skipped row, and keep it as an example while its reason has few."""
+        self.skipped[rejection.reason] += 1
+        examples = self.examples.setdefault(rejection.reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(rejection)
+
+    def examples_json(self) -> dict[str, list[dict[str, object]]]:
+        """Return the kept examples by reason as JSON-ready lists."""
+        return {
+            reason: [rejection.to_json() for rejection in self.examples[reason]]
+            for reason in sorted(self.examples)
+        }
 
     def summary(self) -> dict[str, object]:
-        """Return the counts as a JSON-ready mapping."""
+        """Return the counts, and examples of the skipped rows, as a JSON-ready mapping."""
         return {
             "rows_read": self.rows_read,
             "events": len(self.events),
             "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.examples_json(),
         }
 
 
@@ -123,10 +166,14 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
     try:
         with _open_text(file_path) as handle:
             for item in readers[fmt](handle, file_path.name, result):
-                if isinstance(item, str):
-                    result.skipped[item] += 1
+                if isinstance(item, Rejection):
+                    result.skip(item)
                 elif not refunds and item.is_refund:
-                    result.skipped["refund_excluded"] += 1
+                    detail = (
+                        f"event {item.event_id} is a refund of {-(item.quantity or 0)} units "
+                        f"of item {item.item_id}; expected a purchase, because refunds are left out"
+                    )
+                    result.skip(Rejection("refund_excluded", detail))
                 else:
                     result.events.append(item)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -140,15 +187,25 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         raise SourceError(msg)
     if not result.events:
         reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped.most_common())
+        firsts = [rejections[0] for rejections in result.examples.values()]
+        first = min(firsts, key=lambda rejection: rejection.line or 0, default=None)
         msg = (
             f"none of the {result.rows_read} rows of {file_path.name} is a valid {fmt} event "
-            f"(skipped: {reasons}); check the --format and the file's columns and values"
+            f"(skipped: {reasons}; first: {first}); check the --format and the file's "
+            "columns and values"
         )
         raise SourceError(msg)
     result.events.sort(key=_event_time)
     if result.skipped:
         logger.info("skipped rows of %s by reason: %s", file_path.name, dict(result.skipped))
     return result
+
+
+def _quote(value: str) -> str:
+    """Return a field value quoted for a rejection's detail, cut to a readable length."""
+    if len(value) > _SHOWN_CHARACTERS:
+        return f"{value[:_SHOWN_CHARACTERS]!r}… ({len(value)} characters)"
+    return repr(value)
 
 
 def _event_time(event: Event) -> int:
@@ -172,10 +229,43 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _csv_rows(reader: Any, result: LoadResult, width: int) -> Iterator[tuple[int, list[str] | str]]:
-    """Yield each row with the file line it starts on, or a skip reason instead of the row.
+class _UnquotingReader:
+    """A csv reader without quoting that removes the quotes around a whole field.
 
-    A row with fewer than ``width`` fields is skipped as short. The line is
+    Spreadsheets and many export tools quote every field, as ``"1","10"``.
+    Without this, the quotes would become part of the user and item ids. A
+    quote inside a field stays, and so does a field that only starts or
+    ends with one.
+    """
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+
+    @property
+    def line_num(self) -> int:
+        return int(self._reader.line_num)
+
+    def __iter__(self) -> _UnquotingReader:
+        return self
+
+    def __next__(self) -> list[str]:
+        return [_unquote(value) for value in next(self._reader)]
+
+
+def _unquote(value: str) -> str:
+    stripped = value.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
+        return stripped[1:-1].replace('""', '"')
+    return value
+
+
+def _csv_rows(
+    reader: Any, result: LoadResult, width: int
+) -> Iterator[tuple[int, list[str] | Rejection]]:
+    """Yield each row with the file line it starts on, or a rejection instead of the row.
+
+    A row with fewer than ``width`` fields is skipped as short, and a blank
+    line is passed over without being counted as a row. The line is
     counted from the reader, so a quoted field that spans lines does not
     shift the lines of the rows after it.
     """
@@ -186,19 +276,37 @@ def _csv_rows(reader: Any, result: LoadResult, width: int) -> Iterator[tuple[int
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error:
+        except csv.Error as exc:
             # Such as a field over the csv module's size limit; the reader
             # goes on with the next line.
             result.rows_read += 1
             end = reader.line_num
-            yield start, "malformed_row"
+            detail = f"the row cannot be parsed as CSV ({exc}); expected {width} fields"
+            yield start, Rejection("malformed_row", detail, start)
             continue
         end = reader.line_num
+        if not row:
+            # A blank line, as exports often end with, is no row, as in jsonl files.
+            continue
         result.rows_read += 1
         if len(row) < width:
-            yield start, "short_row"
+            detail = f"the row has {len(row)} fields; expected at least {width}"
+            yield start, Rejection("short_row", detail, start)
+        elif not _is_utf8("".join(row)):
+            yield start, Rejection("not_utf8", _not_utf8_detail(row), start)
         else:
-            yield start, row if _is_utf8("".join(row)) else "not_utf8"
+            yield start, row
+
+
+def _not_utf8_detail(fields: list[str], noun: str = "field") -> str:
+    # The bytes are shown as read, because the text contains escapes in their place.
+    raw = next(value for value in fields if not _is_utf8(value)).encode("utf-8", "surrogateescape")
+    quoted = (
+        f"{raw[:_SHOWN_CHARACTERS]!r}… ({len(raw)} bytes)"
+        if len(raw) > _SHOWN_CHARACTERS
+        else repr(raw)
+    )
+    return f"{noun} {quoted} contains bytes that are not UTF-8; expected UTF-8 text"
 
 
 def _row_id(name: str, line_no: int, row: list[str]) -> str:
@@ -207,14 +315,14 @@ def _row_id(name: str, line_no: int, row: list[str]) -> str:
     return f"{name}:{line_no}:{hashlib.blake2b(fields, digest_size=4).hexdigest()}"
 
 
-def _checked(event: Event) -> Event | str:
+def _checked(event: Event, line_no: int) -> Event | Rejection:
     # The worker decodes every event against the contract, so a row that the
     # contract rejects (an id too long, a price out of range) is skipped here
     # with the worker's reason, rather than reaching the dead-letter topic.
     try:
         event_from_object(event.to_json())
     except SchemaError as exc:
-        return exc.reason
+        return Rejection(exc.reason, exc.detail, line_no)
     return event
 
 
@@ -242,10 +350,11 @@ def _header(
     return columns
 
 
-def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
+def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
     # The format has no quoting, so a stray quote stays in its field instead
-    # of joining the rest of the file into one field.
-    reader = csv.reader(handle, quoting=csv.QUOTE_NONE)
+    # of joining the rest of the file into one field. Fields that a
+    # spreadsheet quoted whole are unquoted by `_UnquotingReader`.
+    reader = _UnquotingReader(csv.reader(handle, quoting=csv.QUOTE_NONE))
     expected = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
     col = _header(reader, expected, name)
     user_col, item_col, cat_col = col["user_id"], col["item_id"], col["category_id"]
@@ -253,20 +362,28 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     width = max(col.values()) + 1
 
     for line_no, row in _csv_rows(reader, result, width):
-        if isinstance(row, str):
+        if isinstance(row, Rejection):
             yield row
             continue
         event_type = TAOBAO_TYPES.get(row[type_col])
         if event_type is None:
-            yield "unknown_behavior_type"
+            detail = (
+                f"behavior_type {_quote(row[type_col])} is unknown; "
+                f"expected one of {', '.join(TAOBAO_TYPES)}"
+            )
+            yield Rejection("unknown_behavior_type", detail, line_no)
             continue
         if not row[user_col] or not row[item_col]:
-            yield "empty_id"
+            yield Rejection("empty_id", _empty_id_detail(row, col), line_no)
             continue
         try:
             timestamp_ms = parse_timestamp(int(row[time_col]) * 1000)
         except (ValueError, SchemaError):
-            yield "invalid_timestamp"
+            detail = (
+                f"timestamp {_quote(row[time_col])} is invalid; "
+                "expected whole Unix seconds from 2000 on"
+            )
+            yield Rejection("invalid_timestamp", detail, line_no)
             continue
         yield _checked(
             Event(
@@ -276,7 +393,8 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
                 item_id=row[item_col],
                 timestamp_ms=timestamp_ms,
                 category=row[cat_col] or None,
-            )
+            ),
+            line_no,
         )
 
 
@@ -296,7 +414,7 @@ def retail_family(stock_code: str) -> str:
     return stock_code[:_FAMILY_LENGTH]
 
 
-def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
+def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
     reader = csv.reader(handle)
     expected = ("InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID")
     col = _header(reader, expected, name)
@@ -306,52 +424,73 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
     times: dict[str, int] = {}
 
     for line_no, row in _csv_rows(reader, result, width):
-        if isinstance(row, str):
+        if isinstance(row, Rejection):
             yield row
             continue
         customer = row[col["CustomerID"]].strip()
         if customer.endswith(".0"):
             customer = customer[:-2]
         if not customer:
-            yield "missing_customer"
+            detail = "CustomerID is empty; expected the id of a registered customer"
+            yield Rejection("missing_customer", detail, line_no)
             continue
         code = row[col["StockCode"]].strip()
         if not _PRODUCT_CODE.match(code):
-            yield "non_product_code"
+            detail = (
+                f"StockCode {_quote(code)} is not a product; "
+                "expected a code starting with five digits or DCGS"
+            )
+            yield Rejection("non_product_code", detail, line_no)
             continue
         invoice = row[col["InvoiceNo"]].strip()
+        quantity_text, price_text = row[col["Quantity"]], row[col["UnitPrice"]]
         try:
-            amount = float(row[col["Quantity"]])
-            price = float(row[col["UnitPrice"]])
+            amount = float(quantity_text)
         except ValueError:
-            yield "invalid_number"
+            detail = f"Quantity {_quote(quantity_text)} is not a number; expected whole units"
+            yield Rejection("invalid_number", detail, line_no)
+            continue
+        try:
+            price = float(price_text)
+        except ValueError:
+            detail = f"UnitPrice {_quote(price_text)} is not a number; expected a price"
+            yield Rejection("invalid_number", detail, line_no)
             continue
         # Quantities are whole units. This also rejects inf and NaN.
         if not amount.is_integer():
-            yield "invalid_number"
+            detail = f"Quantity {_quote(quantity_text)} is not whole; expected whole units"
+            yield Rejection("invalid_number", detail, line_no)
             continue
         quantity = int(amount)
         cancellation = invoice.startswith("C")
         if cancellation:
             quantity = -abs(quantity)
         if quantity == 0 or (quantity < 0 and not cancellation):
-            yield "non_positive_quantity"
+            detail = (
+                f"Quantity {_quote(quantity_text)} on invoice {_quote(invoice)}; expected a "
+                "positive quantity, or an invoice starting with C for a cancellation"
+            )
+            yield Rejection("non_positive_quantity", detail, line_no)
             continue
         if not price > 0:
-            yield "non_positive_price"
+            detail = f"UnitPrice {_quote(price_text)} is not positive; expected a price above 0"
+            yield Rejection("non_positive_price", detail, line_no)
             continue
         stamp = row[col["InvoiceDate"]].strip()
         timestamp_ms = times.get(stamp)
         if timestamp_ms is None:
+            expected = "expected a UK local time such as 2010-12-01 08:26:00, without offset"
             try:
                 parsed = datetime.fromisoformat(stamp)
             except ValueError:
-                yield "invalid_timestamp"
+                detail = f"InvoiceDate {_quote(stamp)} is not a date and time; {expected}"
+                yield Rejection("invalid_timestamp", detail, line_no)
                 continue
             # Invoice times are UK local times, so a time with an offset is
             # not one of them.
             if parsed.tzinfo is not None:
-                yield "invalid_timestamp"
+                detail = f"InvoiceDate {_quote(stamp)} has a UTC offset; {expected}"
+                yield Rejection("invalid_timestamp", detail, line_no)
                 continue
             local = parsed.replace(tzinfo=_UK)
             timestamp_ms = int(local.timestamp() * 1000)
@@ -369,7 +508,8 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
                 quantity=quantity,
                 price=price,
                 currency="GBP",
-            )
+            ),
+            line_no,
         )
 
 
@@ -382,8 +522,8 @@ def _description(row: list[str], column: int | None) -> str | None:
     return text or None
 
 
-def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
-    reader = csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE)
+def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
+    reader = _UnquotingReader(csv.reader(handle, delimiter=";", quoting=csv.QUOTE_NONE))
     expected = ("session_id", "user_id", "item_id", "timeframe", "eventdate")
     # The published train-item-views.csv spells them sessionId, userId and itemId.
     aliases = {"sessionId": "session_id", "userId": "user_id", "itemId": "item_id"}
@@ -393,13 +533,13 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
     midnights: dict[str, int] = {}
 
     for line_no, row in _csv_rows(reader, result, width):
-        if isinstance(row, str):
+        if isinstance(row, Rejection):
             yield row
             continue
         session = row[col["session_id"]].strip()
         item = row[col["item_id"]].strip()
         if not session or not item:
-            yield "empty_id"
+            yield Rejection("empty_id", _empty_id_detail(row, col, "session_id"), line_no)
             continue
         user = row[col["user_id"]].strip()
         if user in ("", "NA"):
@@ -410,7 +550,8 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
             try:
                 day = date.fromisoformat(stamp)
             except ValueError:
-                yield "invalid_timestamp"
+                detail = f"eventdate {_quote(stamp)} is not a date; expected YYYY-MM-DD"
+                yield Rejection("invalid_timestamp", detail, line_no)
                 continue
             midnight = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
             midnights[stamp] = midnight
@@ -420,7 +561,11 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
                 raise ValueError(offset)
             timestamp_ms = parse_timestamp(midnight + int(offset))
         except (ValueError, SchemaError):
-            yield "invalid_timestamp"
+            detail = (
+                f"timeframe {_quote(offset)} is invalid; expected whole milliseconds "
+                "after the session's date, ending before the year 3000"
+            )
+            yield Rejection("invalid_timestamp", detail, line_no)
             continue
         yield _checked(
             Event(
@@ -430,17 +575,18 @@ def _diginetica_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator
                 item_id=item,
                 timestamp_ms=timestamp_ms,
                 session_id=session,
-            )
+            ),
+            line_no,
         )
 
 
-def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | str]:
-    for line in handle:
+def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Event | Rejection]:
+    for line_no, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         result.rows_read += 1
         if not _is_utf8(line):
-            yield "not_utf8"
+            yield Rejection("not_utf8", _not_utf8_detail([line.strip()], "line"), line_no)
             continue
         raw = line.encode("utf-8")
         try:
@@ -449,4 +595,10 @@ def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Even
             # because replay produces the decoded event and not the line.
             yield event_from_object(parse_object(raw, max_bytes=len(raw)))
         except SchemaError as exc:
-            yield exc.reason
+            yield Rejection(exc.reason, exc.detail, line_no)
+
+
+def _empty_id_detail(row: list[str], columns: dict[str, int], first: str = "user_id") -> str:
+    names = (first, "item_id")
+    empty = [name for name in names if not row[columns[name]].strip()]
+    return f"{' and '.join(empty)} is empty; expected a non-empty id"

@@ -13,9 +13,9 @@ import logging
 import sys
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from stream.kafka import client_options
+from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,11 @@ async def create_topics(settings: Settings, timeout_s: float = 60.0) -> list[str
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap, **client_options(settings)
     )
-    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except BaseException:
+        await admin.close()
+        raise
     try:
         existing = set(await admin.list_topics())
         wanted = [settings.topic(name) for name in ALL_TOPICS]
@@ -79,7 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in ALL_TOPICS:
             print(settings.topic(name))
     if args.create:
-        created = asyncio.run(create_topics(settings))
+        try:
+            created = asyncio.run(create_topics(settings, timeout_s=CONNECT_TIMEOUT_S))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            print(
+                f"fusionrec topics: cannot create the topics on Kafka at "
+                f"{settings.kafka_bootstrap}: {exc!r}; start the broker (make services-up) "
+                "or set FUSIONREC_KAFKA_BOOTSTRAP",
+                file=sys.stderr,
+            )
+            return 1
         print(f"created {len(created)} topic(s); {len(ALL_TOPICS) - len(created)} existed")
     return 0
 

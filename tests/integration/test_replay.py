@@ -284,6 +284,29 @@ def test_dry_run_counts_skipped_rows(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert summary["by_topic"] == {"events.purchase": 1, "events.view": 1}
 
 
+def test_dry_run_shows_skipped_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "behavior.csv"
+    path.write_text(
+        "user_id,item_id,category_id,behavior_type,timestamp\n"
+        "1,10,100,pv,1511658000\n"
+        "2,10,100,wish,1511658100\n"
+        "3,10,100,pv,yesterday\n",
+        encoding="utf-8",
+    )
+    assert run(_parse(str(path), "--format", "taobao", "--dry-run", "--json")) == 0
+    examples = _summary(capsys)["skipped_examples"]
+    assert examples["unknown_behavior_type"][0]["line"] == 3
+    assert "'wish'" in examples["unknown_behavior_type"][0]["detail"]
+    assert "expected one of pv, cart, fav, buy" in examples["unknown_behavior_type"][0]["detail"]
+    assert examples["invalid_timestamp"][0]["line"] == 4
+    assert "'yesterday'" in examples["invalid_timestamp"][0]["detail"]
+
+    assert run(_parse(str(path), "--format", "taobao", "--dry-run")) == 0
+    text = capsys.readouterr().out
+    assert "line 3: behavior_type 'wish' is unknown" in text
+    assert "line 4: timestamp 'yesterday' is invalid" in text
+
+
 def test_dry_run_skips_rows_stamped_ahead(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -299,6 +322,9 @@ def test_dry_run_skips_rows_stamped_ahead(
     summary = _summary(capsys)
     assert summary["events"] == 1
     assert summary["skipped"] == {"timestamp_in_future": 1}
+    detail = summary["skipped_examples"]["timestamp_in_future"][0]["detail"]
+    assert f"timestamp {ahead_s * 1000}" in detail
+    assert "behavior.csv:3:" in detail
 
 
 def test_dry_run_all_rows_ahead_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.sources import SourceError, read_events, retail_family
+from stream.sources import EXAMPLES_PER_REASON, SourceError, read_events, retail_family
 
 from shared_data import DIGINETICA, shared_file
 
@@ -104,7 +104,12 @@ def test_diginetica_skip_reasons(tmp_path: Path) -> None:
 
 def test_diginetica_sample_reads_whole() -> None:
     result = read_events(shared_file(DIGINETICA), "diginetica")
-    assert result.summary() == {"rows_read": 12391, "events": 12391, "skipped": {}}
+    assert result.summary() == {
+        "rows_read": 12391,
+        "events": 12391,
+        "skipped": {},
+        "skipped_examples": {},
+    }
     anonymous = {e.session_id for e in result.events if e.user_id.startswith("session-")}
     registered = {e.user_id for e in result.events if not e.user_id.startswith("session-")}
     assert (len(registered), len(anonymous)) == (1270, 1724)
@@ -371,3 +376,101 @@ def test_same_named_exports_get_distinct_ids(tmp_path: Path) -> None:
 
     assert ids_first != ids_second
     assert ids_first == [e.event_id for e in read_events(first, "taobao").events]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "header", "row"),
+    [
+        ("taobao", TAOBAO_HEADER, "1,2,3,pv,1511544070"),
+        ("online-retail", RETAIL_HEADER, "536370,22728,CLOCK,24,2010-12-01 08:45:00,3.75,12583,UK"),
+        ("diginetica", "session_id;user_id;item_id;timeframe;eventdate\n", "1;NA;2;100;2016-05-09"),
+    ],
+    ids=["taobao", "online-retail", "diginetica"],
+)
+def test_blank_lines_not_rows(tmp_path: Path, fmt: str, header: str, row: str) -> None:
+    path = tmp_path / "blank.csv"
+    path.write_bytes((header + "\r\n" + row + "\r\n\r\n" + row + "\n\n\n").encode())
+    loaded = read_events(path, fmt)
+    assert len(loaded.events) == 2
+    assert loaded.rows_read == 2
+    assert loaded.skipped == {}
+
+
+def test_skipped_rows_kept_with_line_and_value(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "retail.csv",
+        RETAIL_HEADER
+        + "536370,22728,CLOCK,24,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,POST,POSTAGE,1,2010-12-01 08:45:00,18.0,12583,France\n"
+        + "536370,22729,CLOCK,two,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22730,CLOCK,2,2010-12-01 08:45:00,free,12583,France\n"
+        + "536370,22731,CLOCK,-3,2010-12-01 08:45:00,3.75,12583,France\n"
+        + "536370,22732,CLOCK,1,1 Dec 2010,3.75,12583,France\n"
+        + "536370,22733,CLOCK,1,2010-12-01 08:45:00,3.75,,France\n",
+    )
+    loaded = read_events(path, "online-retail")
+    details = {
+        reason: [(rejection.line, rejection.detail) for rejection in rejections]
+        for reason, rejections in loaded.examples.items()
+    }
+    assert details["non_product_code"][0][0] == 3
+    assert "StockCode 'POST'" in details["non_product_code"][0][1]
+    assert [line for line, _ in details["invalid_number"]] == [4, 5]
+    assert "Quantity 'two'" in details["invalid_number"][0][1]
+    assert "UnitPrice 'free'" in details["invalid_number"][1][1]
+    assert "Quantity '-3'" in details["non_positive_quantity"][0][1]
+    assert "InvoiceDate '1 Dec 2010'" in details["invalid_timestamp"][0][1]
+    assert details["missing_customer"][0][0] == 8
+    assert loaded.summary()["skipped_examples"]["missing_customer"][0]["line"] == 8
+
+
+def test_skipped_examples_capped_per_reason(tmp_path: Path) -> None:
+    rows = ["1,2,3,pv,1511544070"] + ["1,2,3,wish,1511544070"] * (EXAMPLES_PER_REASON + 5)
+    path = _write(tmp_path / "many.csv", TAOBAO_HEADER + "\n".join(rows) + "\n")
+    loaded = read_events(path, "taobao")
+    examples = loaded.examples["unknown_behavior_type"]
+    assert loaded.skipped["unknown_behavior_type"] == EXAMPLES_PER_REASON + 5
+    assert [rejection.line for rejection in examples] == list(range(3, 3 + EXAMPLES_PER_REASON))
+
+
+def test_jsonl_skipped_row_keeps_worker_detail(tmp_path: Path) -> None:
+    head = '{"event_id":"e1","type":"view","user_id":"u1","item_id":"i1","timestamp":1700000000000'
+    path = tmp_path / "events.jsonl"
+    path.write_bytes((head + "}\n\n" + head + ',"price":-2}\n').encode() + b"\xff\n")
+    loaded = read_events(path, "jsonl")
+    price = loaded.examples["negative_price"][0]
+    assert price.line == 3
+    assert "price -2" in price.detail
+    assert loaded.examples["not_utf8"][0].line == 4
+    assert "b'\\xff'" in loaded.examples["not_utf8"][0].detail
+
+
+def test_no_valid_row_error_names_first_rejection(tmp_path: Path) -> None:
+    path = _write(tmp_path / "wrong.csv", TAOBAO_HEADER + "1,2,3,like,1511544070\n")
+    with pytest.raises(SourceError, match=r"first: line 2: behavior_type 'like' is unknown"):
+        read_events(path, "taobao")
+
+
+def test_quoted_taobao_fields_unquoted(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "quoted.csv",
+        '"user_id","item_id","category_id","behavior_type","timestamp"\n'
+        '"1","10","5","pv","1511544070"\n'
+        '2,"a""b",5,buy,1511544071\n'
+        '3,"11,5,pv,1511544072\n',
+    )
+    loaded = read_events(path, "taobao")
+    assert [(e.user_id, e.item_id, e.category) for e in loaded.events] == [
+        ("1", "10", "5"),
+        ("2", 'a"b', "5"),
+        ("3", '"11', "5"),
+    ]
+
+
+def test_quoted_diginetica_fields_unquoted(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        '"sessionId";"userId";"itemId";"timeframe";"eventdate"\n"1";"NA";"2";"100";"2016-05-09"\n',
+    )
+    [event] = read_events(path, "diginetica").events
+    assert (event.user_id, event.item_id, event.session_id) == ("session-1", "2", "1")

@@ -1,0 +1,73 @@
+"""Argument and connection errors of the ``fusionrec`` commands."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from stream.cli import main
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_topics_create_without_broker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", address)
+    assert main(["topics", "--create"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot create the topics on Kafka at {address}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "value", ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:9092,", ":9092", "127.0.0.1:port"]
+)
+def test_invalid_bootstrap_named(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", value)
+    assert main(["settings"]) == 2
+    err = capsys.readouterr().err
+    assert f"FUSIONREC_KAFKA_BOOTSTRAP entry {value.rpartition(',')[2]!r}" in err
+    assert "expected comma-separated host:port" in err
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:9092", "a:1, b:2", "[::1]:9092"])
+def test_valid_bootstrap_accepted(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", value)
+    assert main(["settings"]) == 0
+
+
+def test_redis_url_scheme_checked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FUSIONREC_REDIS_URL", "http://:secret@127.0.0.1:6379/0")
+    assert main(["recs", "u1"]) == 2
+    err = capsys.readouterr().err
+    assert "FUSIONREC_REDIS_URL is 'http://:***@127.0.0.1:6379/0'" in err
+    assert "expected a URL starting with redis://, rediss:// or unix://" in err
+    assert "secret" not in err
+    assert "Traceback" not in err
+
+
+def test_recs_missing_popular_names_its_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def absent(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr("stream.reader.read_list", absent)
+    monkeypatch.setenv("FUSIONREC_REDIS_KEY_PREFIX", "shop1:recs:")
+    assert main(["recs", "--popular"]) == 1
+    assert "no list in Redis at shop1:recs:popular" in capsys.readouterr().err
+    assert main(["recs", "u1"]) == 1
+    err = capsys.readouterr().err
+    assert "no list in Redis for user 'u1'" in err
+    assert "served shop1:recs:popular" in err
