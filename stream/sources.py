@@ -479,17 +479,17 @@ def _retail_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
         stamp = row[col["InvoiceDate"]].strip()
         timestamp_ms = times.get(stamp)
         if timestamp_ms is None:
-            expected = "expected a UK local time such as 2010-12-01 08:26:00, without offset"
+            uk_time = "expected a UK local time such as 2010-12-01 08:26:00, without offset"
             try:
                 parsed = datetime.fromisoformat(stamp)
             except ValueError:
-                detail = f"InvoiceDate {_quote(stamp)} is not a date and time; {expected}"
+                detail = f"InvoiceDate {_quote(stamp)} is not a date and time; {uk_time}"
                 yield Rejection("invalid_timestamp", detail, line_no)
                 continue
             # Invoice times are UK local times, so a time with an offset is
             # not one of them.
             if parsed.tzinfo is not None:
-                detail = f"InvoiceDate {_quote(stamp)} has a UTC offset; {expected}"
+                detail = f"InvoiceDate {_quote(stamp)} has a UTC offset; {uk_time}"
                 yield Rejection("invalid_timestamp", detail, line_no)
                 continue
             local = parsed.replace(tzinfo=_UK)
