@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from schemas import Event
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
-from stream.settings import Settings
+from stream.settings import Settings, SettingsError, check_bootstrap
 from stream.sources import FORMATS, LoadResult, Rejection, SourceError, read_events
 from stream.topics import EVENT_TOPICS
 
@@ -188,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
             f"fusionrec replay: --rate is {args.rate}; expected a positive number", file=sys.stderr
         )
         return 2
+    if args.bootstrap_servers is not None:
+        try:
+            check_bootstrap(args.bootstrap_servers, "--bootstrap-servers")
+        except SettingsError as exc:
+            print(f"fusionrec replay: {exc}", file=sys.stderr)
+            return 2
     settings = Settings.from_env()
     bootstrap = args.bootstrap_servers or settings.kafka_bootstrap
 

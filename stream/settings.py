@@ -110,7 +110,7 @@ class Settings:
 
     def validate(self) -> None:
         """Raise `SettingsError` on values that are out of range."""
-        _check_bootstrap(self.kafka_bootstrap)
+        check_bootstrap(self.kafka_bootstrap, f"{PREFIX}KAFKA_BOOTSTRAP")
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in _REDIS_SCHEMES:
             msg = (
@@ -301,15 +301,18 @@ _URLS = frozenset({"redis_url"})
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _check_bootstrap(bootstrap: str) -> None:
-    """Raise `SettingsError` unless ``bootstrap`` is a comma-separated list of host:port."""
+def check_bootstrap(bootstrap: str, name: str) -> None:
+    """Raise `SettingsError` unless ``bootstrap`` is a comma-separated list of host:port.
+
+    ``name`` is the variable or option the list came from, for the message.
+    """
     entries = [entry.strip() for entry in bootstrap.split(",")]
     for entry in entries:
         host, _, port = entry.rpartition(":")
         if host.strip("[]") and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             continue
         msg = (
-            f"{PREFIX}KAFKA_BOOTSTRAP entry {entry!r} of {bootstrap!r} is invalid; expected "
+            f"{name} entry {entry!r} of {bootstrap!r} is invalid; expected "
             "comma-separated host:port pairs, such as 127.0.0.1:9092"
         )
         raise SettingsError(msg)

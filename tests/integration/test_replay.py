@@ -384,3 +384,13 @@ def test_token_bucket_refills_up_to_burst() -> None:
 def test_token_bucket_rejects_invalid(rate: float, burst: float) -> None:
     with pytest.raises(ValueError, match="expected"):
         TokenBucket(rate_per_s=rate, burst=burst)
+
+
+@pytest.mark.parametrize("value", ["", "127.0.0.1", "127.0.0.1:port"])
+def test_invalid_bootstrap_option_is_bad_input(
+    sample_file: Path, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(_parse(str(sample_file), "--format", "jsonl", "--bootstrap-servers", value)) == 2
+    err = capsys.readouterr().err
+    assert f"--bootstrap-servers entry {value!r}" in err
+    assert "expected comma-separated host:port" in err
