@@ -12,11 +12,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import orjson
 
@@ -112,7 +113,8 @@ def _forget(args: argparse.Namespace) -> int:
         print(f"fusionrec: invalid forget request: {exc.detail}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(request_forget(settings, args.user))
+        with _client_logs_quiet():
+            asyncio.run(request_forget(settings, args.user))
     except ForgetError as exc:
         print(f"fusionrec forget: {exc}", file=sys.stderr)
         return 1
@@ -131,7 +133,25 @@ def _settings(args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from stream.topics import main as topics_main
 
-    return topics_main(["--create"] if args.create else ["--list"])
+    with _client_logs_quiet():
+        return topics_main(["--create"] if args.create else ["--list"])
+
+
+@contextlib.contextmanager
+def _client_logs_quiet() -> Iterator[None]:
+    """Hide the Kafka client's log lines below CRITICAL unless the log level is DEBUG.
+
+    One-shot commands print one error line of their own that names the
+    bootstrap servers, so the client's connection errors would only repeat it.
+    """
+    client = logging.getLogger("aiokafka")
+    level = client.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        client.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,3 +71,14 @@ def test_recs_missing_popular_names_its_key(
     err = capsys.readouterr().err
     assert "no list in Redis for user 'u1'" in err
     assert "served shop1:recs:popular" in err
+
+
+def test_forget_without_broker_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", address)
+    assert main(["forget", "u1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert f"cannot connect to Kafka at {address}" in lines[0]
