@@ -289,10 +289,17 @@ class DecayedScores:
         if exponent.max() > _MAX_DECAY_EXPONENT:
             self._rescale(int(times.max()))
             exponent = (times.astype(np.float64) - self.reference_ms) / self.half_life_ms
-        np.add.at(self._values, items, weights * np.exp2(exponent))
-        if (weights < 0).any():
-            touched = items[weights < 0]
-            self._values[touched] = np.maximum(self._values[touched], 0.0)
+        amounts = weights * np.exp2(exponent)
+        # A score is clamped at 0 right after each subtraction, as if the
+        # events came one by one. Clamping once after the whole batch would
+        # let a refund larger than the score cancel later events of the batch.
+        start = 0
+        for stop in np.flatnonzero(weights < 0).tolist():
+            np.add.at(self._values, items[start:stop], amounts[start:stop])
+            row = int(items[stop])
+            self._values[row] = max(float(self._values[row] + amounts[stop]), 0.0)
+            start = stop + 1
+        np.add.at(self._values, items[start:], amounts[start:])
         self.version += 1
 
     def _rescale(self, time_ms: int) -> None:

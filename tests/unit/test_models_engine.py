@@ -417,6 +417,40 @@ def test_decayed_scores_never_negative() -> None:
     assert scores.raw()[0] == 0.0
 
 
+def test_decayed_scores_clamp_in_event_order() -> None:
+    # A refund larger than the item's score clamps it to 0 at the refund,
+    # so a later event of the same batch counts in full, as one by one.
+    items = np.array([0, 0, 0, 0])
+    weights = np.array([1.0, 1.0, -5.0, 1.0])
+    times = np.zeros(4, dtype=np.int64)
+    batched = DecayedScores(half_life_ms=1000)
+    batched.add(items, weights, times)
+    single = DecayedScores(half_life_ms=1000)
+    for n in range(4):
+        single.add(items[n : n + 1], weights[n : n + 1], times[n : n + 1])
+    assert single.raw()[0] == 1.0
+    assert batched.raw()[0] == 1.0
+
+
+def test_popularity_ignores_batches_with_refunds() -> None:
+    events = [_event(n, "u0", "i0") for n in range(3)]
+    events.append(_event(3, "u0", "i0", "purchase", quantity=-1))
+    events.append(_event(4, "u0", "i0"))
+    events.append(_event(5, "u1", "i1"))
+    single = Recommender(EngineConfig(fusion_learn_every=0))
+    for event in events:
+        single.learn([event])
+    batched = Recommender(EngineConfig(fusion_learn_every=0))
+    batched.learn(events[:3])
+    batched.learn(events[3:])
+    items = np.arange(2)
+    for name in ("popular", "trending"):
+        expected = single.models[name].score("u0", items)
+        actual = batched.models[name].score("u0", items)
+        assert actual[0].tolist() == expected[0].tolist()
+        assert np.allclose(actual[1], expected[1])
+
+
 def test_top_n_breaks_ties_by_row() -> None:
     assert top_n(np.array([1.0, 2.0, 2.0, 0.5]), 3).tolist() == [1, 2, 0]
 
