@@ -142,6 +142,10 @@ class ItemCatalog:
             self.category_index[category] = row
         return row
 
+    def category_of(self, row: int) -> int:
+        """Return the category row of item ``row``, `NO_CATEGORY` when unknown."""
+        return int(self._categories[row])
+
     def category_name(self, row: int) -> str | None:
         """Return the category name of item ``row``, or ``None`` when unknown."""
         category = int(self._categories[row])

@@ -459,16 +459,20 @@ class Recommender:
         items = np.empty(len(events), dtype=np.int64)
         weights = np.empty(len(events), dtype=np.float64)
         times = np.empty(len(events), dtype=np.int64)
+        categories = np.empty(len(events), dtype=np.int64)
         catalog_size_before = len(self.catalog)
         for index, event in enumerate(events):
             weight = type_weights.get(event.type)
             if weight is None:
                 msg = f"event type is {event.type!r}; expected one of {', '.join(EVENT_TYPES)}"
                 raise ModelError(msg)
-            items[index] = self.catalog.add(event.item_id, event.category, event.price)
+            row = self.catalog.add(event.item_id, event.category, event.price)
+            items[index] = row
             weights[index] = -purchase_weight if event.is_refund else weight
             times[index] = event.timestamp_ms
-        categories = self.catalog.categories[items]
+            # Read now, not after the batch: a later event of the batch can
+            # give the item a category that this event's user never saw.
+            categories[index] = self.catalog.category_of(row)
         first_touch = self._first_touches(events, items)
         return EventBatch(
             events, items, weights, times, categories, first_touch, catalog_size_before

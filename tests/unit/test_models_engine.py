@@ -9,8 +9,9 @@ import unicodedata
 import numpy as np
 import pytest
 
-from models.base import DecayedScores, ModelError, top_n
+from models.base import NO_CATEGORY, DecayedScores, ModelError, top_n
 from models.engine import MODEL_NAMES, EngineConfig, Recommender
+from models.popularity import CategoryModel
 from schemas import Event, ItemUpdate
 
 T0 = 1_700_000_000_000
@@ -449,6 +450,23 @@ def test_popularity_ignores_batches_with_refunds() -> None:
         actual = batched.models[name].score("u0", items)
         assert actual[0].tolist() == expected[0].tolist()
         assert np.allclose(actual[1], expected[1])
+
+
+def test_user_categories_ignore_batches() -> None:
+    # The first event names no category, and a later one gives the item
+    # one. The first user did not see that category, in any batching.
+    events = [_event(0, "u1", "i0"), _event(1, "u0", "i0", category="c0")]
+    config = EngineConfig(fusion_learn_every=0)
+    single = Recommender(config)
+    for event in events:
+        single.learn([event])
+    batched = Recommender(config)
+    batched.learn(events)
+    for engine in (single, batched):
+        category = engine.models["category"]
+        assert isinstance(category, CategoryModel)
+        assert category.user_categories("u1") == []
+        assert engine._users["u1"].last_category == NO_CATEGORY
 
 
 def test_top_n_breaks_ties_by_row() -> None:
