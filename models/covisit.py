@@ -90,7 +90,9 @@ class CoVisitationModel(UserNeighbourScores):
             gap = 0
             for previous, previous_ms in reversed(recent):
                 gap += 1
-                if previous == item or time_ms - previous_ms > self.window_ms:
+                # The gap is taken both ways, because an event stamped long
+                # before the user's last items can arrive after them.
+                if previous == item or abs(time_ms - previous_ms) > self.window_ms:
                     continue
                 self._add(previous, item, scale / gap)
                 self._add(item, previous, self.backward * scale / gap)
