@@ -439,6 +439,12 @@ def top_n(scores: FloatArray, n: int, rows: IntArray | None = None) -> IntArray:
     return best_rows(rows, scores, n)
 
 
+_NO_SCORES: tuple[IntArray, FloatArray] = (
+    np.zeros(0, dtype=np.int64),
+    np.zeros(0, dtype=np.float64),
+)
+
+
 class UserNeighbourScores:
     """Base of the models that score a user as a sparse sum of item neighbour rows.
 
@@ -450,16 +456,15 @@ class UserNeighbourScores:
 
     def __init__(self) -> None:
         self._memo_key: tuple[str, int] | None = None
-        self._memo: tuple[IntArray, FloatArray] = (
-            np.zeros(0, dtype=np.int64),
-            np.zeros(0, dtype=np.float64),
-        )
+        self._memo: tuple[IntArray, FloatArray] = _NO_SCORES
         self._version = 0
 
     def _drop_kept_scores(self) -> None:
-        # The kept key names the last user scored, so a model that forgets a
-        # user drops it, or the user id would stay in the next checkpoint.
+        # The kept key names the last user scored and the kept scores come
+        # from that user's items, so a model that forgets a user drops both,
+        # or they would stay in the next checkpoint.
         self._memo_key = None
+        self._memo = _NO_SCORES
         self._version += 1
 
     def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
