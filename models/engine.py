@@ -706,24 +706,34 @@ class Recommender:
         return groups
 
     def fused(self, scored: CandidateScores, strategy: str) -> FloatArray:
-        """Return one fused score per candidate under ``strategy``, or one model's name."""
-        if strategy == "weighted":
-            return weighted_fusion(scored.normalized, scored.mask, self.weights)
-        if strategy == "rrf":
-            return rrf_fusion(scored.ranks, scored.mask, self.weights)
-        if strategy == "learned":
+        """Return one fused score per candidate under ``strategy``, or one model's name.
+
+        A fusion strategy gives minus infinity, which leaves the candidate
+        out of the list, to candidates that no model of weight above 0 scored.
+        """
+        if strategy in FUSION_STRATEGIES:
             enabled = scored.mask & (self.weights > 0)[:, None]
-            learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
-            learned = self._order_unproven_groups(scored, learned)
-            if not self.config.fusion_select_order:
-                return learned
-            keys = self._policy_keys(scored, learned)
-            return self.selector.reorder(keys, learned, scored.groups, scored.cold)
+            fused = self._fused_by_strategy(scored, strategy, enabled)
+            return np.where(enabled.any(axis=0), fused, -np.inf)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
         msg = f"strategy is {strategy!r}; expected one of {FUSION_STRATEGIES + MODEL_NAMES}"
         raise ModelError(msg)
+
+    def _fused_by_strategy(
+        self, scored: CandidateScores, strategy: str, enabled: BoolMatrix
+    ) -> FloatArray:
+        if strategy == "weighted":
+            return weighted_fusion(scored.normalized, scored.mask, self.weights)
+        if strategy == "rrf":
+            return rrf_fusion(scored.ranks, scored.mask, self.weights)
+        learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+        learned = self._order_unproven_groups(scored, learned)
+        if not self.config.fusion_select_order:
+            return learned
+        keys = self._policy_keys(scored, learned)
+        return self.selector.reorder(keys, learned, scored.groups, scored.cold)
 
     def _order_unproven_groups(self, scored: CandidateScores, fused: FloatArray) -> FloatArray:
         # Hits are rare, and rates learned from a few dozen of them flip the
@@ -907,12 +917,13 @@ class Recommender:
     def _sources(self, scored: CandidateScores, rows: list[int]) -> list[tuple[str, ...]]:
         """Name the models behind each row, largest weighted score first, ties by name.
 
+        Models of weight 0 add nothing to a fused score and are not named.
         Rows that are not among the candidates came from popularity padding.
         """
         if not rows or len(scored.items) == 0:
             return [("popular",)] * len(rows)
         positions, is_candidate = find_sorted(scored.items, np.asarray(rows, dtype=np.int64))
-        opinions = scored.mask[:, positions].T
+        opinions = (scored.mask & (self.weights > 0)[:, None])[:, positions].T
         weighted = (self.weights[:, None] * scored.normalized[:, positions]).T
         keys = np.where(opinions, -weighted, np.inf)
         order = np.lexsort((np.broadcast_to(_NAME_ORDER, keys.shape), keys), axis=-1)

@@ -253,6 +253,35 @@ def test_sources_ordered_by_weighted_score() -> None:
         assert list(names) == sorted(opinions, key=lambda name: (opinions[name], name))
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_zero_weight_models_not_in_sources(fusion: str) -> None:
+    # A weight of 0 switches a model off: it adds nothing to any fused
+    # score, so no list names it, and items that only it scored are left out.
+    config = EngineConfig(fusion=fusion, weights={"mf": 0.0, "recent": 0.0})
+    engine = Recommender(config)
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    enabled = scored.mask[[MODEL_NAMES.index("mf"), MODEL_NAMES.index("recent")]]
+    assert enabled.any()
+    for entry in engine.recommend(["u1"], 30)[0]:
+        assert entry.sources
+        assert "mf" not in entry.sources
+        assert "recent" not in entry.sources
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_item_without_enabled_opinion_left_out(fusion: str) -> None:
+    engine = Recommender(EngineConfig(fusion=fusion, weights={"mf": 0.0}))
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    # The first candidate keeps only the opinion of mf, the second none.
+    scored.mask[:, :2] = False
+    scored.mask[MODEL_NAMES.index("mf"), 0] = True
+    fused = engine.fused(scored, fusion)
+    assert np.isneginf(fused[:2]).all()
+    assert np.isfinite(fused[2:]).all()
+
+
 def test_scores_sorted_and_finite() -> None:
     for fusion in ("weighted", "rrf", "learned"):
         engine = Recommender(EngineConfig(fusion=fusion))
