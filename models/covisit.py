@@ -57,6 +57,9 @@ class CoVisitationModel(UserNeighbourScores):
         if window_items < 1:
             msg = f"window_items is {window_items}; expected at least 1"
             raise ModelError(msg)
+        if not half_life_ms > 0:
+            msg = f"half_life_ms is {half_life_ms}; expected a positive number of milliseconds"
+            raise ModelError(msg)
         super().__init__()
         self.name = "covisit"
         self.window_items = window_items

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,12 @@ class ImplicitMF:
             raise ModelError(msg)
         if negatives < 0:
             msg = f"negatives is {negatives}; expected 0 or more"
+            raise ModelError(msg)
+        if not (math.isfinite(learning_rate) and learning_rate >= 0):
+            msg = f"learning_rate is {learning_rate}; expected a finite number >= 0"
+            raise ModelError(msg)
+        if not (math.isfinite(l2) and l2 >= 0):
+            msg = f"l2 is {l2}; expected a finite number >= 0"
             raise ModelError(msg)
         self.name = "mf"
         self.catalog = catalog

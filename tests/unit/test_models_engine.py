@@ -52,6 +52,22 @@ def test_config_rejects_negative_weight() -> None:
         Recommender(EngineConfig(weights={"mf": -1.0}))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("covisit_half_life_ms", 0.0, "half_life_ms is 0.0"),
+        ("covisit_half_life_ms", math.nan, "half_life_ms is nan"),
+        ("mf_learning_rate", -0.05, "learning_rate is -0.05"),
+        ("mf_learning_rate", math.inf, "learning_rate is inf"),
+        ("mf_l2", -0.01, "l2 is -0.01"),
+    ],
+)
+def test_config_rejects_invalid_model_setting(field: str, value: float, shown: str) -> None:
+    # Rejected when the engine is built, not at the first event it learns.
+    with pytest.raises(ModelError, match=shown):
+        Recommender(EngineConfig(**{field: value}))  # type: ignore[arg-type]
+
+
 def test_unknown_event_type_rejected() -> None:
     with pytest.raises(ModelError, match="event type is 'cart'"):
         Recommender().learn([_event(0, "u", "i", "cart")])
