@@ -514,6 +514,21 @@ def test_user_categories_ignore_batches() -> None:
         assert engine._users["u1"].last_category == NO_CATEGORY
 
 
+def test_refund_leaves_user_categories() -> None:
+    # A refund is never a positive signal, so the category of a returned
+    # item does not become the user's newest category.
+    engine = Recommender()
+    engine.learn(
+        [
+            _event(0, "u1", "a", category="c0"),
+            _event(1, "u1", "b", "purchase", quantity=-1, category="c1"),
+        ]
+    )
+    category = engine.models["category"]
+    assert isinstance(category, CategoryModel)
+    assert [engine.catalog.category_names[row] for row in category.user_categories("u1")] == ["c0"]
+
+
 def test_top_n_breaks_ties_by_row() -> None:
     assert top_n(np.array([1.0, 2.0, 2.0, 0.5]), 3).tolist() == [1, 2, 0]
 
