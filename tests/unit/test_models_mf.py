@@ -28,8 +28,8 @@ def _largest_norm(model: ImplicitMF) -> float:
 
 
 def test_mf_heavy_user_batch_stays_bounded() -> None:
-    # One user with 100 events on 10 items in every batch: the summed steps
-    # of the user's row overshot and the vectors grew past 1e12.
+    # One user with 100 events on 10 items in every batch. Summed without a
+    # bound, the steps of the user's row overshoot and the vectors diverge.
     events = [Event(f"e{n}", "view", "u0", f"i{n % 10}", T0 + n) for n in range(3000)]
     model = _mf_after(events)
     assert np.isfinite(_largest_norm(model))
@@ -45,7 +45,7 @@ def test_mf_single_item_stays_finite() -> None:
 
 def test_mf_rates_cut_only_for_heavy_rows() -> None:
     # Rows with little curvature in a batch keep the plain rate, so sparse
-    # batches learn as before; a heavy row gets 1 / curvature.
+    # batches learn as before. A heavy row gets 1 / curvature.
     model = ImplicitMF(Recommender().catalog, learning_rate=0.05)
     rows = np.array([3, 7, 3, 9, 9, 9], dtype=np.int64)
     curvatures = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
