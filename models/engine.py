@@ -512,11 +512,12 @@ class Recommender:
             if len(state.history) > 2 * _HISTORY_KEPT:
                 del state.history[:-_HISTORY_KEPT]
             state.seen.add(item)
-            if self._new_session(state, event):
-                state.session_items = set()
-            state.session_items.add(item)
-            state.session_id = event.session_id
-            state.last_ms = event.timestamp_ms
+            if not self._is_late(state, event):
+                if self._new_session(state, event):
+                    state.session_items = set()
+                state.session_items.add(item)
+                state.session_id = event.session_id
+                state.last_ms = event.timestamp_ms
             if category != NO_CATEGORY:
                 state.last_category = category
             if event.type == "purchase":
@@ -527,6 +528,14 @@ class Recommender:
                     state.purchased[item] = units
                 else:
                     state.purchased.pop(item, None)
+
+    def _is_late(self, state: _UserState, event: Event) -> bool:
+        # An event stamped more than a session gap before the user's last
+        # one arrived out of order. It belongs to an earlier session, so it
+        # neither joins the current one nor starts a new one.
+        if state.last_ms is None:
+            return False
+        return state.last_ms - event.timestamp_ms > self.config.session_gap_ms
 
     def _new_session(self, state: _UserState, event: Event) -> bool:
         if state.last_ms is None:
@@ -580,7 +589,9 @@ class Recommender:
     def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
         """Return the times of the user's earliest and last learned events, None without events.
 
-        A state saved before the earliest time was kept reports it as -1.
+        The last time skips events stamped more than ``session_gap_ms`` before
+        the user's previous one. A state saved before the earliest time was
+        kept reports it as -1.
         """
         state = self._users.get(user_id)
         if state is None:

@@ -529,6 +529,24 @@ def test_refund_leaves_user_categories() -> None:
     assert [engine.catalog.category_names[row] for row in category.user_categories("u1")] == ["c0"]
 
 
+def test_late_event_keeps_current_session() -> None:
+    # An event stamped two hours before the user's last one arrives late.
+    # It belongs to an earlier session, so it neither joins nor ends the
+    # current one.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0),
+            Event("e2", "view", "u1", "b", T0 + 60_000),
+            Event("e3", "view", "u1", "late", T0 - 2 * 3_600_000),
+            Event("e4", "view", "u1", "d", T0 + 120_000),
+        ]
+    )
+    rows = np.array([engine.catalog.index[item] for item in ("a", "b", "late", "d")])
+    assert engine._groups("u1", rows).tolist() == [1, 1, 2, 1]
+    assert engine.user_event_times("u1") == (T0 - 2 * 3_600_000, T0 + 120_000)
+
+
 def test_top_n_breaks_ties_by_row() -> None:
     assert top_n(np.array([1.0, 2.0, 2.0, 0.5]), 3).tolist() == [1, 2, 0]
 
