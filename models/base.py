@@ -142,6 +142,10 @@ class ItemCatalog:
             self.category_index[category] = row
         return row
 
+    def category_of(self, row: int) -> int:
+        """Return the category row of item ``row``, `NO_CATEGORY` when unknown."""
+        return int(self._categories[row])
+
     def category_name(self, row: int) -> str | None:
         """Return the category name of item ``row``, or ``None`` when unknown."""
         category = int(self._categories[row])
@@ -289,10 +293,17 @@ class DecayedScores:
         if exponent.max() > _MAX_DECAY_EXPONENT:
             self._rescale(int(times.max()))
             exponent = (times.astype(np.float64) - self.reference_ms) / self.half_life_ms
-        np.add.at(self._values, items, weights * np.exp2(exponent))
-        if (weights < 0).any():
-            touched = items[weights < 0]
-            self._values[touched] = np.maximum(self._values[touched], 0.0)
+        amounts = weights * np.exp2(exponent)
+        # A score is clamped at 0 right after each subtraction, as if the
+        # events came one by one. Clamping once after the whole batch would
+        # let a refund larger than the score cancel later events of the batch.
+        start = 0
+        for stop in np.flatnonzero(weights < 0).tolist():
+            np.add.at(self._values, items[start:stop], amounts[start:stop])
+            row = int(items[stop])
+            self._values[row] = max(float(self._values[row] + amounts[stop]), 0.0)
+            start = stop + 1
+        np.add.at(self._values, items[start:], amounts[start:])
         self.version += 1
 
     def _rescale(self, time_ms: int) -> None:
@@ -428,6 +439,12 @@ def top_n(scores: FloatArray, n: int, rows: IntArray | None = None) -> IntArray:
     return best_rows(rows, scores, n)
 
 
+_NO_SCORES: tuple[IntArray, FloatArray] = (
+    np.zeros(0, dtype=np.int64),
+    np.zeros(0, dtype=np.float64),
+)
+
+
 class UserNeighbourScores:
     """Base of the models that score a user as a sparse sum of item neighbour rows.
 
@@ -439,16 +456,15 @@ class UserNeighbourScores:
 
     def __init__(self) -> None:
         self._memo_key: tuple[str, int] | None = None
-        self._memo: tuple[IntArray, FloatArray] = (
-            np.zeros(0, dtype=np.int64),
-            np.zeros(0, dtype=np.float64),
-        )
+        self._memo: tuple[IntArray, FloatArray] = _NO_SCORES
         self._version = 0
 
     def _drop_kept_scores(self) -> None:
-        # The kept key names the last user scored, so a model that forgets a
-        # user drops it, or the user id would stay in the next checkpoint.
+        # The kept key names the last user scored and the kept scores come
+        # from that user's items, so a model that forgets a user drops both,
+        # or they would stay in the next checkpoint.
         self._memo_key = None
+        self._memo = _NO_SCORES
         self._version += 1
 
     def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:

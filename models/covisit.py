@@ -57,6 +57,9 @@ class CoVisitationModel(UserNeighbourScores):
         if window_items < 1:
             msg = f"window_items is {window_items}; expected at least 1"
             raise ModelError(msg)
+        if not half_life_ms > 0:
+            msg = f"half_life_ms is {half_life_ms}; expected a positive number of milliseconds"
+            raise ModelError(msg)
         super().__init__()
         self.name = "covisit"
         self.window_items = window_items
@@ -90,7 +93,9 @@ class CoVisitationModel(UserNeighbourScores):
             gap = 0
             for previous, previous_ms in reversed(recent):
                 gap += 1
-                if previous == item or time_ms - previous_ms > self.window_ms:
+                # The gap is taken both ways, because an event stamped long
+                # before the user's last items can arrive after them.
+                if previous == item or abs(time_ms - previous_ms) > self.window_ms:
                     continue
                 self._add(previous, item, scale / gap)
                 self._add(item, previous, self.backward * scale / gap)

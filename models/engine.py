@@ -459,16 +459,20 @@ class Recommender:
         items = np.empty(len(events), dtype=np.int64)
         weights = np.empty(len(events), dtype=np.float64)
         times = np.empty(len(events), dtype=np.int64)
+        categories = np.empty(len(events), dtype=np.int64)
         catalog_size_before = len(self.catalog)
         for index, event in enumerate(events):
             weight = type_weights.get(event.type)
             if weight is None:
                 msg = f"event type is {event.type!r}; expected one of {', '.join(EVENT_TYPES)}"
                 raise ModelError(msg)
-            items[index] = self.catalog.add(event.item_id, event.category, event.price)
+            row = self.catalog.add(event.item_id, event.category, event.price)
+            items[index] = row
             weights[index] = -purchase_weight if event.is_refund else weight
             times[index] = event.timestamp_ms
-        categories = self.catalog.categories[items]
+            # Read now, not after the batch: a later event of the batch can
+            # give the item a category that this event's user never saw.
+            categories[index] = self.catalog.category_of(row)
         first_touch = self._first_touches(events, items)
         return EventBatch(
             events, items, weights, times, categories, first_touch, catalog_size_before
@@ -508,11 +512,12 @@ class Recommender:
             if len(state.history) > 2 * _HISTORY_KEPT:
                 del state.history[:-_HISTORY_KEPT]
             state.seen.add(item)
-            if self._new_session(state, event):
-                state.session_items = set()
-            state.session_items.add(item)
-            state.session_id = event.session_id
-            state.last_ms = event.timestamp_ms
+            if not self._is_late(state, event):
+                if self._new_session(state, event):
+                    state.session_items = set()
+                state.session_items.add(item)
+                state.session_id = event.session_id
+                state.last_ms = event.timestamp_ms
             if category != NO_CATEGORY:
                 state.last_category = category
             if event.type == "purchase":
@@ -523,6 +528,14 @@ class Recommender:
                     state.purchased[item] = units
                 else:
                     state.purchased.pop(item, None)
+
+    def _is_late(self, state: _UserState, event: Event) -> bool:
+        # An event stamped more than a session gap before the user's last
+        # one arrived out of order. It belongs to an earlier session, so it
+        # neither joins the current one nor starts a new one.
+        if state.last_ms is None:
+            return False
+        return state.last_ms - event.timestamp_ms > self.config.session_gap_ms
 
     def _new_session(self, state: _UserState, event: Event) -> bool:
         if state.last_ms is None:
@@ -576,7 +589,9 @@ class Recommender:
     def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
         """Return the times of the user's earliest and last learned events, None without events.
 
-        A state saved before the earliest time was kept reports it as -1.
+        The last time skips events stamped more than ``session_gap_ms`` before
+        the user's previous one. A state saved before the earliest time was
+        kept reports it as -1.
         """
         state = self._users.get(user_id)
         if state is None:
@@ -702,24 +717,34 @@ class Recommender:
         return groups
 
     def fused(self, scored: CandidateScores, strategy: str) -> FloatArray:
-        """Return one fused score per candidate under ``strategy``, or one model's name."""
-        if strategy == "weighted":
-            return weighted_fusion(scored.normalized, scored.mask, self.weights)
-        if strategy == "rrf":
-            return rrf_fusion(scored.ranks, scored.mask, self.weights)
-        if strategy == "learned":
+        """Return one fused score per candidate under ``strategy``, or one model's name.
+
+        A fusion strategy gives minus infinity, which leaves the candidate
+        out of the list, to candidates that no model of weight above 0 scored.
+        """
+        if strategy in FUSION_STRATEGIES:
             enabled = scored.mask & (self.weights > 0)[:, None]
-            learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
-            learned = self._order_unproven_groups(scored, learned)
-            if not self.config.fusion_select_order:
-                return learned
-            keys = self._policy_keys(scored, learned)
-            return self.selector.reorder(keys, learned, scored.groups, scored.cold)
+            fused = self._fused_by_strategy(scored, strategy, enabled)
+            return np.where(enabled.any(axis=0), fused, -np.inf)
         if strategy in MODEL_NAMES:
             row = MODEL_NAMES.index(strategy)
             return np.where(scored.mask[row], scored.normalized[row], -np.inf)
         msg = f"strategy is {strategy!r}; expected one of {FUSION_STRATEGIES + MODEL_NAMES}"
         raise ModelError(msg)
+
+    def _fused_by_strategy(
+        self, scored: CandidateScores, strategy: str, enabled: BoolMatrix
+    ) -> FloatArray:
+        if strategy == "weighted":
+            return weighted_fusion(scored.normalized, scored.mask, self.weights)
+        if strategy == "rrf":
+            return rrf_fusion(scored.ranks, scored.mask, self.weights)
+        learned = self.fusion.score(scored.fusion_ranks, enabled, scored.groups, scored.cold)
+        learned = self._order_unproven_groups(scored, learned)
+        if not self.config.fusion_select_order:
+            return learned
+        keys = self._policy_keys(scored, learned)
+        return self.selector.reorder(keys, learned, scored.groups, scored.cold)
 
     def _order_unproven_groups(self, scored: CandidateScores, fused: FloatArray) -> FloatArray:
         # Hits are rare, and rates learned from a few dozen of them flip the
@@ -903,12 +928,13 @@ class Recommender:
     def _sources(self, scored: CandidateScores, rows: list[int]) -> list[tuple[str, ...]]:
         """Name the models behind each row, largest weighted score first, ties by name.
 
+        Models of weight 0 add nothing to a fused score and are not named.
         Rows that are not among the candidates came from popularity padding.
         """
         if not rows or len(scored.items) == 0:
             return [("popular",)] * len(rows)
         positions, is_candidate = find_sorted(scored.items, np.asarray(rows, dtype=np.int64))
-        opinions = scored.mask[:, positions].T
+        opinions = (scored.mask & (self.weights > 0)[:, None])[:, positions].T
         weighted = (self.weights[:, None] * scored.normalized[:, positions]).T
         keys = np.where(opinions, -weighted, np.inf)
         order = np.lexsort((np.broadcast_to(_NAME_ORDER, keys.shape), keys), axis=-1)

@@ -277,12 +277,23 @@ def evaluate(
     step = 0
 
     pending: list[Event] = []
+    # Users with an event so far, learned or pending. Their learned items
+    # are in ``history``: a pending event's item enters the catalog, and so
+    # gets a row, only when the engine learns it, as in the worker.
+    active: set[str] = set()
+
+    def learn_pending() -> None:
+        engine.learn(pending)
+        rows = engine.catalog.index
+        for queued in pending:
+            history.setdefault(queued.user_id, set()).add(rows[queued.item_id])
+        pending.clear()
+
     for index, event in enumerate(events):
-        seen = history.get(event.user_id)
-        if seen is not None and index % every == 0:
+        if event.user_id in active and index % every == 0:
             if pending:
-                engine.learn(pending)
-                pending = []
+                learn_pending()
+            seen = history[event.user_id]
             scored = engine.candidate_scores(event.user_id)
             target = engine.catalog.index.get(event.item_id)
             is_new = target is None or target not in seen
@@ -298,17 +309,15 @@ def evaluate(
                     rows, _ = engine.top_rows(scored, scores, k, allowed, pad_exclude=seen)
                     results[name].new_to_user.add(_rank_of(rows, target))
         pending.append(event)
-        row = engine.catalog.add(event.item_id)
-        history.setdefault(event.user_id, set()).add(row)
+        active.add(event.user_id)
         if len(pending) >= max_batch:
-            engine.learn(pending)
-            pending = []
+            learn_pending()
         step += 1
         if progress is not None and step == 1000:
             progress(step)
             step = 0
     if pending:
-        engine.learn(pending)
+        learn_pending()
     if progress is not None and step:
         progress(step)
     return Evaluation(config.fusion, len(events), len(engine.catalog), results, bucket_events, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,9 @@ class ImplicitMF:
     Each event is a positive example weighted by its type weight. It brings
     ``negatives`` items drawn with probability proportional to
     ``(count + 1) ** sampling_power``, so popular items are the usual
-    negatives. One SGD step with L2 runs over a whole batch at once. User and
+    negatives. One SGD step with L2 runs over a whole batch at once, and a
+    row with many events in the batch takes a smaller rate, so that the sum
+    of its steps cannot overshoot (see `_row_rates`). User and
     item tables are float32 and grow as ids arrive. Every random draw is keyed
     by an id and ``seed``: a new vector by its user or item id, the negatives
     of an event by its event id. So the tables do not depend on the order in
@@ -70,6 +73,12 @@ class ImplicitMF:
             raise ModelError(msg)
         if negatives < 0:
             msg = f"negatives is {negatives}; expected 0 or more"
+            raise ModelError(msg)
+        if not (math.isfinite(learning_rate) and learning_rate >= 0):
+            msg = f"learning_rate is {learning_rate}; expected a finite number >= 0"
+            raise ModelError(msg)
+        if not (math.isfinite(l2) and l2 >= 0):
+            msg = f"l2 is {l2}; expected a finite number >= 0"
             raise ModelError(msg)
         self.name = "mf"
         self.catalog = catalog
@@ -201,8 +210,11 @@ class ImplicitMF:
 
         positive_scores = np.einsum("bf,bf->b", user_vectors, item_vectors)
         negative_scores = np.einsum("bf,bnf->bn", user_vectors, negative_vectors)
-        positive_grad = weights * (1.0 / (1.0 + np.exp(-positive_scores)) - 1.0)
-        negative_grad = 1.0 / (1.0 + np.exp(-negative_scores))
+        with np.errstate(over="ignore"):
+            # exp overflows to inf for scores below about -88 in float32,
+            # which gives the sigmoid's limit of 0, as intended.
+            positive_grad = weights * (1.0 / (1.0 + np.exp(-positive_scores)) - 1.0)
+            negative_grad = 1.0 / (1.0 + np.exp(-negative_scores))
 
         user_grad = positive_grad[:, None] * item_vectors
         user_grad += np.einsum("bn,bnf->bf", negative_grad, negative_vectors)
@@ -211,16 +223,62 @@ class ImplicitMF:
         negative_item_grad = negative_grad[:, :, None] * user_vectors[:, None, :]
         negative_item_grad += self.l2 * negative_vectors
 
-        rate = np.float32(self.learning_rate)
-        np.add.at(self._user_factors, users, -rate * user_grad)
-        np.add.at(self._item_factors, items, -rate * item_grad)
+        user_rates, item_rates, negative_rates = self._row_rates(
+            users, items, weights, negatives, user_vectors, item_vectors, negative_vectors
+        )
+        np.add.at(self._user_factors, users, -user_rates[:, None] * user_grad)
+        np.add.at(self._item_factors, items, -item_rates[:, None] * item_grad)
         np.add.at(
             self._item_factors,
             negatives.reshape(-1),
-            -rate * negative_item_grad.reshape(-1, self.factors),
+            -negative_rates.reshape(-1, 1) * negative_item_grad.reshape(-1, self.factors),
         )
         if self._index is not None:
             self._index.update(self._item_factors, np.union1d(items, negatives))
+
+    def _row_rates(
+        self,
+        users: IntArray,
+        items: IntArray,
+        weights: Float32Array,
+        negatives: IntArray,
+        user_vectors: Float32Array,
+        item_vectors: Float32Array,
+        negative_vectors: Float32Array,
+    ) -> tuple[Float32Array, Float32Array, Float32Array]:
+        """Return the learning rate of each gradient term of the batch, by the row it moves.
+
+        The terms of one row are summed into one step, and a row with many
+        terms in a batch, such as a user with a hundred events, overshoots
+        and can grow without bound. The loss of one row, with the other rows
+        fixed, has a curvature of at most ``curvature``: a quarter of each
+        term's weight times the squared norm of the other vector, plus L2.
+        A step of at most 1 / ``curvature`` cannot overshoot it, so each
+        row's rate is cut to that where it is smaller than ``learning_rate``.
+        Rows with few terms keep the plain rate.
+        """
+        user_squares = np.einsum("bf,bf->b", user_vectors, user_vectors).astype(np.float64)
+        item_squares = np.einsum("bf,bf->b", item_vectors, item_vectors).astype(np.float64)
+        negative_squares = np.einsum("bnf,bnf->bn", negative_vectors, negative_vectors)
+        positive_weights = weights.astype(np.float64)
+
+        user_terms = 0.25 * (positive_weights * item_squares + negative_squares.sum(axis=1))
+        item_terms = 0.25 * positive_weights * user_squares
+        negative_terms = np.broadcast_to(0.25 * user_squares[:, None], negatives.shape)
+
+        user_rates = self._capped_rates(users, user_terms + self.l2)
+        all_items = np.concatenate([items, negatives.reshape(-1)])
+        all_terms = np.concatenate([item_terms, negative_terms.reshape(-1)]) + self.l2
+        all_rates = self._capped_rates(all_items, all_terms)
+        item_rates = all_rates[: len(items)]
+        negative_rates = all_rates[len(items) :].reshape(negatives.shape)
+        return user_rates, item_rates, negative_rates
+
+    def _capped_rates(self, rows: IntArray, curvatures: npt.NDArray[np.float64]) -> Float32Array:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        curvature = np.bincount(inverse, weights=curvatures, minlength=len(unique))
+        rates = np.minimum(self.learning_rate, 1.0 / np.maximum(curvature, 1e-12))
+        return np.asarray(rates[inverse], dtype=np.float32)
 
     def candidates(self, user_id: str, n: int) -> IntArray:
         """Return the ``n`` items with the highest dot product.

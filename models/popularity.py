@@ -163,6 +163,8 @@ class CategoryModel:
     def learn(self, batch: EventBatch) -> None:
         """Count first touches, index new items by category, move users' categories forward.
 
+        Refunds leave the users' categories as they were.
+
         A batch without ``first_touch`` counts each positive event as a user.
         """
         first = batch.first_touch if batch.first_touch is not None else batch.positive
@@ -173,8 +175,12 @@ class CategoryModel:
         # categories can have new leaders.
         for category in np.unique(self._item_category[batch.items]).tolist():
             self._leaders.pop(category, None)
-        for event, category in zip(batch.events, batch.categories.tolist(), strict=True):
-            if category == NO_CATEGORY:
+        positive = batch.positive.tolist()
+        categories = batch.categories.tolist()
+        for event, category, is_positive in zip(batch.events, categories, positive, strict=True):
+            # A refund is never a positive signal, so it does not make the
+            # returned item's category the user's newest.
+            if category == NO_CATEGORY or not is_positive:
                 continue
             recent = self._recent.get(event.user_id)
             if recent is None:

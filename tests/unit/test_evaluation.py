@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.engine import EngineConfig
+from models.base import EventBatch
+from models.engine import EngineConfig, Recommender
 from models.evaluation import RankMetrics, evaluate, wilson_interval
 from schemas import Event
 
@@ -171,3 +172,23 @@ def test_timeline_buckets_count_hits() -> None:
     starts, rates = result.timeline("recent")
     assert starts == [0, 4]
     assert rates == [1.0, 1.0]
+
+
+def test_batches_see_only_earlier_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker adds a batch's new items to the catalog as it learns
+    # them. The evaluation must not add them earlier, or the context model
+    # could draw an item as a negative before the item's first event.
+    stream = [Event(f"e{n}", "view", f"u{n % 3}", f"i{n}", n * 1000) for n in range(12)]
+    observed: list[tuple[str, int]] = []
+    original = Recommender._batch
+
+    def recording_batch(engine: Recommender, events: list[Event]) -> EventBatch:
+        observed.append((events[0].event_id, len(engine.catalog)))
+        return original(engine, events)
+
+    monkeypatch.setattr(Recommender, "_batch", recording_batch)
+    evaluate(stream, EngineConfig(repeat_purchases="allow"), every=4, strategies=["context"])
+    assert observed
+    for event_id, catalog_size in observed:
+        # Item i{n} first appears at event e{n}.
+        assert catalog_size == int(event_id.removeprefix("e"))

@@ -142,3 +142,15 @@ def test_forget_user_leaves_no_id_in_state(name: str) -> None:
     model.score("u1", _all_items(engine))
     model.forget_user("u1")
     assert b"u1" not in pickle.dumps(model)
+
+
+def test_forget_user_leaves_no_scores_in_state(name: str) -> None:
+    # State after scoring a user and forgetting them equals state after
+    # forgetting them unscored, so no score computed for them remains.
+    scored = _trained()
+    scored.models[name].candidates("u1", 5)
+    scored.models[name].score("u1", _all_items(scored))
+    scored.models[name].forget_user("u1")
+    unscored = _trained()
+    unscored.models[name].forget_user("u1")
+    assert pickle.dumps(scored.models[name]) == pickle.dumps(unscored.models[name])

@@ -9,8 +9,9 @@ import unicodedata
 import numpy as np
 import pytest
 
-from models.base import DecayedScores, ModelError, top_n
+from models.base import NO_CATEGORY, DecayedScores, ModelError, top_n
 from models.engine import MODEL_NAMES, EngineConfig, Recommender
+from models.popularity import CategoryModel
 from schemas import Event, ItemUpdate
 
 T0 = 1_700_000_000_000
@@ -49,6 +50,22 @@ def test_config_rejects_empty_mf_index_budget() -> None:
 def test_config_rejects_negative_weight() -> None:
     with pytest.raises(ModelError, match="weight of mf is -1.0"):
         Recommender(EngineConfig(weights={"mf": -1.0}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("covisit_half_life_ms", 0.0, "half_life_ms is 0.0"),
+        ("covisit_half_life_ms", math.nan, "half_life_ms is nan"),
+        ("mf_learning_rate", -0.05, "learning_rate is -0.05"),
+        ("mf_learning_rate", math.inf, "learning_rate is inf"),
+        ("mf_l2", -0.01, "l2 is -0.01"),
+    ],
+)
+def test_config_rejects_invalid_model_setting(field: str, value: float, shown: str) -> None:
+    # Rejected when the engine is built, not at the first event it learns.
+    with pytest.raises(ModelError, match=shown):
+        Recommender(EngineConfig(**{field: value}))  # type: ignore[arg-type]
 
 
 def test_unknown_event_type_rejected() -> None:
@@ -252,6 +269,35 @@ def test_sources_ordered_by_weighted_score() -> None:
         assert list(names) == sorted(opinions, key=lambda name: (opinions[name], name))
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_zero_weight_models_not_in_sources(fusion: str) -> None:
+    # A weight of 0 switches a model off: it adds nothing to any fused
+    # score, so no list names it, and items that only it scored are left out.
+    config = EngineConfig(fusion=fusion, weights={"mf": 0.0, "recent": 0.0})
+    engine = Recommender(config)
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    enabled = scored.mask[[MODEL_NAMES.index("mf"), MODEL_NAMES.index("recent")]]
+    assert enabled.any()
+    for entry in engine.recommend(["u1"], 30)[0]:
+        assert entry.sources
+        assert "mf" not in entry.sources
+        assert "recent" not in entry.sources
+
+
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_item_without_enabled_opinion_left_out(fusion: str) -> None:
+    engine = Recommender(EngineConfig(fusion=fusion, weights={"mf": 0.0}))
+    engine.learn(_shop())
+    scored = engine.candidate_scores("u1")
+    # The first candidate keeps only the opinion of mf, the second none.
+    scored.mask[:, :2] = False
+    scored.mask[MODEL_NAMES.index("mf"), 0] = True
+    fused = engine.fused(scored, fusion)
+    assert np.isneginf(fused[:2]).all()
+    assert np.isfinite(fused[2:]).all()
+
+
 def test_scores_sorted_and_finite() -> None:
     for fusion in ("weighted", "rrf", "learned"):
         engine = Recommender(EngineConfig(fusion=fusion))
@@ -415,6 +461,90 @@ def test_decayed_scores_never_negative() -> None:
     scores = DecayedScores(half_life_ms=1000)
     scores.add(np.array([0, 0]), np.array([1.0, -5.0]), np.array([0, 0]))
     assert scores.raw()[0] == 0.0
+
+
+def test_decayed_scores_clamp_in_event_order() -> None:
+    # A refund larger than the item's score clamps it to 0 at the refund,
+    # so a later event of the same batch counts in full, as one by one.
+    items = np.array([0, 0, 0, 0])
+    weights = np.array([1.0, 1.0, -5.0, 1.0])
+    times = np.zeros(4, dtype=np.int64)
+    batched = DecayedScores(half_life_ms=1000)
+    batched.add(items, weights, times)
+    single = DecayedScores(half_life_ms=1000)
+    for n in range(4):
+        single.add(items[n : n + 1], weights[n : n + 1], times[n : n + 1])
+    assert single.raw()[0] == 1.0
+    assert batched.raw()[0] == 1.0
+
+
+def test_popularity_ignores_batches_with_refunds() -> None:
+    events = [_event(n, "u0", "i0") for n in range(3)]
+    events.append(_event(3, "u0", "i0", "purchase", quantity=-1))
+    events.append(_event(4, "u0", "i0"))
+    events.append(_event(5, "u1", "i1"))
+    single = Recommender(EngineConfig(fusion_learn_every=0))
+    for event in events:
+        single.learn([event])
+    batched = Recommender(EngineConfig(fusion_learn_every=0))
+    batched.learn(events[:3])
+    batched.learn(events[3:])
+    items = np.arange(2)
+    for name in ("popular", "trending"):
+        expected = single.models[name].score("u0", items)
+        actual = batched.models[name].score("u0", items)
+        assert actual[0].tolist() == expected[0].tolist()
+        assert np.allclose(actual[1], expected[1])
+
+
+def test_user_categories_ignore_batches() -> None:
+    # The first event names no category, and a later one gives the item
+    # one. The first user did not see that category, in any batching.
+    events = [_event(0, "u1", "i0"), _event(1, "u0", "i0", category="c0")]
+    config = EngineConfig(fusion_learn_every=0)
+    single = Recommender(config)
+    for event in events:
+        single.learn([event])
+    batched = Recommender(config)
+    batched.learn(events)
+    for engine in (single, batched):
+        category = engine.models["category"]
+        assert isinstance(category, CategoryModel)
+        assert category.user_categories("u1") == []
+        assert engine._users["u1"].last_category == NO_CATEGORY
+
+
+def test_refund_leaves_user_categories() -> None:
+    # A refund is never a positive signal, so the category of a returned
+    # item does not become the user's newest category.
+    engine = Recommender()
+    engine.learn(
+        [
+            _event(0, "u1", "a", category="c0"),
+            _event(1, "u1", "b", "purchase", quantity=-1, category="c1"),
+        ]
+    )
+    category = engine.models["category"]
+    assert isinstance(category, CategoryModel)
+    assert [engine.catalog.category_names[row] for row in category.user_categories("u1")] == ["c0"]
+
+
+def test_late_event_keeps_current_session() -> None:
+    # An event stamped two hours before the user's last one arrives late.
+    # It belongs to an earlier session, so it neither joins nor ends the
+    # current one.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0),
+            Event("e2", "view", "u1", "b", T0 + 60_000),
+            Event("e3", "view", "u1", "late", T0 - 2 * 3_600_000),
+            Event("e4", "view", "u1", "d", T0 + 120_000),
+        ]
+    )
+    rows = np.array([engine.catalog.index[item] for item in ("a", "b", "late", "d")])
+    assert engine._groups("u1", rows).tolist() == [1, 1, 2, 1]
+    assert engine.user_event_times("u1") == (T0 - 2 * 3_600_000, T0 + 120_000)
 
 
 def test_top_n_breaks_ties_by_row() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.engine import EngineConfig, Recommender
+from models.engine import MODEL_NAMES, EngineConfig, Recommender
 from schemas import Event, ItemUpdate
 
 T0 = 1_700_000_000_000
@@ -82,3 +83,32 @@ def test_lists_keep_topk_invariants(
             categories = [engine.catalog.category_name(engine.catalog.index[i]) for i in ids]
             named = [c for c in categories if c is not None]
             assert all(named.count(c) <= cap for c in set(named))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=event_rows,
+    fusion=st.sampled_from(["weighted", "rrf", "learned"]),
+    weights=st.sampled_from([None, {"popular": 0.0}, {"mf": 0.0, "recent": 0.0, "covisit": 0.0}]),
+)
+def test_sources_name_contributing_models(
+    rows: list[tuple[str, int, str, str | None, int]],
+    fusion: str,
+    weights: dict[str, float] | None,
+) -> None:
+    engine = Recommender(EngineConfig(fusion=fusion, weights=weights))
+    engine.learn(_events(rows))
+    for user in ("u0", "u1", "u2", "u:3", "u 4"):
+        if not engine.has_user(user):
+            continue
+        scored = engine.candidate_scores(user)
+        enabled = scored.mask & (engine.weights > 0)[:, None]
+        for entry in engine.recommend([user], 12)[0]:
+            row = engine.catalog.index[entry.item_id]
+            position = int(np.searchsorted(scored.items, row))
+            if position == len(scored.items) or scored.items[position] != row:
+                assert entry.sources == ("popular",)
+                continue
+            contributing = {MODEL_NAMES[m] for m in np.flatnonzero(enabled[:, position])}
+            assert contributing
+            assert set(entry.sources) == contributing

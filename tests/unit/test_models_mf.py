@@ -1,0 +1,77 @@
+"""Stability of the batched SGD step of matrix factorization."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.engine import EngineConfig, Recommender
+from models.mf import ImplicitMF
+from schemas import Event
+
+T0 = 1_700_000_000_000
+
+
+def _mf_after(events: list[Event], chunk: int = 100) -> ImplicitMF:
+    engine = Recommender(EngineConfig(fusion_learn_every=0, learn_chunk=chunk))
+    engine.learn(events)
+    model = engine.models["mf"]
+    assert isinstance(model, ImplicitMF)
+    return model
+
+
+def _largest_norm(model: ImplicitMF) -> float:
+    users = model._user_factors[: len(model.user_rows)]
+    tables = np.concatenate([users, model.item_factors()])
+    return float(np.linalg.norm(tables, axis=1).max())
+
+
+def test_mf_heavy_user_batch_stays_bounded() -> None:
+    # One user with 100 events on 10 items in every batch. Summed without a
+    # bound, the steps of the user's row overshoot and the vectors diverge.
+    events = [Event(f"e{n}", "view", "u0", f"i{n % 10}", T0 + n) for n in range(3000)]
+    model = _mf_after(events)
+    assert np.isfinite(_largest_norm(model))
+    assert _largest_norm(model) < 10.0
+
+
+def test_mf_single_item_stays_finite() -> None:
+    events = [Event(f"e{n}", "purchase", "u0", "i0", T0 + n) for n in range(3000)]
+    model = _mf_after(events)
+    assert np.isfinite(model.item_factors()).all()
+    assert np.isfinite(model.user_vector("u0")).all()
+
+
+def test_mf_rates_cut_only_for_heavy_rows() -> None:
+    # Rows with little curvature in a batch keep the plain rate, so sparse
+    # batches learn as before. A heavy row gets 1 / curvature.
+    model = ImplicitMF(Recommender().catalog, learning_rate=0.05)
+    rows = np.array([3, 7, 3, 9, 9, 9], dtype=np.int64)
+    curvatures = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    rates = model._capped_rates(rows, curvatures)
+    assert rates[:3].tolist() == [np.float32(0.05)] * 3
+    assert np.allclose(rates[3:], 1.0 / 30.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=2),
+            st.integers(min_value=0, max_value=4),
+            st.sampled_from(["view", "click", "purchase"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    repeats=st.integers(min_value=1, max_value=80),
+)
+def test_mf_repeated_streams_stay_bounded(rows: list[tuple[int, int, str]], repeats: int) -> None:
+    events = [
+        Event(f"e{n}", kind, f"u{user}", f"i{item}", T0 + n)
+        for n, (user, item, kind) in enumerate(rows * repeats)
+    ]
+    model = _mf_after(events)
+    assert np.isfinite(_largest_norm(model))
+    assert _largest_norm(model) < 10.0
