@@ -54,7 +54,9 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
     Counts decay with ``half_life_ms`` of event time. The similarity of items
     i and j is their pair count divided by ``(n_i * n_j) ** 0.5``, where n
     counts the sessions an item appeared in (the cosine of the items'
-    session vectors).
+    session vectors). An event of an earlier session that arrives after the
+    user's current one started pairs with nothing and leaves that session
+    as it was.
 
     A user is scored from the last ``score_items`` items of their latest
     session, which is still the previous basket when a new one starts. The
@@ -115,6 +117,8 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
             session = self._sessions.get(event.user_id)
             if session is None:
                 session = self._sessions[event.user_id] = _Session()
+            if self._is_late(session, event.session_id, time_ms):
+                continue
             if self._is_new_session(session, event.session_id, time_ms):
                 session.items = []
                 session.seen = set()
@@ -132,6 +136,17 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
                 self._add(item, other, scale)
             session.items.append(item)
             del session.items[: -self.max_session_items]
+
+    def _is_late(self, session: _Session, session_id: str | None, time_ms: int) -> bool:
+        # An event of an earlier basket that arrives after the current one
+        # started, as from a late producer: the earlier basket is gone, so
+        # it pairs with nothing, and the current basket stays as it is.
+        if session.last_ms is None or time_ms >= session.last_ms:
+            return False
+        if session_id is not None and session.session_id is not None:
+            return session_id != session.session_id
+        gap = self.session_gap_ms if self.session_gap_ms is not None else 0
+        return session.last_ms - time_ms > gap
 
     def _is_new_session(self, session: _Session, session_id: str | None, time_ms: int) -> bool:
         if session.last_ms is None:

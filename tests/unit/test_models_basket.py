@@ -43,6 +43,32 @@ def test_basket_ignores_pairs_across_invoices() -> None:
     assert _basket_ids(engine, "u2") == []
 
 
+def test_late_line_keeps_current_basket() -> None:
+    engine = Recommender()
+    engine.learn(
+        [
+            _line(0, "u1", "a", "s1", minute=60),
+            _line(1, "u1", "z", "s0"),
+            _line(2, "u1", "b", "s1", minute=60),
+            _line(3, "u2", "a", "s2", minute=61),
+        ]
+    )
+    assert _basket_ids(engine, "u2") == ["b"]
+
+
+def test_late_event_keeps_gap_session() -> None:
+    engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
+    engine.learn(
+        [
+            _line(0, "u1", "a", None, minute=60),
+            _line(1, "u1", "z", None),
+            _line(2, "u1", "b", None, minute=61),
+            _line(3, "u2", "a", None, minute=62),
+        ]
+    )
+    assert _basket_ids(engine, "u2") == ["b"]
+
+
 def test_basket_splits_sessions_by_gap() -> None:
     engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
     engine.learn(
