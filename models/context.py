@@ -40,13 +40,21 @@ def price_band(price: float) -> int:
 
 
 class _Context:
-    __slots__ = ("categories", "hour", "last_type", "seen")
+    __slots__ = ("categories", "hour", "last_ms", "last_type", "seen")
 
     def __init__(self) -> None:
         self.categories: list[int] = []
         self.hour = -1
+        self.last_ms: int | None = None
         self.last_type = ""
         self.seen: OrderedDict[int, None] = OrderedDict()
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        # A class with __slots__ pickles as (None, {slot: value}). Contexts
+        # saved before last_ms existed lack it, and count as having no time.
+        self.last_ms = None
+        for name, value in state[1].items():
+            setattr(self, name, value)
 
 
 class ContextModel:
@@ -57,7 +65,9 @@ class ContextModel:
     crossed with the user's last event type. The item's category, its price
     band and the hour of the user's last event complete them. Each positive event is
     learned with label 1 and one item drawn uniformly from the catalog with
-    label 0, from the context as it stood before the event.
+    label 0, from the context as it stood before the event. An event stamped
+    before the user's last one marks its item as touched but leaves the
+    hour, the last event type and the recent categories of the newer one.
 
     With ``learn_every`` above 1, only every n-th positive event and its
     negative reach the classifier, because ``learn_one`` costs about 5 µs per
@@ -199,12 +209,17 @@ class ContextModel:
         return negatives
 
     def _move(self, context: _Context, kind: str, time_ms: int, item: int, category: int) -> None:
-        context.hour = (time_ms // _HOUR_MS) % 24
-        context.last_type = kind
         context.seen[item] = None
         context.seen.move_to_end(item)
         if len(context.seen) > self.max_seen:
             context.seen.popitem(last=False)
+        if context.last_ms is not None and time_ms < context.last_ms:
+            # An event older than the user's last one, as from a backfill
+            # replayed after live traffic: the last event stays the newest.
+            return
+        context.last_ms = time_ms
+        context.hour = (time_ms // _HOUR_MS) % 24
+        context.last_type = kind
         if category != NO_CATEGORY:
             if category in context.categories:
                 context.categories.remove(category)

@@ -283,7 +283,6 @@ class _UserState:
     session_id: str | None = None
     last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
-    last_category: int = NO_CATEGORY
     # Time of the earliest event learned, None before any. States saved before
     # it was kept get _UNKNOWN_FIRST_MS, which counts as earlier than any time.
     first_ms: int | None = None
@@ -498,8 +497,7 @@ class Recommender:
 
     def _update_users(self, batch: EventBatch) -> None:
         items = batch.items.tolist()
-        categories = batch.categories.tolist()
-        for event, item, category in zip(batch.events, items, categories, strict=True):
+        for event, item in zip(batch.events, items, strict=True):
             state = self._users.get(event.user_id)
             if state is None:
                 state = self._users[event.user_id] = _UserState()
@@ -518,8 +516,6 @@ class Recommender:
                 state.session_items.add(item)
                 state.session_id = event.session_id
                 state.last_ms = event.timestamp_ms
-            if category != NO_CATEGORY:
-                state.last_category = category
             if event.type == "purchase":
                 # A purchase without a quantity is one unit, and a refund's is negative.
                 quantity = 1 if event.quantity is None else event.quantity

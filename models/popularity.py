@@ -140,6 +140,8 @@ class CategoryModel:
         self._member_arrays: dict[int, IntArray] = {}
         self._item_category = np.full(0, NO_CATEGORY, dtype=np.int64)
         self._recent: dict[str, list[int]] = {}
+        # Time of the event that last moved each user's recent categories.
+        self._last_ms: dict[str, int] = {}
         # Category to the requested count and its leading items, best first.
         self._leaders: dict[int, tuple[int, IntArray]] = {}
         self._leaders_reference: int | None = None
@@ -153,6 +155,7 @@ class CategoryModel:
     def __setstate__(self, state: dict[str, object]) -> None:
         state.setdefault("_leaders", {})
         state.setdefault("_leaders_reference", None)
+        state.setdefault("_last_ms", {})
         popularity = state.pop("popularity", None)
         if "scores" not in state and isinstance(popularity, PopularityModel):
             # State written when this model ranked by the shared event
@@ -163,7 +166,8 @@ class CategoryModel:
     def learn(self, batch: EventBatch) -> None:
         """Count first touches, index new items by category, move users' categories forward.
 
-        Refunds leave the users' categories as they were.
+        Refunds, and events older than the user's newest one, leave the
+        users' categories as they were.
 
         A batch without ``first_touch`` counts each positive event as a user.
         """
@@ -182,6 +186,12 @@ class CategoryModel:
             # returned item's category the user's newest.
             if category == NO_CATEGORY or not is_positive:
                 continue
+            # An event older than the one that last moved the user's
+            # categories, as from a backfill, leaves the newer order.
+            last_ms = self._last_ms.get(event.user_id)
+            if last_ms is not None and event.timestamp_ms < last_ms:
+                continue
+            self._last_ms[event.user_id] = event.timestamp_ms
             recent = self._recent.get(event.user_id)
             if recent is None:
                 self._recent[event.user_id] = [category]
@@ -286,9 +296,12 @@ class CategoryModel:
     def forget_user(self, user_id: str) -> None:
         """Drop the user's recent categories."""
         self._recent.pop(user_id, None)
+        self._last_ms.pop(user_id, None)
 
     def state_bytes(self) -> int:
         """Return an estimate of the category index and the per-user lists."""
         per_user = sum(sys.getsizeof(v) + 28 * len(v) for v in self._recent.values())
+        # A dict slot and an int object per user with a time.
+        per_user += 70 * len(self._last_ms)
         index = 8 * len(self._item_category) + 36 * int(sum(map(len, self._members.values())))
         return per_user + index + int(self.scores.raw().nbytes)

@@ -9,7 +9,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from models.base import NO_CATEGORY, DecayedScores, ModelError, top_n
+from models.base import DecayedScores, ModelError, top_n
+from models.context import ContextModel
 from models.engine import MODEL_NAMES, EngineConfig, Recommender
 from models.popularity import CategoryModel
 from schemas import Event, ItemUpdate
@@ -511,7 +512,6 @@ def test_user_categories_ignore_batches() -> None:
         category = engine.models["category"]
         assert isinstance(category, CategoryModel)
         assert category.user_categories("u1") == []
-        assert engine._users["u1"].last_category == NO_CATEGORY
 
 
 def test_refund_leaves_user_categories() -> None:
@@ -527,6 +527,43 @@ def test_refund_leaves_user_categories() -> None:
     category = engine.models["category"]
     assert isinstance(category, CategoryModel)
     assert [engine.catalog.category_names[row] for row in category.user_categories("u1")] == ["c0"]
+
+
+def test_late_event_leaves_user_categories() -> None:
+    # A backfill replayed after live traffic brings events older than the
+    # user's last one. They must not become the user's newest category.
+    engine = Recommender()
+    engine.learn([_event(5, "u1", "a", category="c0")])
+    engine.learn([_event(1, "u1", "b", category="c1")])
+    category = engine.models["category"]
+    assert isinstance(category, CategoryModel)
+    names = [engine.catalog.category_names[row] for row in category.user_categories("u1")]
+    assert names == ["c0"]
+
+
+def test_late_event_leaves_context_last_event() -> None:
+    engine = Recommender()
+    engine.learn([_event(3_600, "u1", "a", "click", category="c0")])
+    engine.learn([_event(0, "u1", "b", "view", category="c1")])
+    context = engine.models["context"]
+    assert isinstance(context, ContextModel)
+    state = context._users["u1"]
+    assert state.last_type == "click"
+    assert state.hour == ((T0 + 3_600_000) // 3_600_000) % 24
+    assert [engine.catalog.category_names[row] for row in state.categories] == ["c0"]
+    assert engine.catalog.index["b"] in state.seen
+
+
+def test_context_restores_without_last_time() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a")])
+    context = engine.models["context"]
+    assert isinstance(context, ContextModel)
+    # A context saved before the time of the last event was kept.
+    del context._users["u1"].last_ms
+    restored = pickle.loads(pickle.dumps(context))
+    assert restored._users["u1"].last_ms is None
+    assert restored._users["u1"].last_type == "view"
 
 
 def test_late_event_keeps_current_session() -> None:
