@@ -34,7 +34,8 @@ class ImplicitMF:
     Each event is a positive example weighted by its type weight. It brings
     ``negatives`` items drawn with probability proportional to
     ``(count + 1) ** sampling_power``, so popular items are the usual
-    negatives. One SGD step with L2 runs over a whole batch at once, and a
+    negatives, and a draw equal to the event's own item is left out. One SGD
+    step with L2 runs over a whole batch at once, and a
     row with many events in the batch takes a smaller rate, so that the sum
     of its steps cannot overshoot (see `_row_rates`). User and
     item tables are float32 and grow as ids arrive. Every random draw is keyed
@@ -216,12 +217,18 @@ class ImplicitMF:
             positive_grad = weights * (1.0 / (1.0 + np.exp(-positive_scores)) - 1.0)
             negative_grad = 1.0 / (1.0 + np.exp(-negative_scores))
 
+        # A negative drawn equal to its event's item would undo the event's
+        # own step, so such draws are left out.
+        kept = negatives != items[:, None]
+        negative_grad = negative_grad * kept
+
         user_grad = positive_grad[:, None] * item_vectors
         user_grad += np.einsum("bn,bnf->bf", negative_grad, negative_vectors)
         user_grad += self.l2 * user_vectors
         item_grad = positive_grad[:, None] * user_vectors + self.l2 * item_vectors
         negative_item_grad = negative_grad[:, :, None] * user_vectors[:, None, :]
         negative_item_grad += self.l2 * negative_vectors
+        negative_item_grad *= kept[:, :, None]
 
         user_rates, item_rates, negative_rates = self._row_rates(
             users, items, weights, negatives, user_vectors, item_vectors, negative_vectors

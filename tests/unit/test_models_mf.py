@@ -75,3 +75,17 @@ def test_mf_repeated_streams_stay_bounded(rows: list[tuple[int, int, str]], repe
     model = _mf_after(events)
     assert np.isfinite(_largest_norm(model))
     assert _largest_norm(model) < 10.0
+
+
+def test_mf_own_item_never_negative() -> None:
+    # In a catalog of one item every draw is the event's own item, and a
+    # step against it would undo the event. The user's score must rise.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn([Event("e0", "view", "u0", "i0", T0)])
+    model = engine.models["mf"]
+    assert isinstance(model, ImplicitMF)
+    before = float(model.score("u0", np.array([0]))[1][0])
+    for n in range(1, 50):
+        engine.learn([Event(f"e{n}", "view", "u0", "i0", T0 + n)])
+    after = float(model.score("u0", np.array([0]))[1][0])
+    assert after > before
