@@ -288,6 +288,18 @@ class _UserState:
     first_ms: int | None = None
     events: int = 0
 
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        # A slotted class pickles as (None, {slot: value}). States written
+        # while the user's last category was kept still carry it, and it is
+        # dropped. Slots missing from older states stay unset, and
+        # Recommender.__setstate__ fills them in.
+        for name, value in state[1].items():
+            if name in _USER_STATE_SLOTS:
+                setattr(self, name, value)
+
+
+_USER_STATE_SLOTS = frozenset(_UserState.__slots__)
+
 
 class Recommender:
     """Online models fused into one top-k list per user.
