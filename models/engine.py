@@ -526,8 +526,9 @@ class Recommender:
                 if self._new_session(state, event):
                     state.session_items = set()
                 state.session_items.add(item)
-                state.session_id = event.session_id
-                state.last_ms = event.timestamp_ms
+                if state.last_ms is None or event.timestamp_ms >= state.last_ms:
+                    state.session_id = event.session_id
+                    state.last_ms = event.timestamp_ms
             if event.type == "purchase":
                 # A purchase without a quantity is one unit, and a refund's is negative.
                 quantity = 1 if event.quantity is None else event.quantity
@@ -538,11 +539,15 @@ class Recommender:
                     state.purchased.pop(item, None)
 
     def _is_late(self, state: _UserState, event: Event) -> bool:
-        # An event stamped more than a session gap before the user's last
-        # one arrived out of order. It belongs to an earlier session, so it
-        # neither joins the current one nor starts a new one.
-        if state.last_ms is None:
+        # An event stamped before the user's last one arrived out of order.
+        # When it names another session than the current one, or without
+        # session ids is more than a session gap older, it belongs to an
+        # earlier session, so it neither joins the current one nor starts a
+        # new one. Otherwise it joins the current session.
+        if state.last_ms is None or event.timestamp_ms >= state.last_ms:
             return False
+        if event.session_id is not None and state.session_id is not None:
+            return event.session_id != state.session_id
         return state.last_ms - event.timestamp_ms > self.config.session_gap_ms
 
     def _new_session(self, state: _UserState, event: Event) -> bool:
@@ -597,9 +602,9 @@ class Recommender:
     def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
         """Return the times of the user's earliest and last learned events, None without events.
 
-        The last time skips events stamped more than ``session_gap_ms`` before
-        the user's previous one. A state saved before the earliest time was
-        kept reports it as -1.
+        The last time is that of the newest event, whatever order the events
+        arrived in. A state saved before the earliest time was kept reports
+        it as -1.
         """
         state = self._users.get(user_id)
         if state is None:
