@@ -837,8 +837,11 @@ class Recommender:
         per_category: dict[int, int],
         pad_exclude: Collection[int] = (),
     ) -> None:
-        # Candidates that were scored but not taken were left out on purpose.
-        skip = set(scored.items.tolist()) | set(pad_exclude)
+        # Candidates that a model of weight above 0 scored but that were not
+        # taken were left out on purpose. Those that only models of weight 0
+        # scored are padded like items that no model proposed.
+        proposed = (scored.mask & (self.weights > 0)[:, None]).any(axis=0)
+        skip = set(scored.items[proposed].tolist()) | set(pad_exclude)
         # The first window leaves out the skipped candidates, most of which are
         # not popular, so that the popularity cache stays small.
         window = 4 * k + len(rows) + len(pad_exclude)
@@ -942,7 +945,8 @@ class Recommender:
         """Name the models behind each row, largest weighted score first, ties by name.
 
         Models of weight 0 add nothing to a fused score and are not named.
-        Rows that are not among the candidates came from popularity padding.
+        Rows that no model of weight above 0 scored came from popularity
+        padding.
         """
         if not rows or len(scored.items) == 0:
             return [("popular",)] * len(rows)
@@ -955,7 +959,7 @@ class Recommender:
         out: list[tuple[str, ...]] = []
         found = is_candidate.tolist()
         for models, count, candidate in zip(order.tolist(), counts, found, strict=True):
-            if candidate:
+            if candidate and count:
                 out.append(tuple(MODEL_NAMES[m] for m in models[:count]))
             else:
                 out.append(("popular",))

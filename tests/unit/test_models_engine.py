@@ -299,6 +299,23 @@ def test_item_without_enabled_opinion_left_out(fusion: str) -> None:
     assert np.isfinite(fused[2:]).all()
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_zero_weight_candidates_still_padded(fusion: str) -> None:
+    # Only the user's own items have a weight above 0, so the rest of the
+    # list is popularity padding, which may take the items that the models
+    # of weight 0 proposed.
+    weights = {name: 0.0 for name in MODEL_NAMES}
+    weights["recent"] = 1.0
+    engine = Recommender(EngineConfig(fusion=fusion, weights=weights, fusion_learn_every=0))
+    engine.learn([*_shop(), _event(99, "u9", "i3", "view")])
+    entries = engine.recommend(["u9"], 5)[0]
+    assert [entry.item_id for entry in entries][:1] == ["i3"]
+    assert len(entries) == 5
+    assert entries[0].sources == ("recent",)
+    for entry in entries[1:]:
+        assert entry.sources == ("popular",)
+
+
 def test_scores_sorted_and_finite() -> None:
     for fusion in ("weighted", "rrf", "learned"):
         engine = Recommender(EngineConfig(fusion=fusion))
