@@ -451,6 +451,19 @@ def test_no_valid_row_error_names_first_rejection(tmp_path: Path) -> None:
         read_events(path, "taobao")
 
 
+def test_no_valid_row_error_names_earliest_line(tmp_path: Path) -> None:
+    # A refund left out has no line of its own in its rejection, yet the
+    # row on line 2 was skipped before it.
+    path = _write(
+        tmp_path / "retail.csv",
+        RETAIL_HEADER
+        + "536380,22728,ALARM CLOCK PINK,4,2010-12-01 09:00:00,3.75,,France\n"
+        + "C536381,22728,ALARM CLOCK PINK,-1,2010-12-01 10:00:00,3.75,12583,France\n",
+    )
+    with pytest.raises(SourceError, match=r"first: line 2: CustomerID is empty"):
+        read_events(path, "online-retail", refunds=False)
+
+
 def test_quoted_taobao_fields_unquoted(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "quoted.csv",
