@@ -602,4 +602,6 @@ def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Even
 def _empty_id_detail(row: list[str], columns: dict[str, int], first: str = "user_id") -> str:
     names = (first, "item_id")
     empty = [name for name in names if not row[columns[name]].strip()]
-    return f"{' and '.join(empty)} is empty; expected a non-empty id"
+    if len(empty) > 1:
+        return f"{' and '.join(empty)} are empty; expected non-empty ids"
+    return f"{empty[0]} is empty; expected a non-empty id"

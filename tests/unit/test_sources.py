@@ -102,6 +102,19 @@ def test_diginetica_skip_reasons(tmp_path: Path) -> None:
     assert result.skipped == {"invalid_timestamp": 3, "empty_id": 1, "short_row": 1}
 
 
+def test_empty_id_detail_names_fields(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        DIGINETICA_HEADER
+        + "1;NA;100;10;2016-05-09\n"
+        + ";NA;;10;2016-05-09\n"
+        + "3;NA;;10;2016-05-09\n",
+    )
+    examples = read_events(path, "diginetica").examples["empty_id"]
+    assert examples[0].detail == "session_id and item_id are empty; expected non-empty ids"
+    assert examples[1].detail == "item_id is empty; expected a non-empty id"
+
+
 def test_diginetica_sample_reads_whole() -> None:
     result = read_events(shared_file(DIGINETICA), "diginetica")
     assert result.summary() == {
