@@ -122,8 +122,11 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
             if self._is_new_session(session, event.session_id, time_ms):
                 session.items = []
                 session.seen = set()
-            session.session_id = event.session_id
-            session.last_ms = time_ms
+            if session.last_ms is None or time_ms >= session.last_ms:
+                # A late event that joins the basket leaves its clock at the
+                # newest event, or the next one could look like a new basket.
+                session.session_id = event.session_id
+                session.last_ms = time_ms
             if item in session.seen:
                 continue
             session.seen.add(item)

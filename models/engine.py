@@ -288,6 +288,18 @@ class _UserState:
     first_ms: int | None = None
     events: int = 0
 
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        # A slotted class pickles as (None, {slot: value}). States written
+        # while the user's last category was kept still carry it, and it is
+        # dropped. Slots missing from older states stay unset, and
+        # Recommender.__setstate__ fills them in.
+        for name, value in state[1].items():
+            if name in _USER_STATE_SLOTS:
+                setattr(self, name, value)
+
+
+_USER_STATE_SLOTS = frozenset(_UserState.__slots__)
+
 
 class Recommender:
     """Online models fused into one top-k list per user.
@@ -514,8 +526,9 @@ class Recommender:
                 if self._new_session(state, event):
                     state.session_items = set()
                 state.session_items.add(item)
-                state.session_id = event.session_id
-                state.last_ms = event.timestamp_ms
+                if state.last_ms is None or event.timestamp_ms >= state.last_ms:
+                    state.session_id = event.session_id
+                    state.last_ms = event.timestamp_ms
             if event.type == "purchase":
                 # A purchase without a quantity is one unit, and a refund's is negative.
                 quantity = 1 if event.quantity is None else event.quantity
@@ -526,11 +539,15 @@ class Recommender:
                     state.purchased.pop(item, None)
 
     def _is_late(self, state: _UserState, event: Event) -> bool:
-        # An event stamped more than a session gap before the user's last
-        # one arrived out of order. It belongs to an earlier session, so it
-        # neither joins the current one nor starts a new one.
-        if state.last_ms is None:
+        # An event stamped before the user's last one arrived out of order.
+        # When it names another session than the current one, or without
+        # session ids is more than a session gap older, it belongs to an
+        # earlier session, so it neither joins the current one nor starts a
+        # new one. Otherwise it joins the current session.
+        if state.last_ms is None or event.timestamp_ms >= state.last_ms:
             return False
+        if event.session_id is not None and state.session_id is not None:
+            return event.session_id != state.session_id
         return state.last_ms - event.timestamp_ms > self.config.session_gap_ms
 
     def _new_session(self, state: _UserState, event: Event) -> bool:
@@ -585,9 +602,9 @@ class Recommender:
     def user_event_times(self, user_id: str) -> tuple[int | None, int | None]:
         """Return the times of the user's earliest and last learned events, None without events.
 
-        The last time skips events stamped more than ``session_gap_ms`` before
-        the user's previous one. A state saved before the earliest time was
-        kept reports it as -1.
+        The last time is that of the newest event, whatever order the events
+        arrived in. A state saved before the earliest time was kept reports
+        it as -1.
         """
         state = self._users.get(user_id)
         if state is None:
@@ -820,8 +837,11 @@ class Recommender:
         per_category: dict[int, int],
         pad_exclude: Collection[int] = (),
     ) -> None:
-        # Candidates that were scored but not taken were left out on purpose.
-        skip = set(scored.items.tolist()) | set(pad_exclude)
+        # Candidates that a model of weight above 0 scored but that were not
+        # taken were left out on purpose. Those that only models of weight 0
+        # scored are padded like items that no model proposed.
+        proposed = (scored.mask & (self.weights > 0)[:, None]).any(axis=0)
+        skip = set(scored.items[proposed].tolist()) | set(pad_exclude)
         # The first window leaves out the skipped candidates, most of which are
         # not popular, so that the popularity cache stays small.
         window = 4 * k + len(rows) + len(pad_exclude)
@@ -925,7 +945,8 @@ class Recommender:
         """Name the models behind each row, largest weighted score first, ties by name.
 
         Models of weight 0 add nothing to a fused score and are not named.
-        Rows that are not among the candidates came from popularity padding.
+        Rows that no model of weight above 0 scored came from popularity
+        padding.
         """
         if not rows or len(scored.items) == 0:
             return [("popular",)] * len(rows)
@@ -938,7 +959,7 @@ class Recommender:
         out: list[tuple[str, ...]] = []
         found = is_candidate.tolist()
         for models, count, candidate in zip(order.tolist(), counts, found, strict=True):
-            if candidate:
+            if candidate and count:
                 out.append(tuple(MODEL_NAMES[m] for m in models[:count]))
             else:
                 out.append(("popular",))

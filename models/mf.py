@@ -231,7 +231,7 @@ class ImplicitMF:
         negative_item_grad *= kept[:, :, None]
 
         user_rates, item_rates, negative_rates = self._row_rates(
-            users, items, weights, negatives, user_vectors, item_vectors, negative_vectors
+            users, items, weights, negatives, kept, user_vectors, item_vectors, negative_vectors
         )
         np.add.at(self._user_factors, users, -user_rates[:, None] * user_grad)
         np.add.at(self._item_factors, items, -item_rates[:, None] * item_grad)
@@ -249,6 +249,7 @@ class ImplicitMF:
         items: IntArray,
         weights: Float32Array,
         negatives: IntArray,
+        kept: npt.NDArray[np.bool_],
         user_vectors: Float32Array,
         item_vectors: Float32Array,
         negative_vectors: Float32Array,
@@ -262,20 +263,21 @@ class ImplicitMF:
         term's weight times the squared norm of the other vector, plus L2.
         A step of at most 1 / ``curvature`` cannot overshoot it, so each
         row's rate is cut to that where it is smaller than ``learning_rate``.
-        Rows with few terms keep the plain rate.
+        Rows with few terms keep the plain rate. Negatives left out, where
+        ``kept`` is False, add no term.
         """
         user_squares = np.einsum("bf,bf->b", user_vectors, user_vectors).astype(np.float64)
         item_squares = np.einsum("bf,bf->b", item_vectors, item_vectors).astype(np.float64)
-        negative_squares = np.einsum("bnf,bnf->bn", negative_vectors, negative_vectors)
+        negative_squares = np.einsum("bnf,bnf->bn", negative_vectors, negative_vectors) * kept
         positive_weights = weights.astype(np.float64)
 
         user_terms = 0.25 * (positive_weights * item_squares + negative_squares.sum(axis=1))
         item_terms = 0.25 * positive_weights * user_squares
-        negative_terms = np.broadcast_to(0.25 * user_squares[:, None], negatives.shape)
+        negative_terms = (0.25 * user_squares[:, None] + self.l2) * kept
 
         user_rates = self._capped_rates(users, user_terms + self.l2)
         all_items = np.concatenate([items, negatives.reshape(-1)])
-        all_terms = np.concatenate([item_terms, negative_terms.reshape(-1)]) + self.l2
+        all_terms = np.concatenate([item_terms + self.l2, negative_terms.reshape(-1)])
         all_rates = self._capped_rates(all_items, all_terms)
         item_rates = all_rates[: len(items)]
         negative_rates = all_rates[len(items) :].reshape(negatives.shape)

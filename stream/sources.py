@@ -187,8 +187,9 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         raise SourceError(msg)
     if not result.events:
         reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped.most_common())
-        firsts = [rejections[0] for rejections in result.examples.values()]
-        first = min(firsts, key=lambda rejection: rejection.line or 0, default=None)
+        # Reasons enter the examples in file order, so the first reason's
+        # first example is the first skipped row, even one without a line.
+        first = next(iter(result.examples.values()))[0] if result.examples else None
         msg = (
             f"none of the {result.rows_read} rows of {file_path.name} is a valid {fmt} event "
             f"(skipped: {reasons}; first: {first}); check the --format and the file's "
@@ -601,4 +602,6 @@ def _jsonl_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Even
 def _empty_id_detail(row: list[str], columns: dict[str, int], first: str = "user_id") -> str:
     names = (first, "item_id")
     empty = [name for name in names if not row[columns[name]].strip()]
-    return f"{' and '.join(empty)} is empty; expected a non-empty id"
+    if len(empty) > 1:
+        return f"{' and '.join(empty)} are empty; expected non-empty ids"
+    return f"{empty[0]} is empty; expected a non-empty id"

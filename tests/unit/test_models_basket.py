@@ -69,6 +69,23 @@ def test_late_event_keeps_gap_session() -> None:
     assert _basket_ids(engine, "u2") == ["b"]
 
 
+def test_slightly_late_event_keeps_gap_clock() -> None:
+    # The line at minute 62 is within the 10-minute gap of the last one, so
+    # it joins the basket, but the basket's clock stays at minute 66. The
+    # line at minute 74 is then 8 minutes later and still in the basket.
+    engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
+    engine.learn(
+        [
+            _line(0, "u1", "a", None, minute=60),
+            _line(1, "u1", "b", None, minute=66),
+            _line(2, "u1", "c", None, minute=62),
+            _line(3, "u1", "d", None, minute=74),
+            _line(4, "u2", "d", None, minute=200),
+        ]
+    )
+    assert sorted(_basket_ids(engine, "u2")) == ["a", "b", "c"]
+
+
 def test_basket_splits_sessions_by_gap() -> None:
     engine = Recommender(EngineConfig(basket_session_gap_ms=10 * MINUTE_MS))
     engine.learn(

@@ -299,6 +299,23 @@ def test_item_without_enabled_opinion_left_out(fusion: str) -> None:
     assert np.isfinite(fused[2:]).all()
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "rrf", "learned"])
+def test_zero_weight_candidates_still_padded(fusion: str) -> None:
+    # Only the user's own items have a weight above 0, so the rest of the
+    # list is popularity padding, which may take the items that the models
+    # of weight 0 proposed.
+    weights = {name: 0.0 for name in MODEL_NAMES}
+    weights["recent"] = 1.0
+    engine = Recommender(EngineConfig(fusion=fusion, weights=weights, fusion_learn_every=0))
+    engine.learn([*_shop(), _event(99, "u9", "i3", "view")])
+    entries = engine.recommend(["u9"], 5)[0]
+    assert [entry.item_id for entry in entries][:1] == ["i3"]
+    assert len(entries) == 5
+    assert entries[0].sources == ("recent",)
+    for entry in entries[1:]:
+        assert entry.sources == ("popular",)
+
+
 def test_scores_sorted_and_finite() -> None:
     for fusion in ("weighted", "rrf", "learned"):
         engine = Recommender(EngineConfig(fusion=fusion))
@@ -582,6 +599,42 @@ def test_late_event_keeps_current_session() -> None:
     rows = np.array([engine.catalog.index[item] for item in ("a", "b", "late", "d")])
     assert engine._groups("u1", rows).tolist() == [1, 1, 2, 1]
     assert engine.user_event_times("u1") == (T0 - 2 * 3_600_000, T0 + 120_000)
+
+
+def test_slightly_late_event_keeps_clock() -> None:
+    # An event stamped 20 minutes before the user's last one is within the
+    # 30-minute session gap, so it joins the session, but the session's
+    # clock stays at the newest event.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    minute = 60_000
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0),
+            Event("e2", "view", "u1", "b", T0 + 25 * minute),
+            Event("e3", "view", "u1", "c", T0 + 5 * minute),
+            Event("e4", "view", "u1", "d", T0 + 40 * minute),
+        ]
+    )
+    rows = np.array([engine.catalog.index[item] for item in ("a", "b", "c", "d")])
+    assert engine._groups("u1", rows).tolist() == [1, 1, 1, 1]
+    assert engine.user_event_times("u1") == (T0, T0 + 40 * minute)
+
+
+def test_late_event_of_earlier_session_id() -> None:
+    # A late event names the session before the current one. It joins the
+    # user's seen items but neither ends nor rejoins the current session.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0, session_id="s1"),
+            Event("e2", "view", "u1", "b", T0 + 60_000, session_id="s2"),
+            Event("e3", "view", "u1", "late", T0 + 30_000, session_id="s1"),
+            Event("e4", "view", "u1", "d", T0 + 120_000, session_id="s2"),
+        ]
+    )
+    rows = np.array([engine.catalog.index[item] for item in ("a", "b", "late", "d")])
+    assert engine._groups("u1", rows).tolist() == [2, 1, 2, 1]
+    assert engine.user_event_times("u1") == (T0, T0 + 120_000)
 
 
 def test_top_n_breaks_ties_by_row() -> None:

@@ -89,3 +89,20 @@ def test_mf_own_item_never_negative() -> None:
         engine.learn([Event(f"e{n}", "view", "u0", "i0", T0 + n)])
     after = float(model.score("u0", np.array([0]))[1][0])
     assert after > before
+
+
+def test_mf_dropped_negatives_leave_rates() -> None:
+    # With one item, every negative drawn is the event's own item and is
+    # left out, so the tables must match those learned with no negatives,
+    # even where a heavy user's rate is cut.
+    events = [Event(f"e{n}", "purchase", "u0", "i0", T0 + n) for n in range(300)]
+    tables = []
+    for negatives in (0, 3):
+        config = EngineConfig(fusion_learn_every=0, learn_chunk=100, mf_negatives=negatives)
+        engine = Recommender(config)
+        engine.learn(events)
+        model = engine.models["mf"]
+        assert isinstance(model, ImplicitMF)
+        tables.append((model._user_factors[:1].copy(), model.item_factors().copy()))
+    assert np.array_equal(tables[0][0], tables[1][0])
+    assert np.array_equal(tables[0][1], tables[1][1])

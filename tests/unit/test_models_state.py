@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import pickle
 import random
 
@@ -10,7 +11,7 @@ import pytest
 
 from models.basket import SessionCoOccurrenceModel
 from models.context import ContextModel
-from models.engine import EngineConfig, Recommender
+from models.engine import EngineConfig, Recommender, _UserState
 from models.popularity import CategoryModel
 from schemas import Event
 
@@ -181,3 +182,22 @@ def test_context_negatives_ignore_batches(batch_size: int) -> None:
     assert (
         split.models["context"].classifier._weights == whole.models["context"].classifier._weights
     )
+
+
+def test_engine_old_user_state_loads(engine: Recommender, monkeypatch: pytest.MonkeyPatch) -> None:
+    # User states written while they kept the user's last category.
+    def old_layout(state: _UserState, protocol: int) -> tuple[object, ...]:
+        slots = {name: getattr(state, name) for name in _UserState.__slots__}
+        slots["last_category"] = 2
+        return (copyreg.__newobj__, (_UserState,), (None, slots))
+
+    monkeypatch.setattr(_UserState, "__reduce_ex__", old_layout, raising=False)
+    blob = pickle.dumps(engine)
+    monkeypatch.undo()
+    restored = pickle.loads(blob)
+    for user_id, state in engine._users.items():
+        assert restored._users[user_id] == state
+    assert not hasattr(restored._users["u1"], "last_category")
+    more = [Event(f"x{n}", "view", "u1", f"i{n}", T0 + 10**9 + n) for n in range(5)]
+    restored.learn(more)
+    assert restored.user_event_times("u1")[1] == T0 + 10**9 + 4

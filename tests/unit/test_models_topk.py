@@ -110,5 +110,8 @@ def test_sources_name_contributing_models(
                 assert entry.sources == ("popular",)
                 continue
             contributing = {MODEL_NAMES[m] for m in np.flatnonzero(enabled[:, position])}
-            assert contributing
+            if not contributing:
+                # Only models of weight 0 scored it, so it came from padding.
+                assert entry.sources == ("popular",)
+                continue
             assert set(entry.sources) == contributing

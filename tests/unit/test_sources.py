@@ -102,6 +102,19 @@ def test_diginetica_skip_reasons(tmp_path: Path) -> None:
     assert result.skipped == {"invalid_timestamp": 3, "empty_id": 1, "short_row": 1}
 
 
+def test_empty_id_detail_names_fields(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "views.csv",
+        DIGINETICA_HEADER
+        + "1;NA;100;10;2016-05-09\n"
+        + ";NA;;10;2016-05-09\n"
+        + "3;NA;;10;2016-05-09\n",
+    )
+    examples = read_events(path, "diginetica").examples["empty_id"]
+    assert examples[0].detail == "session_id and item_id are empty; expected non-empty ids"
+    assert examples[1].detail == "item_id is empty; expected a non-empty id"
+
+
 def test_diginetica_sample_reads_whole() -> None:
     result = read_events(shared_file(DIGINETICA), "diginetica")
     assert result.summary() == {
@@ -449,6 +462,19 @@ def test_no_valid_row_error_names_first_rejection(tmp_path: Path) -> None:
     path = _write(tmp_path / "wrong.csv", TAOBAO_HEADER + "1,2,3,like,1511544070\n")
     with pytest.raises(SourceError, match=r"first: line 2: behavior_type 'like' is unknown"):
         read_events(path, "taobao")
+
+
+def test_no_valid_row_error_names_earliest_line(tmp_path: Path) -> None:
+    # A refund left out has no line of its own in its rejection, yet the
+    # row on line 2 was skipped before it.
+    path = _write(
+        tmp_path / "retail.csv",
+        RETAIL_HEADER
+        + "536380,22728,ALARM CLOCK PINK,4,2010-12-01 09:00:00,3.75,,France\n"
+        + "C536381,22728,ALARM CLOCK PINK,-1,2010-12-01 10:00:00,3.75,12583,France\n",
+    )
+    with pytest.raises(SourceError, match=r"first: line 2: CustomerID is empty"):
+        read_events(path, "online-retail", refunds=False)
 
 
 def test_quoted_taobao_fields_unquoted(tmp_path: Path) -> None:
