@@ -197,10 +197,28 @@ class EngineConfig:
         if self.learn_chunk < 1:
             msg = f"learn_chunk is {self.learn_chunk}; expected at least 1"
             raise ModelError(msg)
-        for name in ("covisit_recency_power", "title_recency_power"):
+        for name in (
+            "covisit_recency_power",
+            "title_recency_power",
+            "mf_learning_rate",
+            "mf_l2",
+            "context_learning_rate",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 msg = f"{name} is {value}; expected a finite number >= 0"
+                raise ModelError(msg)
+        for name in (
+            "popularity_half_life_ms",
+            "trending_half_life_ms",
+            "recent_half_life_ms",
+            "category_half_life_ms",
+            "covisit_half_life_ms",
+            "basket_half_life_ms",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                msg = f"{name} is {value}; expected a finite number of milliseconds > 0"
                 raise ModelError(msg)
         for name in (
             "mf_index_min_items",

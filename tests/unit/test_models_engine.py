@@ -56,11 +56,13 @@ def test_config_rejects_negative_weight() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "shown"),
     [
-        ("covisit_half_life_ms", 0.0, "half_life_ms is 0.0"),
-        ("covisit_half_life_ms", math.nan, "half_life_ms is nan"),
-        ("mf_learning_rate", -0.05, "learning_rate is -0.05"),
-        ("mf_learning_rate", math.inf, "learning_rate is inf"),
-        ("mf_l2", -0.01, "l2 is -0.01"),
+        ("covisit_half_life_ms", 0.0, "covisit_half_life_ms is 0.0"),
+        ("covisit_half_life_ms", math.nan, "covisit_half_life_ms is nan"),
+        ("popularity_half_life_ms", -1.0, "popularity_half_life_ms is -1.0"),
+        ("mf_learning_rate", -0.05, "mf_learning_rate is -0.05"),
+        ("mf_learning_rate", math.inf, "mf_learning_rate is inf"),
+        ("mf_l2", -0.01, "mf_l2 is -0.01"),
+        ("context_learning_rate", math.nan, "context_learning_rate is nan"),
     ],
 )
 def test_config_rejects_invalid_model_setting(field: str, value: float, shown: str) -> None:
