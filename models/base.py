@@ -460,9 +460,8 @@ class UserNeighbourScores:
         self._version = 0
 
     def _drop_kept_scores(self) -> None:
-        # The kept key names the last user scored and the kept scores come
-        # from that user's items, so a model that forgets a user drops both,
-        # or they would stay in the next checkpoint.
+        # The memo contains the last scored user's id and scores. Removing
+        # that user must clear both, or they would reach the next checkpoint.
         self._memo_key = None
         self._memo = _NO_SCORES
         self._version += 1

@@ -141,9 +141,8 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
             del session.items[: -self.max_session_items]
 
     def _is_late(self, session: _Session, session_id: str | None, time_ms: int) -> bool:
-        # An event of an earlier basket that arrives after the current one
-        # started, as from a late producer: the earlier basket is gone, so
-        # it pairs with nothing, and the current basket stays as it is.
+        # A late event of an earlier basket pairs with nothing, because that
+        # basket is no longer kept. The current basket stays as it is.
         if session.last_ms is None or time_ms >= session.last_ms:
             return False
         if session_id is not None and session.session_id is not None:

@@ -214,8 +214,8 @@ class ContextModel:
         if len(context.seen) > self.max_seen:
             context.seen.popitem(last=False)
         if context.last_ms is not None and time_ms < context.last_ms:
-            # An event older than the user's last one, as from a backfill
-            # replayed after live traffic: the last event stays the newest.
+            # An event older than the user's last one, as a backfill brings,
+            # leaves the context of the newest event.
             return
         context.last_ms = time_ms
         context.hour = (time_ms // _HOUR_MS) % 24

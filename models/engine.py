@@ -557,11 +557,8 @@ class Recommender:
                     state.purchased.pop(item, None)
 
     def _is_late(self, state: _UserState, event: Event) -> bool:
-        # An event stamped before the user's last one arrived out of order.
-        # When it names another session than the current one, or without
-        # session ids is more than a session gap older, it belongs to an
-        # earlier session, so it neither joins the current one nor starts a
-        # new one. Otherwise it joins the current session.
+        # An out-of-order event with another session id, or without ids more
+        # than a session gap older, belongs to an earlier session.
         if state.last_ms is None or event.timestamp_ms >= state.last_ms:
             return False
         if event.session_id is not None and state.session_id is not None:

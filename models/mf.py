@@ -219,8 +219,8 @@ class ImplicitMF:
 
         # A negative drawn equal to its event's item would undo the event's
         # own step, so such draws are left out.
-        kept = negatives != items[:, None]
-        negative_grad = negative_grad * kept
+        not_own_item = negatives != items[:, None]
+        negative_grad = negative_grad * not_own_item
 
         user_grad = positive_grad[:, None] * item_vectors
         user_grad += np.einsum("bn,bnf->bf", negative_grad, negative_vectors)
@@ -228,10 +228,17 @@ class ImplicitMF:
         item_grad = positive_grad[:, None] * user_vectors + self.l2 * item_vectors
         negative_item_grad = negative_grad[:, :, None] * user_vectors[:, None, :]
         negative_item_grad += self.l2 * negative_vectors
-        negative_item_grad *= kept[:, :, None]
+        negative_item_grad *= not_own_item[:, :, None]
 
         user_rates, item_rates, negative_rates = self._row_rates(
-            users, items, weights, negatives, kept, user_vectors, item_vectors, negative_vectors
+            users,
+            items,
+            weights,
+            negatives,
+            not_own_item,
+            user_vectors,
+            item_vectors,
+            negative_vectors,
         )
         np.add.at(self._user_factors, users, -user_rates[:, None] * user_grad)
         np.add.at(self._item_factors, items, -item_rates[:, None] * item_grad)
@@ -249,7 +256,7 @@ class ImplicitMF:
         items: IntArray,
         weights: Float32Array,
         negatives: IntArray,
-        kept: npt.NDArray[np.bool_],
+        not_own_item: npt.NDArray[np.bool_],
         user_vectors: Float32Array,
         item_vectors: Float32Array,
         negative_vectors: Float32Array,
@@ -264,16 +271,18 @@ class ImplicitMF:
         A step of at most 1 / ``curvature`` cannot overshoot it, so each
         row's rate is cut to that where it is smaller than ``learning_rate``.
         Rows with few terms keep the plain rate. Negatives left out, where
-        ``kept`` is False, add no term.
+        ``not_own_item`` is False, add no term.
         """
         user_squares = np.einsum("bf,bf->b", user_vectors, user_vectors).astype(np.float64)
         item_squares = np.einsum("bf,bf->b", item_vectors, item_vectors).astype(np.float64)
-        negative_squares = np.einsum("bnf,bnf->bn", negative_vectors, negative_vectors) * kept
+        negative_squares = (
+            np.einsum("bnf,bnf->bn", negative_vectors, negative_vectors) * not_own_item
+        )
         positive_weights = weights.astype(np.float64)
 
         user_terms = 0.25 * (positive_weights * item_squares + negative_squares.sum(axis=1))
         item_terms = 0.25 * positive_weights * user_squares
-        negative_terms = (0.25 * user_squares[:, None] + self.l2) * kept
+        negative_terms = (0.25 * user_squares[:, None] + self.l2) * not_own_item
 
         user_rates = self._capped_rates(users, user_terms + self.l2)
         all_items = np.concatenate([items, negatives.reshape(-1)])
