@@ -10,7 +10,7 @@ import pytest
 
 from stream.checkpoint import CheckpointError, CheckpointStore
 from stream.dedup import DedupWindow
-from stream.logs import JsonFormatter
+from stream.logs import JsonFormatter, configure_logging
 from stream.privacy import Pseudonymizer, load_pseudonymizer
 from stream.ratelimit import UserRateLimiter
 from stream.settings import Settings, SettingsError
@@ -377,6 +377,26 @@ def test_json_log_line_has_extras():
     assert line["message"] == "checkpoint written x"
     assert line["event"] == "checkpoint_written"
     assert line["level"] == "info"
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
+def test_late_timer_lines_show_only_at_debug(level, shown, capsys):
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    timers_level = logging.getLogger("mode.timers").level
+    try:
+        configure_logging(level)
+        logging.getLogger("mode.timers").info("Timer commit woke up too late")
+        logging.getLogger("mode.timers").warning("Timer commit is overlapping")
+        logging.getLogger("stream.app").info("worker ready")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        logging.getLogger("mode.timers").setLevel(timers_level)
+    err = capsys.readouterr().err
+    assert ("woke up too late" in err) is shown
+    assert "is overlapping" in err
+    assert "worker ready" in err
 
 
 def test_checkpoint_file_is_owner_only(tmp_path):
