@@ -265,11 +265,15 @@ kafka_libs() {
     parent="$(dirname "${KAFKA_LIBS_CACHE}")"
     mkdir -p "${parent}"
     staging="$(mktemp -d "${parent}/libs.partial.XXXXXX")"
+    # Debian's Maven writes colour resets even in batch mode, so its output
+    # goes to a file and shows, without escape codes, only when it fails.
     if ! mvn -q -B -Dstyle.color=never -f "${SCRIPT_DIR}/kafka/pom.xml" dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="${staging}" >&2; then
-        rm -rf "${staging}"
+        -DincludeScope=runtime -DoutputDirectory="${staging}" >"${staging}.log" 2>&1; then
+        sed 's/\x1b\[[0-9;]*m//g' "${staging}.log" | tail -n 40 >&2
+        rm -rf "${staging}" "${staging}.log"
         die "mvn could not resolve the Kafka ${KAFKA_VERSION} jars; check the route to Maven Central or set KAFKA_HOME"
     fi
+    rm -f "${staging}.log"
     touch "${staging}/.complete"
     rm -rf "${KAFKA_LIBS_CACHE}"
     mv "${staging}" "${KAFKA_LIBS_CACHE}"
