@@ -1579,8 +1579,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     axis.set_yscale("log")
     axis.set_xlabel("produced load (events/s)")
     axis.set_ylabel("freshness: produce to list in Redis (s)")
-    # A leg's saturation run need not be its highest load: the worker also
-    # runs 5,000 events/s, several times its saturation throughput.
+    # The worker's run at 5,000 events/s lies beyond its saturation
+    # throughput, so a leg's saturation run is not always its last point.
     axis.set_title("Freshness against produced load (stars: each leg at saturation)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)

@@ -44,8 +44,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    # Faust's internal timers log every late wake-up at INFO. The worker
-    # learns a batch in one go, so they wake late by design, and those lines
-    # would bury the worker's own. They show at DEBUG; overlaps still warn.
+    # Faust's timers log each late wake-up at INFO, and the worker's batches
+    # make them wake late by design, so those lines show only at DEBUG.
     timers = logging.getLogger("mode.timers")
     timers.setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
