@@ -575,3 +575,51 @@ def test_keyless_dead_letter_hides_user_id(raw):
     value = outcome.dead_letters[0][1]
     assert b"alice" not in value
     assert processor.pseudonymize("alice@example.com").encode() in value
+
+
+@pytest.mark.parametrize("key", [None, b"bob@example.com"], ids=["no key", "other key"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"session_id": "alice@example.com-s1", "price": -1},
+        {"title": "for alice@example.com", "price": "x"},
+        {"unknown_alice@example.com": 1},
+    ],
+    ids=["session id", "title", "field name"],
+)
+def test_dead_letter_hides_user_id_without_its_key(key, extra, caplog):
+    processor = _processor()
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, **extra}
+    with caplog.at_level("WARNING"):
+        outcome = processor.process_events([Message("events.view", 0, 0, key, orjson.dumps(obj))])
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert "alice" not in caplog.text
+
+
+def test_unparsed_keyless_dead_letter_hides_repeated_user_id():
+    processor = _processor()
+    raw = b'{"user_id": "alice@example.com", "session_id": "alice@example.com-s1",'
+    outcome = processor.process_events([Message("events.view", 0, 0, None, raw)])
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+
+
+@pytest.mark.parametrize("key", [None, b"alice@example.com"], ids=["no key", "user id key"])
+def test_dead_letter_hides_user_id_cut_short(key, caplog):
+    # The message quotes only the first 64 characters of a long value, so
+    # the cut falls inside the user id.
+    processor = _processor()
+    session = "x" * 58 + "alice@example.com" * 20
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, "session_id": session}
+    with caplog.at_level("WARNING"):
+        outcome = processor.process_events([Message("events.view", 0, 0, key, orjson.dumps(obj))])
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "text_too_long"
+    assert "alice" not in record["detail"]
+    assert "alice" not in caplog.text
+    assert b"alice" not in outcome.dead_letters[0][1]
