@@ -549,10 +549,9 @@ class Processor:
 
         The message key is the user id when the producer keyed the message
         as the contract requires. The value's ``user_id`` is the user id too,
-        also when the key is missing or differs from it.
+        also when the key is missing or differs from it, or when an event
+        went to the item topic, whose key is an item id.
         """
-        if message.topic == self.settings.topic(ITEMS_TOPIC):
-            return []
         found: set[str] = set()
         user_key = self._user_key(message)
         if user_key is not None:

@@ -623,3 +623,15 @@ def test_dead_letter_hides_user_id_cut_short(key, caplog):
     assert "alice" not in record["detail"]
     assert "alice" not in caplog.text
     assert b"alice" not in outcome.dead_letters[0][1]
+
+
+def test_misrouted_event_on_items_topic_hides_user_id():
+    processor = _processor()
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, "session_id": "alice@example.com-s1"}
+    message = Message("items.updates", 0, 0, b"i1", orjson.dumps(obj))
+    outcome = processor.process_item_updates([message])
+    key, value = outcome.dead_letters[0]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert key == b"i1"
