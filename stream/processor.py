@@ -228,7 +228,11 @@ class Processor:
                     message.value, max_bytes=self.settings.max_message_bytes
                 )
                 if message.key is not None and message.key != update.item_id.encode():
-                    msg = "message key differs from item_id; expected item_id as the Kafka key"
+                    key = _quoted(message.key.decode("utf-8", "replace"))
+                    msg = (
+                        f"message key {key} differs from item_id {_quoted(update.item_id)}; "
+                        "expected the item_id as the Kafka key"
+                    )
                     raise SchemaError("key_mismatch", msg, "item_id")
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
@@ -672,6 +676,13 @@ def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [_replace_strings(item, old, new, depth + 1) for item in value]
     return value
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """Return ``text`` as a JSON string for an error message, cut after ``limit`` characters."""
+    if len(text) <= limit:
+        return orjson.dumps(text).decode()
+    return f"{orjson.dumps(text[:limit]).decode()}\u2026 ({len(text)} characters)"
 
 
 def _event_time(event: Event) -> int:

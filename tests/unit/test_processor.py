@@ -369,7 +369,20 @@ def test_item_update_with_wrong_key_rejected():
     processor = _processor()
     update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
     outcome = processor.process_item_updates([Message("items.updates", 0, 0, b"other", update)])
-    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "key_mismatch"
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "key_mismatch"
+    assert 'key "other"' in record["detail"]
+    assert 'item_id "item-2"' in record["detail"]
+
+
+def test_item_key_mismatch_detail_cuts_long_key():
+    processor = _processor()
+    update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
+    message = Message("items.updates", 0, 0, b"k" * 5000, update)
+    outcome = processor.process_item_updates([message])
+    detail = orjson.loads(outcome.dead_letters[0][1])["detail"]
+    assert "(5000 characters)" in detail
+    assert len(detail) < 300
 
 
 def test_null_value_event_rejected_batch_kept():
