@@ -137,6 +137,9 @@ class Processor:
         # nor the pseudonym appears anywhere in the state.
         self.forgotten: dict[str, int] = {}
         self._forget_key = pseudonymize.derive_key("forget")
+        # Session ids are kept as keyed hashes, because shops often build them
+        # from user ids and the models only compare them for equality.
+        self._session_key = pseudonymize.derive_key("session")
         # Called with the pseudonyms of erased users, so that state kept
         # outside the processor, such as queued dead letters, drops them too.
         self.on_erase: Callable[[set[str]], None] | None = None
@@ -189,6 +192,8 @@ class Processor:
                 continue
             outcome.dirty[pseudonym] = event.user_id
             event.user_id = pseudonym
+            if event.session_id is not None:
+                event.session_id = self.session_token(event.session_id)
             accepted.append(event)
 
         if self._limited_since_sweep >= _SWEEP_EVERY_EVENTS:
@@ -296,6 +301,17 @@ class Processor:
         # erased user leaves no trace in it.
         logger.info("forgot a user: %d forget requests applied so far", len(self.forgotten))
         return pseudonym
+
+    def session_token(self, session_id: str) -> str:
+        """Return the keyed hash that the models' state stores in place of ``session_id``.
+
+        Unlike user pseudonyms, tokens are not cached, so that no raw session
+        id of a forgotten user stays in memory.
+        """
+        digest = hmac.digest(
+            self._session_key, session_id.encode("utf-8", "surrogatepass"), "sha256"
+        )
+        return digest[:16].hex()
 
     def forget_token(self, pseudonym: str) -> str:
         """Return the key of ``pseudonym`` in the forget registry."""

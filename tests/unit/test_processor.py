@@ -1,6 +1,7 @@
 """The worker's processing logic on in-memory messages, without services."""
 
 import math
+import pickle
 
 import orjson
 import pytest
@@ -648,3 +649,17 @@ def test_misrouted_event_on_items_topic_hides_user_id():
     assert b"alice" not in value
     assert processor.pseudonymize("alice@example.com").encode() in value
     assert key == b"i1"
+
+
+def test_state_keeps_session_ids_hashed():
+    processor = _processor()
+    events = [
+        Event(f"s-{n}", "view", "alice@example.com", f"item-{n}", NOW_MS - 1000 + n)
+        for n in range(3)
+    ]
+    for event in events:
+        event.session_id = "alice@example.com:visit-1"
+    processor.process_events(_stream(events))
+    state = pickle.dumps(processor.state())
+    assert b"alice" not in state
+    assert processor.engine.user_history(processor.pseudonymize("alice@example.com"))
