@@ -10,6 +10,7 @@ runs.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import re
 import time
@@ -136,6 +137,9 @@ class Processor:
         # nor the pseudonym appears anywhere in the state.
         self.forgotten: dict[str, int] = {}
         self._forget_key = pseudonymize.derive_key("forget")
+        # Session ids are kept as keyed hashes, because shops often build them
+        # from user ids and the models only compare them for equality.
+        self._session_key = pseudonymize.derive_key("session")
         # Called with the pseudonyms of erased users, so that state kept
         # outside the processor, such as queued dead letters, drops them too.
         self.on_erase: Callable[[set[str]], None] | None = None
@@ -188,6 +192,8 @@ class Processor:
                 continue
             outcome.dirty[pseudonym] = event.user_id
             event.user_id = pseudonym
+            if event.session_id is not None:
+                event.session_id = self.session_token(event.session_id)
             accepted.append(event)
 
         if self._limited_since_sweep >= _SWEEP_EVERY_EVENTS:
@@ -227,7 +233,11 @@ class Processor:
                     message.value, max_bytes=self.settings.max_message_bytes
                 )
                 if message.key is not None and message.key != update.item_id.encode():
-                    msg = "message key differs from item_id; expected item_id as the Kafka key"
+                    key = _quoted(message.key.decode("utf-8", "replace"))
+                    msg = (
+                        f"message key {key} differs from item_id {_quoted(update.item_id)}; "
+                        "expected the item_id as the Kafka key"
+                    )
                     raise SchemaError("key_mismatch", msg, "item_id")
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
@@ -291,6 +301,17 @@ class Processor:
         # erased user leaves no trace in it.
         logger.info("forgot a user: %d forget requests applied so far", len(self.forgotten))
         return pseudonym
+
+    def session_token(self, session_id: str) -> str:
+        """Return the keyed hash that the models' state stores in place of ``session_id``.
+
+        Unlike user pseudonyms, tokens are not cached, so that no raw session
+        id of a forgotten user stays in memory.
+        """
+        digest = hmac.digest(
+            self._session_key, session_id.encode("utf-8", "surrogatepass"), "sha256"
+        )
+        return digest[:16].hex()
 
     def forget_token(self, pseudonym: str) -> str:
         """Return the key of ``pseudonym`` in the forget registry."""
@@ -477,8 +498,10 @@ class Processor:
         seen = self._warned[error.reason]
         # The detail and the field may quote the user id, as the name of an
         # unknown field for instance.
-        detail = self._redact_text(message, error.detail)
-        field_name = None if error.field is None else self._redact_text(message, error.field)
+        parsed = self._parsed_value(message)
+        user_ids = self._user_ids_to_hide(message, parsed)
+        detail = self._hide_user_ids(error.detail, user_ids)
+        field_name = None if error.field is None else self._hide_user_ids(error.field, user_ids)
         if seen == 1 or seen % 1000 == 0:
             logger.warning(
                 "rejected message from %s[%d]@%d: %s (%s); %d of this kind so far",
@@ -499,7 +522,7 @@ class Processor:
                 "offset": message.offset,
             },
             "received_at": now_ms,
-            "payload": self._redacted_payload(message),
+            "payload": self._redacted_payload(message, parsed, user_ids),
         }
         key = None if message.key is None else self._redact_key(message)
         return key, orjson.dumps(record)
@@ -531,23 +554,56 @@ class Processor:
         text = (message.key or b"").decode("utf-8", "replace")
         return self.pseudonymize(text).encode()
 
-    def _redacted_payload(self, message: Message) -> dict[str, Any] | str:
+    def _parsed_value(self, message: Message) -> Any:
+        """Return the message value parsed as JSON, or None when it is not JSON or too large."""
+        raw = message.value
+        if raw is None or len(raw) > self.settings.max_message_bytes:
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+
+    def _user_ids_to_hide(self, message: Message, parsed: Any) -> list[str]:
+        """Return the user ids that a dead letter of ``message`` must not quote, longest first.
+
+        The message key is the user id when the producer keyed the message
+        as the contract requires. The value's ``user_id`` is the user id too,
+        also when the key is missing or differs from it, or when an event
+        went to the item topic, whose key is an item id.
+        """
+        found: set[str] = set()
+        user_key = self._user_key(message)
+        if user_key is not None:
+            found.add(user_key)
+        if isinstance(parsed, dict):
+            user_id = parsed.get("user_id")
+            if isinstance(user_id, str):
+                found.add(user_id)
+        elif message.value is not None:
+            text = message.value[: self.settings.max_message_bytes]
+            for match in _USER_ID_IN_TEXT.finditer(text):
+                if len(found) >= _MAX_USER_IDS_HIDDEN:
+                    break
+                found.add(match.group(4).decode("utf-8", "replace"))
+        # Replacing every "7" or "42" would garble the text.
+        return sorted((u for u in found if len(u) >= _MIN_KEY_TO_REDACT), key=len, reverse=True)
+
+    def _redacted_payload(
+        self, message: Message, parsed: Any, user_ids: list[str]
+    ) -> dict[str, Any] | str:
         raw = message.value
         if raw is None:
             return ""
-        try:
-            obj = orjson.loads(raw) if len(raw) <= self.settings.max_message_bytes else None
-        except orjson.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
+        if isinstance(parsed, dict):
+            obj = parsed
             if "user_id" in obj:
                 user_id = obj["user_id"]
                 obj["user_id"] = (
                     self.pseudonymize(user_id) if isinstance(user_id, str) else "<redacted>"
                 )
-            user_key = self._user_key(message)
-            if user_key is not None:
-                obj = _replace_strings(obj, user_key, self.pseudonymize(user_key))
+            for user_id in user_ids:
+                obj = _replace_strings(obj, user_id, self.pseudonymize(user_id))
             text = orjson.dumps(obj)
             if len(text) <= _PAYLOAD_PREVIEW:
                 return obj
@@ -568,7 +624,7 @@ class Processor:
         if key and self._user_key(message) is not None:
             pseudonym = self.pseudonymize(key.decode("utf-8", "replace")).encode()
             cut = cut.replace(key, pseudonym)
-        return cut.decode("utf-8", "replace")
+        return self._hide_user_ids(cut.decode("utf-8", "replace"), user_ids)
 
     def _user_key(self, message: Message) -> str | None:
         """Return the message key as the user id to hide, or None when it is no user's id."""
@@ -579,12 +635,40 @@ class Processor:
             return None
         return key.decode("utf-8", "replace")
 
-    def _redact_text(self, message: Message, text: str) -> str:
-        """Return ``text`` with the user id of the message key replaced by its pseudonym."""
-        user_key = self._user_key(message)
-        if user_key is None or user_key not in text:
-            return text
-        return text.replace(user_key, self.pseudonymize(user_key))
+    def _hide_user_ids(self, text: str, user_ids: list[str]) -> str:
+        """Return ``text`` with each user id, whole or cut short, replaced by its pseudonym."""
+        for user_id in user_ids:
+            pseudonym = self.pseudonymize(user_id)
+            text = _replace_cut_prefix(text.replace(user_id, pseudonym), user_id, pseudonym)
+        return text
+
+
+# The mark that error messages put after a value cut short, with the
+# closing quote of a cut JSON string before it.
+_CUT_MARK = re.compile(r'"?\u2026 \(\d+ characters\)')
+# A dead letter checks at most this many cut marks and user ids, so that a
+# hostile message cannot make its redaction slow. Beyond that many ids, the
+# text keeps pseudonyms only in its user_id fields.
+_MAX_CUTS_CHECKED = 8
+_MAX_USER_IDS_HIDDEN = 8
+
+
+def _replace_cut_prefix(text: str, user_id: str, pseudonym: str) -> str:
+    """Return ``text`` with a start of ``user_id`` that ends at a cut replaced by ``pseudonym``.
+
+    A cut ends at a cut mark or at the end of the text. NOTE: a cut that
+    leaves fewer than 3 characters of the id keeps them, because so short a
+    start also matches unrelated text.
+    """
+    marks = itertools.islice(_CUT_MARK.finditer(text), _MAX_CUTS_CHECKED)
+    ends = [match.start() for match in marks] + [len(text)]
+    # From the last cut backwards, so the positions of earlier cuts stay valid.
+    for end in reversed(ends):
+        for length in range(min(len(user_id) - 1, end), _MIN_KEY_TO_REDACT - 1, -1):
+            if text[end - length : end] == user_id[:length]:
+                text = text[: end - length] + pseudonym + text[end:]
+                break
+    return text
 
 
 def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
@@ -608,6 +692,13 @@ def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
     if isinstance(value, list):
         return [_replace_strings(item, old, new, depth + 1) for item in value]
     return value
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """Return ``text`` as a JSON string for an error message, cut after ``limit`` characters."""
+    if len(text) <= limit:
+        return orjson.dumps(text).decode()
+    return f"{orjson.dumps(text[:limit]).decode()}\u2026 ({len(text)} characters)"
 
 
 def _event_time(event: Event) -> int:

@@ -420,3 +420,25 @@ def _ping(settings) -> bool:
         return bool(asyncio.run(ping()))
     except Exception:  # noqa: BLE001 - not up yet
         return False
+
+
+def test_checkpoint_hides_user_ids_in_sessions(run_settings, tmp_path):
+    # Shops often build session ids from user ids, and the models only compare them.
+    shoppers = [f"shopper-{n}@example.com" for n in range(5)]
+    events = [
+        Event(f"s-{n}-{j}", "view", user, f"item-{j}", NOW_MS + n * 10 + j, session_id=f"{user}:1")
+        for n, user in enumerate(shoppers)
+        for j in range(3)
+    ]
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, shoppers, 60))
+        assert worker.terminate() == 0
+
+    checkpoints = list(Path(run_settings.data_dir, "checkpoints").glob("*.bin"))
+    assert checkpoints
+    for path in checkpoints:
+        data = path.read_bytes()
+        for user in shoppers:
+            assert user.encode() not in data, f"{path.name} contains {user}"

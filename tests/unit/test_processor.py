@@ -1,6 +1,7 @@
 """The worker's processing logic on in-memory messages, without services."""
 
 import math
+import pickle
 
 import orjson
 import pytest
@@ -369,7 +370,20 @@ def test_item_update_with_wrong_key_rejected():
     processor = _processor()
     update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
     outcome = processor.process_item_updates([Message("items.updates", 0, 0, b"other", update)])
-    assert orjson.loads(outcome.dead_letters[0][1])["reason"] == "key_mismatch"
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "key_mismatch"
+    assert 'key "other"' in record["detail"]
+    assert 'item_id "item-2"' in record["detail"]
+
+
+def test_item_key_mismatch_detail_cuts_long_key():
+    processor = _processor()
+    update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
+    message = Message("items.updates", 0, 0, b"k" * 5000, update)
+    outcome = processor.process_item_updates([message])
+    detail = orjson.loads(outcome.dead_letters[0][1])["detail"]
+    assert "(5000 characters)" in detail
+    assert len(detail) < 300
 
 
 def test_null_value_event_rejected_batch_kept():
@@ -575,3 +589,77 @@ def test_keyless_dead_letter_hides_user_id(raw):
     value = outcome.dead_letters[0][1]
     assert b"alice" not in value
     assert processor.pseudonymize("alice@example.com").encode() in value
+
+
+@pytest.mark.parametrize("key", [None, b"bob@example.com"], ids=["no key", "other key"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"session_id": "alice@example.com-s1", "price": -1},
+        {"title": "for alice@example.com", "price": "x"},
+        {"unknown_alice@example.com": 1},
+    ],
+    ids=["session id", "title", "field name"],
+)
+def test_dead_letter_hides_user_id_without_its_key(key, extra, caplog):
+    processor = _processor()
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, **extra}
+    with caplog.at_level("WARNING"):
+        outcome = processor.process_events([Message("events.view", 0, 0, key, orjson.dumps(obj))])
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert "alice" not in caplog.text
+
+
+def test_unparsed_keyless_dead_letter_hides_repeated_user_id():
+    processor = _processor()
+    raw = b'{"user_id": "alice@example.com", "session_id": "alice@example.com-s1",'
+    outcome = processor.process_events([Message("events.view", 0, 0, None, raw)])
+    value = outcome.dead_letters[0][1]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+
+
+@pytest.mark.parametrize("key", [None, b"alice@example.com"], ids=["no key", "user id key"])
+def test_dead_letter_hides_user_id_cut_short(key, caplog):
+    # The message quotes only the first 64 characters of a long value, so
+    # the cut falls inside the user id.
+    processor = _processor()
+    session = "x" * 58 + "alice@example.com" * 20
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, "session_id": session}
+    with caplog.at_level("WARNING"):
+        outcome = processor.process_events([Message("events.view", 0, 0, key, orjson.dumps(obj))])
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "text_too_long"
+    assert "alice" not in record["detail"]
+    assert "alice" not in caplog.text
+    assert b"alice" not in outcome.dead_letters[0][1]
+
+
+def test_misrouted_event_on_items_topic_hides_user_id():
+    processor = _processor()
+    obj = {"event_id": "e1", "type": "view", "user_id": "alice@example.com", "item_id": "i1"}
+    obj |= {"timestamp": NOW_MS, "session_id": "alice@example.com-s1"}
+    message = Message("items.updates", 0, 0, b"i1", orjson.dumps(obj))
+    outcome = processor.process_item_updates([message])
+    key, value = outcome.dead_letters[0]
+    assert b"alice" not in value
+    assert processor.pseudonymize("alice@example.com").encode() in value
+    assert key == b"i1"
+
+
+def test_state_keeps_session_ids_hashed():
+    processor = _processor()
+    events = [
+        Event(f"s-{n}", "view", "alice@example.com", f"item-{n}", NOW_MS - 1000 + n)
+        for n in range(3)
+    ]
+    for event in events:
+        event.session_id = "alice@example.com:visit-1"
+    processor.process_events(_stream(events))
+    state = pickle.dumps(processor.state())
+    assert b"alice" not in state
+    assert processor.engine.user_history(processor.pseudonymize("alice@example.com"))
