@@ -271,6 +271,20 @@ def test_forget_consumed_after_earlier_events_erases_them():
     assert not processor.engine.has_user(processor.pseudonymize("user-10"))
 
 
+def test_forget_with_other_key_still_erases():
+    processor = _processor()
+    forgotten_at = NOW_MS - 60_000
+    before = Event("before-11", "view", "user-11", "item-1", forgotten_at - 10_000)
+    processor.process_events([_message(before, 0)])
+    request = orjson.dumps({"user_id": "user-11", "timestamp": forgotten_at})
+
+    outcome = processor.process_forget([Message("users.forget", 0, 0, b"other", request)])
+
+    assert outcome.applied == 1
+    assert not outcome.dead_letters
+    assert not processor.engine.has_user(processor.pseudonymize("user-11"))
+
+
 def test_forget_batch_erases_every_user():
     processor = _processor()
     processor.process_events(_stream(_warm_events()))
