@@ -406,9 +406,11 @@ def decode_item_update(raw: bytes | None, *, max_bytes: int = MAX_MESSAGE_BYTES)
         price = _price(price, "price")
     category = _optional_text(obj, "category", MAX_TEXT_LENGTH)
     title = _optional_text(obj, "title", MAX_TITLE_LENGTH)
-    if in_stock is None and price is None and category is None and title is None:
+    # The catalog keeps an item's category when it is given an empty one.
+    if in_stock is None and price is None and not category and title is None:
         msg = (
-            "item update changes nothing; expected at least one of in_stock, price, category, title"
+            "item update changes nothing; expected at least one of in_stock, price, "
+            "a non-empty category, title"
         )
         raise SchemaError("missing_field", msg, None)
     return ItemUpdate(item_id, timestamp_ms, in_stock, price, category, title)

@@ -114,6 +114,14 @@ def test_item_update_needs_a_change():
     assert caught.value.reason == "missing_field"
 
 
+def test_item_update_of_empty_category_rejected():
+    obj = {"item_id": "i1", "timestamp": 1_700_000_000_000, "category": ""}
+    assert not validator("item_update.schema.json").is_valid(obj)
+    with pytest.raises(SchemaError, match="non-empty category") as caught:
+        decode_item_update(orjson.dumps(obj))
+    assert caught.value.reason == "missing_field"
+
+
 def test_item_update_with_only_title():
     update = decode_item_update(
         b'{"item_id": "i1", "timestamp": 1700000000000, "title": "ALARM CLOCK PINK"}'
