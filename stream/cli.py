@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module_name:
                 raise
             continue
-        sub = commands.add_parser(name, help=help_text, description=module.__doc__)
+        sub = commands.add_parser(name, help=help_text, description=module.CLI_DESCRIPTION)
         module.add_arguments(sub)
         sub.set_defaults(handler=_module_handler(module.run))
     return parser

@@ -41,6 +41,15 @@ from stream.topics import EVENT_TOPICS
 
 logger = logging.getLogger(__name__)
 
+# Description shown by `fusionrec replay --help`, in plain text because
+# argparse prints it as it is.
+CLI_DESCRIPTION = (
+    "Produce the events of a file to Kafka in event-time order, keyed by user id, to"
+    " the topics events.view, events.click and events.purchase. Rows that the worker"
+    " would reject are skipped and counted by reason. With --dry-run the file is only"
+    " read and validated, and no broker is needed."
+)
+
 # Deliveries awaited at once; bounds the memory of pending futures.
 MAX_IN_FLIGHT = 20_000
 

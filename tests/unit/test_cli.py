@@ -82,3 +82,15 @@ def test_forget_without_broker_one_line(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert f"cannot connect to Kafka at {address}" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["replay", "evaluate", "bench"])
+def test_help_description_is_plain_text(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    usage, _, description = capsys.readouterr().out.partition("\n\n")
+    assert usage.startswith(f"usage: fusionrec {command}")
+    assert description.strip()
+    assert "``" not in description
+    assert "`stream." not in description
