@@ -18,12 +18,16 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
 from schemas import SchemaError, decode_forget
 from stream.logs import configure_logging
 from stream.settings import SETTINGS_DOC, Settings, SettingsError
+
+if TYPE_CHECKING:
+    import faust
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +52,23 @@ def _worker(args: argparse.Namespace) -> int:
     loop.run_until_complete(worker.align_committed_offsets())
     loop.run_until_complete(worker.load_forgotten())
 
-    import faust
-
-    faust_worker = faust.Worker(
-        worker.app, loop=loop, loglevel=settings.log_level.upper(), override_logging=False
-    )
+    faust_worker = build_faust_worker(worker.app, loop, settings.log_level)
     faust_worker.execute_from_commandline()
     return 0
+
+
+def build_faust_worker(
+    app: faust.App, loop: asyncio.AbstractEventLoop, log_level: str
+) -> faust.Worker:
+    """Build the Faust worker that runs ``app`` on ``loop``, keeping the project's logging."""
+    import faust
+
+    faust_worker = faust.Worker(app, loop=loop, loglevel=log_level.upper(), override_logging=False)
+    # Faust's terminal spinner (faust-streaming 0.15) writes a backspace, a
+    # cursor escape code and " OK ^" to stdout once the worker is ready, even
+    # when stdout is a log file. Without it, Faust logs "Ready" instead.
+    faust_worker.spinner = None
+    return faust_worker
 
 
 def _recs(args: argparse.Namespace) -> int:

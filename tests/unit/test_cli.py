@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
-from stream.cli import main
+from stream.cli import build_faust_worker, main
 
 
 def _closed_port() -> int:
@@ -94,3 +95,20 @@ def test_help_description_is_plain_text(command: str, capsys: pytest.CaptureFixt
     assert description.strip()
     assert "``" not in description
     assert "`stream." not in description
+
+
+def test_faust_worker_ready_writes_no_escape_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    import faust
+
+    loop = asyncio.new_event_loop()
+    try:
+        app = faust.App(
+            "cli-test", broker=f"kafka://127.0.0.1:{_closed_port()}", autodiscover=False
+        )
+        faust_worker = build_faust_worker(app, loop, "info")
+        faust_worker._on_startup_end_spinner()
+    finally:
+        loop.close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\b" not in out
