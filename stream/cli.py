@@ -13,6 +13,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import asyncio
 import contextlib
+import datetime
 import importlib
 import logging
 import sys
@@ -110,7 +111,12 @@ def _recs(args: argparse.Namespace) -> int:
     for rank, entry in enumerate(value["items"], start=1):
         sources = ",".join(entry["sources"])
         print(f"{rank:>4}  {entry['item_id']:<24} {entry['score']:>10.4f}  {sources}")
-    print(f"computed_at={value['computed_at']} model_version={value['model_version']}")
+    computed_at_ms = value["computed_at"]
+    computed_at = datetime.datetime.fromtimestamp(computed_at_ms / 1000, datetime.UTC)
+    print(
+        f"computed_at={computed_at.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
+        f" ({computed_at_ms} ms) model_version={value['model_version']}"
+    )
     return 0
 
 

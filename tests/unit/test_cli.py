@@ -1,4 +1,4 @@
-"""Argument and connection errors of the ``fusionrec`` commands."""
+"""Arguments, errors and output of the ``fusionrec`` commands."""
 
 from __future__ import annotations
 
@@ -112,3 +112,25 @@ def test_faust_worker_ready_writes_no_escape_codes(capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "\x1b" not in out
     assert "\b" not in out
+
+
+def test_recs_table_shows_computed_at_as_utc(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored = {
+        "items": [{"item_id": "i1", "score": 0.5, "sources": ["covisit", "popular"]}],
+        "computed_at": 1796489946490,
+        "model_version": "fusionrec-0.1/learned",
+    }
+
+    async def present(*args: object, **kwargs: object) -> dict[str, object]:
+        return stored
+
+    monkeypatch.setattr("stream.reader.read_list", present)
+    assert main(["recs", "u1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["1", "i1", "0.5000", "covisit,popular"]
+    assert lines[-1] == (
+        "computed_at=2026-12-05T16:59:06.490Z (1796489946490 ms)"
+        " model_version=fusionrec-0.1/learned"
+    )
