@@ -84,9 +84,11 @@ def _recs(args: argparse.Namespace) -> int:
     try:
         value = asyncio.run(read_list(settings, args.user, popular=args.popular))
     except (RedisError, OSError) as exc:
+        url = settings.masked()["FUSIONREC_REDIS_URL"]
+        reason = str(exc).rstrip(".")
         print(
-            f"fusionrec: cannot read from Redis at {settings.masked()['FUSIONREC_REDIS_URL']}"
-            f" ({exc}). Start it with `make services-up` or set FUSIONREC_REDIS_URL.",
+            f"fusionrec recs: cannot read from Redis at {url}: {reason}; start it with"
+            " `make services-up` or set FUSIONREC_REDIS_URL",
             file=sys.stderr,
         )
         return 1

@@ -134,3 +134,17 @@ def test_recs_table_shows_computed_at_as_utc(
         "computed_at=2026-12-05T16:59:06.490Z (1796489946490 ms)"
         " model_version=fusionrec-0.1/learned"
     )
+
+
+def test_recs_without_redis_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    monkeypatch.setenv("FUSIONREC_REDIS_URL", url)
+    assert main(["recs", "u1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"fusionrec recs: cannot read from Redis at {url}: ")
+    assert lines[0].endswith("; start it with `make services-up` or set FUSIONREC_REDIS_URL")
+    assert ".)." not in lines[0]
+    assert ".;" not in lines[0]
