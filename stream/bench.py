@@ -62,6 +62,14 @@ from stream.topics import ALL_TOPICS, EVENT_TOPICS, create_topics, topic_partiti
 
 logger = logging.getLogger(__name__)
 
+# Description shown by `fusionrec bench --help`, in plain text because argparse
+# prints it as it is.
+CLI_DESCRIPTION = (
+    "Measure throughput, freshness and memory against the real broker and Redis, for"
+    " a real worker, a consumer without models and a naive River baseline."
+    " docs/benchmarks.md records one run."
+)
+
 LEGS = ("ceiling", "worker", "naive")
 FIXED_LOAD = 5000
 FULL_LOADS = (1000, 2500, 5000, 10_000, 20_000, 40_000)

@@ -13,17 +13,22 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import asyncio
 import contextlib
+import datetime
 import importlib
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import orjson
 
 from schemas import SchemaError, decode_forget
 from stream.logs import configure_logging
 from stream.settings import SETTINGS_DOC, Settings, SettingsError
+
+if TYPE_CHECKING:
+    import faust
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +53,23 @@ def _worker(args: argparse.Namespace) -> int:
     loop.run_until_complete(worker.align_committed_offsets())
     loop.run_until_complete(worker.load_forgotten())
 
-    import faust
-
-    faust_worker = faust.Worker(
-        worker.app, loop=loop, loglevel=settings.log_level.upper(), override_logging=False
-    )
+    faust_worker = build_faust_worker(worker.app, loop, settings.log_level)
     faust_worker.execute_from_commandline()
     return 0
+
+
+def build_faust_worker(
+    app: faust.App, loop: asyncio.AbstractEventLoop, log_level: str
+) -> faust.Worker:
+    """Build the Faust worker that runs ``app`` on ``loop``, keeping the project's logging."""
+    import faust
+
+    faust_worker = faust.Worker(app, loop=loop, loglevel=log_level.upper(), override_logging=False)
+    # Faust's terminal spinner (faust-streaming 0.15) writes a backspace, a
+    # cursor escape code and " OK ^" to stdout once the worker is ready, even
+    # when stdout is a log file. Without it, Faust logs "Ready" instead.
+    faust_worker.spinner = None
+    return faust_worker
 
 
 def _recs(args: argparse.Namespace) -> int:
@@ -69,9 +84,11 @@ def _recs(args: argparse.Namespace) -> int:
     try:
         value = asyncio.run(read_list(settings, args.user, popular=args.popular))
     except (RedisError, OSError) as exc:
+        url = settings.masked()["FUSIONREC_REDIS_URL"]
+        reason = str(exc).rstrip(".")
         print(
-            f"fusionrec: cannot read from Redis at {settings.masked()['FUSIONREC_REDIS_URL']}"
-            f" ({exc}). Start it with `make services-up` or set FUSIONREC_REDIS_URL.",
+            f"fusionrec recs: cannot read from Redis at {url}: {reason}; start it with"
+            " `make services-up` or set FUSIONREC_REDIS_URL",
             file=sys.stderr,
         )
         return 1
@@ -96,7 +113,12 @@ def _recs(args: argparse.Namespace) -> int:
     for rank, entry in enumerate(value["items"], start=1):
         sources = ",".join(entry["sources"])
         print(f"{rank:>4}  {entry['item_id']:<24} {entry['score']:>10.4f}  {sources}")
-    print(f"computed_at={value['computed_at']} model_version={value['model_version']}")
+    computed_at_ms = value["computed_at"]
+    computed_at = datetime.datetime.fromtimestamp(computed_at_ms / 1000, datetime.UTC)
+    print(
+        f"computed_at={computed_at.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
+        f" ({computed_at_ms} ms) model_version={value['model_version']}"
+    )
     return 0
 
 
@@ -192,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module_name:
                 raise
             continue
-        sub = commands.add_parser(name, help=help_text, description=module.__doc__)
+        sub = commands.add_parser(name, help=help_text, description=module.CLI_DESCRIPTION)
         module.add_arguments(sub)
         sub.set_defaults(handler=_module_handler(module.run))
     return parser

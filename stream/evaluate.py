@@ -18,6 +18,17 @@ from stream.sources import FORMATS, SourceError, read_events
 
 logger = logging.getLogger(__name__)
 
+# Description shown by `fusionrec evaluate --help`, in plain text because
+# argparse prints it as it is.
+CLI_DESCRIPTION = (
+    "Run the prequential evaluation of every model and fusion strategy on an event"
+    " file. Before learning each sampled event (see --every) of a user seen before,"
+    " every model and strategy ranks a top-10 list for that user, and the event is a"
+    " hit when its item is in the list. Prints HR@10 with its 95% interval over all"
+    " sampled events and over those whose item is new to the user, and the share of"
+    " the catalog that the lists covered. docs/evaluation.md describes the protocol."
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``fusionrec evaluate`` to ``parser``."""
@@ -214,7 +225,7 @@ def write_plot(result: Evaluation, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``evaluate`` on its own, for use without the ``fusionrec`` entry point."""
-    parser = argparse.ArgumentParser(prog="fusionrec evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fusionrec evaluate", description=CLI_DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

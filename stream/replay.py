@@ -41,6 +41,15 @@ from stream.topics import EVENT_TOPICS
 
 logger = logging.getLogger(__name__)
 
+# Description shown by `fusionrec replay --help`, in plain text because
+# argparse prints it as it is.
+CLI_DESCRIPTION = (
+    "Produce the events of a file to Kafka in event-time order, keyed by user id, to"
+    " the topics events.view, events.click and events.purchase. Rows that the worker"
+    " would reject are skipped and counted by reason. With --dry-run the file is only"
+    " read and validated, and no broker is needed."
+)
+
 # Deliveries awaited at once; bounds the memory of pending futures.
 MAX_IN_FLIGHT = 20_000
 
@@ -136,17 +145,21 @@ class ReplaySummary:
             f"events      {self.events} valid, {self.selected} selected",
             f"produced    {self.produced}" + (" (dry run)" if self.dry_run else ""),
         ]
+        # One count column for all sections, wide enough for topic names with
+        # a FUSIONREC_TOPIC_PREFIX.
+        names = [*self.by_topic, *self.skipped, *self.failed]
+        width = max([22, *(len(name) for name in names)])
         for topic, count in sorted(self.by_topic.items()):
-            lines.append(f"  {topic:<22} {count}")
+            lines.append(f"  {topic:<{width}} {count}")
         lines.append(f"skipped     {sum(self.skipped.values())}")
         for reason, count in sorted(self.skipped.items()):
-            lines.append(f"  {reason:<22} {count}")
+            lines.append(f"  {reason:<{width}} {count}")
             for rejection in self.skipped_examples.get(reason, []):
                 lines.append(f"    {rejection}")
         if self.failed:
             lines.append(f"failed      {sum(self.failed.values())}")
             for error, count in sorted(self.failed.items()):
-                lines.append(f"  {error:<22} {count}")
+                lines.append(f"  {error:<{width}} {count}")
         lines.append(f"elapsed     {self.elapsed_s:.1f} s")
         return "\n".join(lines)
 

@@ -1,12 +1,13 @@
-"""Argument and connection errors of the ``fusionrec`` commands."""
+"""Arguments, errors and output of the ``fusionrec`` commands."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
-from stream.cli import main
+from stream.cli import build_faust_worker, main
 
 
 def _closed_port() -> int:
@@ -82,3 +83,68 @@ def test_forget_without_broker_one_line(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert f"cannot connect to Kafka at {address}" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["replay", "evaluate", "bench"])
+def test_help_description_is_plain_text(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    usage, _, description = capsys.readouterr().out.partition("\n\n")
+    assert usage.startswith(f"usage: fusionrec {command}")
+    assert description.strip()
+    assert "``" not in description
+    assert "`stream." not in description
+
+
+def test_faust_worker_ready_writes_no_escape_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    import faust
+
+    loop = asyncio.new_event_loop()
+    try:
+        app = faust.App(
+            "cli-test", broker=f"kafka://127.0.0.1:{_closed_port()}", autodiscover=False
+        )
+        faust_worker = build_faust_worker(app, loop, "info")
+        faust_worker._on_startup_end_spinner()
+    finally:
+        loop.close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\b" not in out
+
+
+def test_recs_table_shows_computed_at_as_utc(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored = {
+        "items": [{"item_id": "i1", "score": 0.5, "sources": ["covisit", "popular"]}],
+        "computed_at": 1796489946490,
+        "model_version": "fusionrec-0.1/learned",
+    }
+
+    async def present(*args: object, **kwargs: object) -> dict[str, object]:
+        return stored
+
+    monkeypatch.setattr("stream.reader.read_list", present)
+    assert main(["recs", "u1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["1", "i1", "0.5000", "covisit,popular"]
+    assert lines[-1] == (
+        "computed_at=2026-12-05T16:59:06.490Z (1796489946490 ms)"
+        " model_version=fusionrec-0.1/learned"
+    )
+
+
+def test_recs_without_redis_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    monkeypatch.setenv("FUSIONREC_REDIS_URL", url)
+    assert main(["recs", "u1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"fusionrec recs: cannot read from Redis at {url}: ")
+    assert lines[0].endswith("; start it with `make services-up` or set FUSIONREC_REDIS_URL")
+    assert ".)." not in lines[0]
+    assert ".;" not in lines[0]
