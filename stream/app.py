@@ -120,6 +120,13 @@ class Worker:
         self._background: list[asyncio.Task[Any]] = []
         self._refresh_wakeup: asyncio.Event | None = None
         self._stopping = False
+        # Whether the final checkpoint failed, which makes the process exit with 1.
+        self.checkpoint_failed = False
+        # Whether the last checkpoint write failed, and when the next may be tried.
+        self.checkpoint_failing = False
+        self._checkpoint_retry_at = 0.0
+        # Set while a forget request's checkpoint has not deleted the older files.
+        self._prune_owed = False
         # Forget tokens that the registry in Redis still lacks, with their times.
         self._registry_owed: dict[str, int] = {}
         self._registry_merged = False
@@ -354,7 +361,7 @@ class Worker:
                 sink.delete(key)
         if outcome.forgotten:
             await self._record_forgotten(outcome.forgotten)
-            await self.checkpoint("forget", prune=True)
+            await self._try_checkpoint("forget", prune=True)
 
     async def _record_forgotten(self, forgotten: list[tuple[str, str]]) -> None:
         # Kept in Redis as well, so that a fall-back to a checkpoint older
@@ -759,13 +766,16 @@ class Worker:
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
         self._update_lag()
-        due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+        due = (
+            now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+            and now >= self._checkpoint_retry_at
+        )
         idle = self._interval_checkpoint is None or self._interval_checkpoint.done()
         if due and idle and self._changed_since_checkpoint:
             # A task, because the offset commit at its end waits for the broker
             # during an outage, and the timer must go on meanwhile.
             self._interval_checkpoint = asyncio.create_task(
-                self.checkpoint("interval"), name="fusionrec-checkpoint"
+                self._try_checkpoint("interval"), name="fusionrec-checkpoint"
             )
             self._interval_checkpoint.add_done_callback(self._log_task_failure)
 
@@ -802,6 +812,27 @@ class Worker:
                 )
         self.broker_reachable = reachable
 
+    async def _try_checkpoint(self, reason: str, *, prune: bool = False) -> None:
+        """Write a checkpoint, or log and count a failed write and try again later.
+
+        The next try waits a checkpoint interval, because each one pickles the
+        whole state under the lock. A forget request's deletion of the older
+        files waits for the next checkpoint that is written.
+        """
+        try:
+            await self.checkpoint(reason, prune=prune)
+        except OSError as exc:
+            self.checkpoint_failing = True
+            self._checkpoint_retry_at = time.monotonic() + self.settings.checkpoint_interval_s
+            self.metrics.errors.labels(kind="checkpoint_write").inc()
+            logger.error(
+                "checkpoint (%s) not written to %s (%r). Trying again in %.0f s",
+                reason,
+                self.store.folder,
+                exc,
+                self.settings.checkpoint_interval_s,
+            )
+
     async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
 
@@ -813,6 +844,8 @@ class Worker:
         every older checkpoint is deleted, which a forget request needs so
         that no file keeps the user.
         """
+        if prune:
+            self._prune_owed = True
         if final:
             await self.deliver_dead_letters(_FINAL_DELIVERY_S)
         async with self.lock:
@@ -831,9 +864,11 @@ class Worker:
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
             self._changed_since_checkpoint = False
-        if prune:
+            self.checkpoint_failing = False
+        if self._prune_owed:
             for _, path in self.store.paths()[1:]:
                 path.unlink(missing_ok=True)
+            self._prune_owed = False
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoint_seconds.observe(info.seconds)
         self.metrics.checkpoint_age.set(0)
@@ -940,7 +975,20 @@ class Worker:
         if self._stopping:
             return
         logger.info("shutting down: writing pending lists and a final checkpoint")
-        await self.checkpoint("shutdown", final=True)
+        try:
+            await self.checkpoint("shutdown", final=True)
+        except OSError as exc:
+            # The worker still stops, and exits with 1 instead of 0. The
+            # offsets of the newest checkpoint on disk were the last ones
+            # committed, so a restart applies the later events again.
+            self.checkpoint_failed = True
+            self.metrics.errors.labels(kind="checkpoint_write").inc()
+            logger.error(
+                "final checkpoint not written to %s (%r). A restart resumes from the newest "
+                "checkpoint on disk and applies the later events again",
+                self.store.folder,
+                exc,
+            )
         self._stopping = True
         for task in self._background:
             if task.get_name() in ("fusionrec-broker-watch", "fusionrec-dead-letters"):
@@ -980,6 +1028,7 @@ class Worker:
             "dead_letters_pending": len(self.dead_letters),
             "dead_letters_owed_s": round(letters_owed_s, 1),
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
+            "checkpoint_failing": self.checkpoint_failing,
         }
 
     # -- the Faust app ------------------------------------------------------

@@ -53,8 +53,14 @@ def _worker(args: argparse.Namespace) -> int:
     faust_worker = faust.Worker(
         worker.app, loop=loop, loglevel=settings.log_level.upper(), override_logging=False
     )
-    faust_worker.execute_from_commandline()
-    return 0
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit:
+        # Faust exits with 0 after a clean stop, even when the final checkpoint failed.
+        if worker.checkpoint_failed:
+            return 1
+        raise
+    return 1 if worker.checkpoint_failed else 0
 
 
 def _recs(args: argparse.Namespace) -> int:

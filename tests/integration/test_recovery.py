@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from schemas import Event
 from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
-from stream.runner import WorkerProcess, free_port, settings_env
+from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.sources import read_events
 
 from kafka_io import produce_events
@@ -190,6 +191,29 @@ def test_sigterm_checkpoints_and_exits_zero(run_settings, tmp_path):
         assert worker.terminate() == 0
     assert "fusionrec_events_applied_total{" not in text
     assert _final_state(run_settings)["counts"]["applied"] == len(events)
+
+
+def test_sigterm_without_checkpoint_folder_exits_one(run_settings, tmp_path):
+    now = int(time.time() * 1000) - 60_000
+    events = [
+        Event(f"u-{n}", "view", f"user-{n % 20}", f"item-{n % 30}", now + n) for n in range(200)
+    ]
+    worker = WorkerProcess(run_settings, tmp_path / "worker.log").start()
+    worker.wait_ready()
+    asyncio.run(produce_events(run_settings, events))
+    _wait_applied(worker, len(events), 60)
+    # A file in place of the folder fails every checkpoint write, as a full
+    # or read-only disk does, and even for root.
+    folder = Path(run_settings.data_dir) / "checkpoints"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("not a folder")
+
+    assert worker.terminate(timeout_s=60) == 1
+    log = (tmp_path / "worker.log").read_text()
+    assert "final checkpoint not written" in log
+    users = sorted({event.user_id for event in events})
+    lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=30))
+    assert sorted(lists) == users
 
 
 def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
