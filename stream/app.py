@@ -762,6 +762,12 @@ class Worker:
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
+        if self.assigned and self.partitions_total is None:
+            # A consumer that joins a group can get its assignment before the
+            # topics' metadata, and until then it cannot tell whether it was
+            # assigned every partition.
+            self.partitions_total = self._count_source_partitions()
+            self._report_shared_assignment()
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
@@ -929,6 +935,23 @@ class Worker:
             total += count
         return total
 
+    def _report_shared_assignment(self) -> None:
+        """Log an error when the assignment lacks partitions of the source topics."""
+        total = self.partitions_total
+        if total is None or len(self.assigned) >= total:
+            return
+        # Item updates and forget requests must reach the one worker that
+        # keeps the global item state, so a second worker in the same group
+        # makes both workers wrong.
+        logger.error(
+            "only %d of %d partitions are assigned: another worker with app id %s "
+            "shares them, and fusionrec runs one worker per app id; stop the other "
+            "worker or give it its own FUSIONREC_APP_ID",
+            len(self.assigned),
+            total,
+            self.settings.app_id,
+        )
+
     def _update_lag(self) -> None:
         consumer = self.app.consumer
         for tp in self.assigned:
@@ -1004,7 +1027,8 @@ class Worker:
         """Return liveness and readiness with the facts behind them."""
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
-        shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
+        # An unknown partition count may hide a second worker in the group.
+        shared = self.partitions_total is None or len(self.assigned) < self.partitions_total
         oldest = next(iter(self.dead_letters.values()), None)
         letters_owed_s = 0.0 if oldest is None else max(time.time() - oldest.queued_at, 0.0)
         ready = (
@@ -1115,18 +1139,7 @@ class Worker:
                 self.partitions_total,
                 extra={"event": "partitions_assigned", "partitions": len(assigned)},
             )
-            if self.partitions_total is not None and len(assigned) < self.partitions_total:
-                # Item updates and forget requests must reach the one worker
-                # that keeps the global item state, so a second worker in the
-                # same group makes both workers wrong.
-                logger.error(
-                    "only %d of %d partitions are assigned: another worker with app id %s "
-                    "shares them, and fusionrec runs one worker per app id; stop the other "
-                    "worker or give it its own FUSIONREC_APP_ID",
-                    len(assigned),
-                    self.partitions_total,
-                    settings.app_id,
-                )
+            self._report_shared_assignment()
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

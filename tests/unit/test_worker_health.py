@@ -132,3 +132,25 @@ def test_failed_checkpoint_waits_an_interval(tmp_path, monkeypatch):
     assert worker.metrics.errors.labels(kind="background_task")._value.get() == 0
     worker.sink = None
     assert worker.health()["checkpoint_failing"] is True
+
+
+def test_unknown_partition_count_is_not_ready(tmp_path, monkeypatch, caplog):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    sink = _Sink()
+    sink.pending = {}  # type: ignore[attr-defined]
+    worker.sink = sink  # type: ignore[assignment]
+    worker.served_ready = True
+    topics = worker._source_topics()
+    worker.assigned = {TP(topics[0], 0)}
+
+    # The consumer has no metadata of the topics yet.
+    assert worker.health()["ready"] is False
+
+    monkeypatch.setattr(worker.app.consumer, "topic_partitions", lambda topic: 1)
+    asyncio.run(worker.tick())
+    assert worker.partitions_total == len(topics)
+    assert worker.health()["ready"] is False
+    assert "another worker with app id" in caplog.text
+
+    worker.assigned = {TP(topic, 0) for topic in topics}
+    assert worker.health()["ready"] is True
