@@ -208,28 +208,16 @@ class Worker:
         deadline = time.monotonic() + (
             timeout_s if timeout_s is not None else 2 * settings.consumer_session_timeout_s + 30
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.app_id,
-            enable_auto_commit=False,
-            **client_options(settings),
-        )
         layout = await topic_partitions(settings, self._source_topics())
         tps = [TopicPartition(name, p) for name, parts in layout.items() for p in parts]
         if not tps:
             logger.warning("no source topic exists; create them with `fusionrec topics --create`")
             return
+        consumer = self._offsets_consumer()
         await consumer.start()
         try:
-            beginnings = await consumer.beginning_offsets(tps)
-            self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
-            target = {
-                tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
-                for tp in tps
-            }
-            consumer.assign(tps)
-            committed = {tp: await consumer.committed(tp) for tp in tps}
-            changes = {tp: off for tp, off in target.items() if committed[tp] != off}
+            target, committed = await self._resume_offsets(consumer, tps)
+            changes = {tp: offset for tp, offset in target.items() if committed[tp] != offset}
             if not changes:
                 return
             while True:
@@ -246,6 +234,71 @@ class Worker:
             logger.info("aligned committed offsets of %d partitions to the state", len(changes))
         finally:
             await consumer.stop()
+
+    def _offsets_consumer(self) -> AIOKafkaConsumer:
+        """Build a consumer of the group that reads and commits offsets, and joins nothing."""
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.settings.app_id,
+            enable_auto_commit=False,
+            **client_options(self.settings),
+        )
+
+    async def _resume_offsets(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int | None]]:
+        """Return the offsets the state resumes at and the group's committed offsets."""
+        beginnings = await consumer.beginning_offsets(tps)
+        self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
+        target = {
+            tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
+            for tp in tps
+        }
+        consumer.assign(tps)
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        return target, committed
+
+    async def align_assigned_offsets(self, assigned: set[TP]) -> None:
+        """Move committed offsets that are ahead of the state back, before Faust seeks to them.
+
+        Another worker of the group may have held these partitions and
+        committed offsets past the events this worker's state lacks. Faust
+        seeks each assigned partition to its committed offset right after
+        its rebalance-complete signal, which calls this, so the worker
+        reads those events again.
+        """
+        sources = set(self._source_topics())
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in sources]
+        if not tps:
+            return
+        consumer = self._offsets_consumer()
+        await consumer.start()
+        try:
+            async with self.lock:
+                target, committed = await self._resume_offsets(consumer, tps)
+        finally:
+            await consumer.stop()
+        # Only offsets ahead of the state move, because a running worker's
+        # state is ahead of its own commits until the next checkpoint.
+        changes = {tp: offset for tp, offset in target.items() if (committed[tp] or 0) > offset}
+        if not changes:
+            return
+        moved = await self.app.consumer._commit(
+            {TP(tp.topic, tp.partition): offset for tp, offset in changes.items()}
+        )
+        if not moved:
+            self.metrics.errors.labels(kind="offset_commit").inc()
+            logger.error(
+                "committed offsets of %d assigned partitions are ahead of the state's and "
+                "could not be moved back: the group is rebalancing again",
+                len(changes),
+            )
+            return
+        logger.warning(
+            "committed offsets of %d assigned partitions were ahead of the state's, as "
+            "after another worker of the group held them, so they are read from the state's",
+            len(changes),
+        )
 
     def _drop_offsets_past_end(
         self, beginnings: dict[TopicPartition, int], ends: dict[TopicPartition, int]
@@ -1140,6 +1193,10 @@ class Worker:
                 extra={"event": "partitions_assigned", "partitions": len(assigned)},
             )
             self._report_shared_assignment()
+
+        @app.on_rebalance_complete.connect
+        async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
+            await self.align_assigned_offsets(set(self.assigned))
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
