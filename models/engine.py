@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -426,6 +426,35 @@ class Recommender:
             # from a copy of the event popularity and its half-life. The
             # counts must decay at the configured half-life instead.
             category.scores.half_life_ms = float(self.config.category_half_life_ms)
+
+    def set_serving_options(self, config: EngineConfig) -> None:
+        """Take the options of ``config`` that shape lists, keeping what was learned.
+
+        A restored state was built under the options of the worker that
+        saved it. The list length, fusion strategy, weights, purchase policy,
+        category cap and exploration share apply to scoring only, so the
+        current ones replace them. The other options shaped the learned
+        state and stay as they were.
+        """
+        config = replace(
+            self.config,
+            k=config.k,
+            fusion=config.fusion,
+            weights=config.weights,
+            repeat_purchases=config.repeat_purchases,
+            rebuyable_categories=config.rebuyable_categories,
+            max_per_category=config.max_per_category,
+            exploration=config.exploration,
+        )
+        config.validate()
+        self.config = config
+        self.model_version = f"{VERSION}/{config.fusion}"
+        weights = config.model_weights()
+        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self._rebuyable = {
+            self.catalog.category_row(name) for name in config.rebuyable_categories or ()
+        }
+        self._last_scored = None
 
     def _add_title_model(self) -> None:
         # A state saved before the title model existed gets an empty one, and

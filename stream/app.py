@@ -120,6 +120,13 @@ class Worker:
         self._background: list[asyncio.Task[Any]] = []
         self._refresh_wakeup: asyncio.Event | None = None
         self._stopping = False
+        # Whether the final checkpoint failed, which makes the process exit with 1.
+        self.checkpoint_failed = False
+        # Whether the last checkpoint write failed, and when the next may be tried.
+        self.checkpoint_failing = False
+        self._checkpoint_retry_at = 0.0
+        # Set while a forget request's checkpoint has not deleted the older files.
+        self._prune_owed = False
         # Forget tokens that the registry in Redis still lacks, with their times.
         self._registry_owed: dict[str, int] = {}
         self._registry_merged = False
@@ -201,28 +208,16 @@ class Worker:
         deadline = time.monotonic() + (
             timeout_s if timeout_s is not None else 2 * settings.consumer_session_timeout_s + 30
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.app_id,
-            enable_auto_commit=False,
-            **client_options(settings),
-        )
         layout = await topic_partitions(settings, self._source_topics())
         tps = [TopicPartition(name, p) for name, parts in layout.items() for p in parts]
         if not tps:
             logger.warning("no source topic exists; create them with `fusionrec topics --create`")
             return
+        consumer = self._offsets_consumer()
         await consumer.start()
         try:
-            beginnings = await consumer.beginning_offsets(tps)
-            self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
-            target = {
-                tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
-                for tp in tps
-            }
-            consumer.assign(tps)
-            committed = {tp: await consumer.committed(tp) for tp in tps}
-            changes = {tp: off for tp, off in target.items() if committed[tp] != off}
+            target, committed = await self._resume_offsets(consumer, tps)
+            changes = {tp: offset for tp, offset in target.items() if committed[tp] != offset}
             if not changes:
                 return
             while True:
@@ -239,6 +234,71 @@ class Worker:
             logger.info("aligned committed offsets of %d partitions to the state", len(changes))
         finally:
             await consumer.stop()
+
+    def _offsets_consumer(self) -> AIOKafkaConsumer:
+        """Build a consumer of the group that reads and commits offsets, and joins nothing."""
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.settings.app_id,
+            enable_auto_commit=False,
+            **client_options(self.settings),
+        )
+
+    async def _resume_offsets(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int | None]]:
+        """Return the offsets the state resumes at and the group's committed offsets."""
+        beginnings = await consumer.beginning_offsets(tps)
+        self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
+        target = {
+            tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
+            for tp in tps
+        }
+        consumer.assign(tps)
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        return target, committed
+
+    async def align_assigned_offsets(self, assigned: set[TP]) -> None:
+        """Move committed offsets that are ahead of the state back, before Faust seeks to them.
+
+        Another worker of the group may have held these partitions and
+        committed offsets past the events this worker's state lacks. Faust
+        seeks each assigned partition to its committed offset right after
+        its rebalance-complete signal, which calls this, so the worker
+        reads those events again.
+        """
+        sources = set(self._source_topics())
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in sources]
+        if not tps:
+            return
+        consumer = self._offsets_consumer()
+        await consumer.start()
+        try:
+            async with self.lock:
+                target, committed = await self._resume_offsets(consumer, tps)
+        finally:
+            await consumer.stop()
+        # Only offsets ahead of the state move, because a running worker's
+        # state is ahead of its own commits until the next checkpoint.
+        changes = {tp: offset for tp, offset in target.items() if (committed[tp] or 0) > offset}
+        if not changes:
+            return
+        moved = await self.app.consumer._commit(
+            {TP(tp.topic, tp.partition): offset for tp, offset in changes.items()}
+        )
+        if not moved:
+            self.metrics.errors.labels(kind="offset_commit").inc()
+            logger.error(
+                "committed offsets of %d assigned partitions are ahead of the state's and "
+                "could not be moved back: the group is rebalancing again",
+                len(changes),
+            )
+            return
+        logger.warning(
+            "committed offsets of %d assigned partitions were ahead of the state's, as "
+            "after another worker of the group held them, so they are read from the state's",
+            len(changes),
+        )
 
     def _drop_offsets_past_end(
         self, beginnings: dict[TopicPartition, int], ends: dict[TopicPartition, int]
@@ -354,7 +414,7 @@ class Worker:
                 sink.delete(key)
         if outcome.forgotten:
             await self._record_forgotten(outcome.forgotten)
-            await self.checkpoint("forget", prune=True)
+            await self._try_checkpoint("forget", prune=True)
 
     async def _record_forgotten(self, forgotten: list[tuple[str, str]]) -> None:
         # Kept in Redis as well, so that a fall-back to a checkpoint older
@@ -755,17 +815,26 @@ class Worker:
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
+        if self.assigned and self.partitions_total is None:
+            # A consumer that joins a group can get its assignment before the
+            # topics' metadata, and until then it cannot tell whether it was
+            # assigned every partition.
+            self.partitions_total = self._count_source_partitions()
+            self._report_shared_assignment()
         stats = self.processor.engine.stats()
         self.metrics.users.set(stats.get("n_users", 0))
         self.metrics.items.set(stats.get("n_items", 0))
         self._update_lag()
-        due = now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+        due = (
+            now - self.last_checkpoint >= self.settings.checkpoint_interval_s
+            and now >= self._checkpoint_retry_at
+        )
         idle = self._interval_checkpoint is None or self._interval_checkpoint.done()
         if due and idle and self._changed_since_checkpoint:
             # A task, because the offset commit at its end waits for the broker
             # during an outage, and the timer must go on meanwhile.
             self._interval_checkpoint = asyncio.create_task(
-                self.checkpoint("interval"), name="fusionrec-checkpoint"
+                self._try_checkpoint("interval"), name="fusionrec-checkpoint"
             )
             self._interval_checkpoint.add_done_callback(self._log_task_failure)
 
@@ -802,6 +871,27 @@ class Worker:
                 )
         self.broker_reachable = reachable
 
+    async def _try_checkpoint(self, reason: str, *, prune: bool = False) -> None:
+        """Write a checkpoint, or log and count a failed write and try again later.
+
+        The next try waits a checkpoint interval, because each one pickles the
+        whole state under the lock. A forget request's deletion of the older
+        files waits for the next checkpoint that is written.
+        """
+        try:
+            await self.checkpoint(reason, prune=prune)
+        except OSError as exc:
+            self.checkpoint_failing = True
+            self._checkpoint_retry_at = time.monotonic() + self.settings.checkpoint_interval_s
+            self.metrics.errors.labels(kind="checkpoint_write").inc()
+            logger.error(
+                "checkpoint (%s) not written to %s (%r). Trying again in %.0f s",
+                reason,
+                self.store.folder,
+                exc,
+                self.settings.checkpoint_interval_s,
+            )
+
     async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
 
@@ -813,6 +903,8 @@ class Worker:
         every older checkpoint is deleted, which a forget request needs so
         that no file keeps the user.
         """
+        if prune:
+            self._prune_owed = True
         if final:
             await self.deliver_dead_letters(_FINAL_DELIVERY_S)
         async with self.lock:
@@ -831,9 +923,11 @@ class Worker:
             offsets = dict(self.processor.offsets)
             info = await asyncio.to_thread(self.store.write, state)
             self._changed_since_checkpoint = False
-        if prune:
+            self.checkpoint_failing = False
+        if self._prune_owed:
             for _, path in self.store.paths()[1:]:
                 path.unlink(missing_ok=True)
+            self._prune_owed = False
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoint_seconds.observe(info.seconds)
         self.metrics.checkpoint_age.set(0)
@@ -894,6 +988,23 @@ class Worker:
             total += count
         return total
 
+    def _report_shared_assignment(self) -> None:
+        """Log an error when the assignment lacks partitions of the source topics."""
+        total = self.partitions_total
+        if total is None or len(self.assigned) >= total:
+            return
+        # Item updates and forget requests must reach the one worker that
+        # keeps the global item state, so a second worker in the same group
+        # makes both workers wrong.
+        logger.error(
+            "only %d of %d partitions are assigned: another worker with app id %s "
+            "shares them, and fusionrec runs one worker per app id; stop the other "
+            "worker or give it its own FUSIONREC_APP_ID",
+            len(self.assigned),
+            total,
+            self.settings.app_id,
+        )
+
     def _update_lag(self) -> None:
         consumer = self.app.consumer
         for tp in self.assigned:
@@ -940,7 +1051,20 @@ class Worker:
         if self._stopping:
             return
         logger.info("shutting down: writing pending lists and a final checkpoint")
-        await self.checkpoint("shutdown", final=True)
+        try:
+            await self.checkpoint("shutdown", final=True)
+        except OSError as exc:
+            # The worker still stops, and exits with 1 instead of 0. The
+            # offsets of the newest checkpoint on disk were the last ones
+            # committed, so a restart applies the later events again.
+            self.checkpoint_failed = True
+            self.metrics.errors.labels(kind="checkpoint_write").inc()
+            logger.error(
+                "final checkpoint not written to %s (%r). A restart resumes from the newest "
+                "checkpoint on disk and applies the later events again",
+                self.store.folder,
+                exc,
+            )
         self._stopping = True
         for task in self._background:
             if task.get_name() in ("fusionrec-broker-watch", "fusionrec-dead-letters"):
@@ -956,7 +1080,8 @@ class Worker:
         """Return liveness and readiness with the facts behind them."""
         sink = self.sink
         redis_ok = sink is not None and not sink.in_outage
-        shared = self.partitions_total is not None and len(self.assigned) < self.partitions_total
+        # An unknown partition count may hide a second worker in the group.
+        shared = self.partitions_total is None or len(self.assigned) < self.partitions_total
         oldest = next(iter(self.dead_letters.values()), None)
         letters_owed_s = 0.0 if oldest is None else max(time.time() - oldest.queued_at, 0.0)
         ready = (
@@ -980,6 +1105,7 @@ class Worker:
             "dead_letters_pending": len(self.dead_letters),
             "dead_letters_owed_s": round(letters_owed_s, 1),
             "checkpoint_age_s": round(time.monotonic() - self.last_checkpoint, 1),
+            "checkpoint_failing": self.checkpoint_failing,
         }
 
     # -- the Faust app ------------------------------------------------------
@@ -1066,18 +1192,11 @@ class Worker:
                 self.partitions_total,
                 extra={"event": "partitions_assigned", "partitions": len(assigned)},
             )
-            if self.partitions_total is not None and len(assigned) < self.partitions_total:
-                # Item updates and forget requests must reach the one worker
-                # that keeps the global item state, so a second worker in the
-                # same group makes both workers wrong.
-                logger.error(
-                    "only %d of %d partitions are assigned: another worker with app id %s "
-                    "shares them, and fusionrec runs one worker per app id; stop the other "
-                    "worker or give it its own FUSIONREC_APP_ID",
-                    len(assigned),
-                    self.partitions_total,
-                    settings.app_id,
-                )
+            self._report_shared_assignment()
+
+        @app.on_rebalance_complete.connect
+        async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
+            await self.align_assigned_offsets(set(self.assigned))
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

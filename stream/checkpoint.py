@@ -79,12 +79,18 @@ class CheckpointStore:
         # histories. A file left by a crash could have other permissions.
         temporary.unlink(missing_ok=True)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(header)
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            # A partial file on a full disk would keep the space that the
+            # next try needs.
+            temporary.unlink(missing_ok=True)
+            raise
         _fsync_folder(self.folder)
 
         for _, old in existing[self.keep - 1 :]:

@@ -54,8 +54,14 @@ def _worker(args: argparse.Namespace) -> int:
     loop.run_until_complete(worker.load_forgotten())
 
     faust_worker = build_faust_worker(worker.app, loop, settings.log_level)
-    faust_worker.execute_from_commandline()
-    return 0
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit:
+        # Faust exits with 0 after a clean stop, even when the final checkpoint failed.
+        if worker.checkpoint_failed:
+            return 1
+        raise
+    return 1 if worker.checkpoint_failed else 0
 
 
 def build_faust_worker(

@@ -49,6 +49,12 @@ class DedupWindow:
         self._evict()
         return True
 
+    def resize(self, window_ms: int, max_entries: int) -> None:
+        """Replace the span and the maximum count, dropping the ids outside them now."""
+        self.window_ms = window_ms
+        self.max_entries = max_entries
+        self._evict()
+
     def owners(self) -> set[str]:
         """Return every owner with an id in the window."""
         return set(self._owners.values())

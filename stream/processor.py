@@ -443,7 +443,33 @@ class Processor:
         self.forgotten = dict(state["forgotten"])
         self.offsets = dict(state["offsets"])
         self.counts = Counter(state["counts"])
+        self._apply_settings()
         self.merge_forgotten(newer)
+
+    def _apply_settings(self) -> None:
+        """Apply the current list and admission settings to a restored state.
+
+        The pickled objects carry the settings of the worker that saved
+        them, and without this a changed setting would be ignored until the
+        data folder is emptied.
+        """
+        settings = self.settings
+        config = settings.engine_config()
+        if config.seed != self.engine.config.seed:
+            logger.warning(
+                "the checkpoint's models were built with seed %d, not FUSIONREC_SEED=%d, "
+                "and keep that seed until the data folder is emptied",
+                self.engine.config.seed,
+                config.seed,
+            )
+        self.engine.set_serving_options(config)
+        self.dedup.resize(int(settings.dedup_window_s * 1000), settings.dedup_max_entries)
+        self.limiter.set_limits(settings.user_rate_limit_per_s, settings.user_rate_burst)
+        self.repeats.set_limits(
+            settings.item_repeat_rate_per_s,
+            settings.item_repeat_burst,
+            settings.item_repeat_max_pairs,
+        )
 
     # -- helpers ------------------------------------------------------------
 

@@ -86,6 +86,10 @@ class UserRateLimiter:
         self._touched[user] = self._newest_ms
         return self._budget.take(self._state, user, timestamp_ms)
 
+    def set_limits(self, rate_per_s: float, burst: float) -> None:
+        """Replace the rate and burst, keeping the budgets counted so far."""
+        self._budget = _Budgets(rate_per_s, burst)
+
     def users(self) -> set[str]:
         """Return every user with a budget."""
         return {str(user) for user in self._state}
@@ -136,6 +140,13 @@ class PairRateLimiter:
 
     def __len__(self) -> int:
         return len(self._state)
+
+    def set_limits(self, rate_per_s: float, burst: float, max_pairs: int) -> None:
+        """Replace the rate, burst and pair limit, dropping the oldest pairs beyond it."""
+        self._budget = _Budgets(rate_per_s, burst)
+        self.max_pairs = max_pairs
+        while len(self._state) > max_pairs:
+            self._state.popitem(last=False)
 
     def allow(self, user: str, item: str, timestamp_ms: int) -> bool:
         """Count one event of the pair at ``timestamp_ms``; return False when over budget."""

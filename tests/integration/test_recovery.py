@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from schemas import Event
 from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
-from stream.runner import WorkerProcess, free_port, settings_env
+from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.sources import read_events
 
 from kafka_io import produce_events
@@ -192,6 +193,29 @@ def test_sigterm_checkpoints_and_exits_zero(run_settings, tmp_path):
     assert _final_state(run_settings)["counts"]["applied"] == len(events)
 
 
+def test_sigterm_without_checkpoint_folder_exits_one(run_settings, tmp_path):
+    now = int(time.time() * 1000) - 60_000
+    events = [
+        Event(f"u-{n}", "view", f"user-{n % 20}", f"item-{n % 30}", now + n) for n in range(200)
+    ]
+    worker = WorkerProcess(run_settings, tmp_path / "worker.log").start()
+    worker.wait_ready()
+    asyncio.run(produce_events(run_settings, events))
+    _wait_applied(worker, len(events), 60)
+    # A file in place of the folder fails every checkpoint write, as a full
+    # or read-only disk does, and even for root.
+    folder = Path(run_settings.data_dir) / "checkpoints"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("not a folder")
+
+    assert worker.terminate(timeout_s=60) == 1
+    log = (tmp_path / "worker.log").read_text()
+    assert "final checkpoint not written" in log
+    users = sorted({event.user_id for event in events})
+    lists = asyncio.run(wait_for_lists(run_settings, users, timeout_s=30))
+    assert sorted(lists) == users
+
+
 def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
     settings = replace(run_settings, checkpoint_interval_s=1.0)
     now = int(time.time() * 1000) - 60_000
@@ -226,6 +250,48 @@ def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
     state = _final_state(settings)
     assert state["counts"]["applied:view"] == len(first)
     assert state["counts"]["applied:click"] == len(second)
+
+
+def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
+    # A second worker restored from a copy of the first one's checkpoints
+    # joins the group, applies the events of half of the partitions and
+    # leaves. The first worker must then apply those events as well.
+    now = int(time.time() * 1000) - 3_600_000
+    events = [
+        Event(f"r-{n}", "view", f"user-{n % 200}", f"item-{n % 500}", now + n * 10)
+        for n in range(4000)
+    ]
+    first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
+    first = WorkerProcess(run_settings, tmp_path / "first.log").start()
+    first.wait_ready()
+    asyncio.run(produce_events(run_settings, first_part))
+    _wait_applied(first, len(first_part), 60)
+    deadline = time.monotonic() + 30
+    while True:
+        restored = _store(run_settings).restore()
+        if restored and restored[0]["counts"].get("applied", 0) == len(first_part):
+            break
+        assert time.monotonic() < deadline, "no checkpoint covers the first events"
+        time.sleep(0.5)
+
+    second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
+    shutil.copytree(run_settings.data_dir, second_settings.data_dir)
+    second = WorkerProcess(second_settings, tmp_path / "second.log").start()
+    deadline = time.monotonic() + 90
+    while True:
+        report = second.health()
+        if report and report["partitions_assigned"] > 0:
+            break
+        assert time.monotonic() < deadline, "the second worker got no partition"
+        time.sleep(0.5)
+    asyncio.run(produce_events(run_settings, shared_part))
+    _wait_applied(second, 1, 60)
+    assert second.terminate() == 0
+
+    asyncio.run(produce_events(run_settings, last_part))
+    _wait_applied(first, len(events), 120)
+    assert first.terminate() == 0
+    assert _final_state(run_settings)["counts"]["applied"] == len(events)
 
 
 def test_recreated_topic_read_from_its_beginning(run_settings):

@@ -356,6 +356,45 @@ def test_forget_erases_user_everywhere(run_settings, tmp_path):
         assert needle not in logs
 
 
+def test_forget_prunes_after_failed_checkpoint(run_settings, tmp_path):
+    victim = "victim@example.com"
+    pseudonym = Pseudonymizer(bytes.fromhex(run_settings.pseudonym_key))(victim).encode()
+    events = _events_around("hot", users=40)
+    events += [Event(f"v-{n}", "view", victim, f"item-{n}", NOW_MS + 1000 + n) for n in range(10)]
+    folder = Path(run_settings.data_dir, "checkpoints")
+    log = tmp_path / "worker.log"
+
+    with WorkerProcess(run_settings, log) as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, [victim], 60))
+        _wait_until(lambda: len(list(folder.glob("*.bin"))) >= 1, 30, "no checkpoint")
+        more = [Event(f"m-{n}", "view", "user-1", f"item-{n}", NOW_MS + 5000 + n) for n in range(5)]
+        asyncio.run(produce_events(run_settings, more))
+        _wait_until(lambda: len(list(folder.glob("*.bin"))) >= 2, 30, "one checkpoint only")
+
+        # A directory under each temporary name that the next writes would
+        # use fails them, as a full disk does, and even for root.
+        newest = max(int(path.stem.split("-")[1]) for path in folder.glob("*.bin"))
+        blockers = [folder / f"checkpoint-{n:020d}.tmp" for n in range(newest + 1, newest + 100)]
+        for blocker in blockers:
+            blocker.mkdir()
+        result = _fusionrec(run_settings, "forget", victim)
+        assert result.returncode == 0, result.stderr
+        _wait_until(lambda: "checkpoint (forget) not written" in log.read_text(), 30, "no error")
+        for blocker in blockers:
+            blocker.rmdir()
+
+        def only_one_left() -> bool:
+            return len(list(folder.glob("*.bin"))) == 1
+
+        _wait_until(only_one_left, 60, "checkpoints older than the forget request kept")
+        assert worker.terminate() == 0
+
+    for path in folder.glob("*.bin"):
+        assert pseudonym not in path.read_bytes(), f"{path.name} contains the forgotten user"
+
+
 def test_redis_password_is_used(run_settings, tmp_path):
     server = shutil.which("redis-server")
     if server is None:

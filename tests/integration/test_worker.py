@@ -188,5 +188,9 @@ def test_second_worker_in_group_is_reported(run_settings, tmp_path):
             assert shared["partitions_assigned"] < shared["partitions_total"]
             assert shared["ready"] is False
             assert "another worker with app id" in first.log_text()
+            joined = second.health()
+            assert joined is not None
+            assert 0 < joined["partitions_assigned"] < report["partitions_total"]
+            assert joined["ready"] is False
             assert second.terminate() == 0
         assert first.terminate() == 0

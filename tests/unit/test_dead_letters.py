@@ -218,6 +218,7 @@ def test_sender_keeps_pace_with_steady_letters(tmp_path, monkeypatch):
 def test_letters_owed_too_long_make_worker_unready(tmp_path, monkeypatch):
     worker = _worker(tmp_path, monkeypatch, _Topic())
     worker.assigned = {TP("events.view", 0)}
+    worker.partitions_total = 1
     worker.served_ready = True
     worker.queue_dead_letters([(None, b"a")])
     ready_while_recent = worker.health()["ready"]

@@ -241,6 +241,41 @@ def test_user_back_after_forget_survives_restart():
     assert restored.engine.user_history(pseudonym) == ["item-2"]
 
 
+def test_restored_state_takes_current_settings():
+    import pickle
+
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    snapshot = pickle.loads(pickle.dumps(processor.state()))
+    only_popular = ",".join(
+        f"{name}={1 if name == 'popular' else 0}"
+        for name in ("popular", "trending", "category", "covisit", "basket")
+        + ("recent", "mf", "context", "title")
+    )
+
+    restored = _processor(
+        k=5,
+        fusion="weighted",
+        weights=only_popular,
+        max_per_category=2,
+        dedup_window_s=30 * 3600.0,
+        user_rate_burst=10.0,
+    )
+    restored.load_state(snapshot)
+
+    assert restored.engine.config.k == 5
+    assert restored.engine.config.max_per_category == 2
+    assert restored.engine.model_version.endswith("/weighted")
+    assert restored.dedup.window_ms == 30 * 3600 * 1000
+    pseudonym = restored.pseudonymize("user-1")
+    lists = restored.refresh({pseudonym: "user-1"})
+    sources = {source for item in lists[0].items for source in item.sources}
+    assert sources == {"popular"}
+    flood = [Event(f"burst-{n}", "view", "user-1", f"item-{n}", NOW_MS - 1_000) for n in range(20)]
+    outcome = restored.process_events([_message(e, 10_000 + n) for n, e in enumerate(flood)])
+    assert outcome.applied <= 10
+
+
 def test_forget_consumed_after_later_events_keeps_them():
     processor = _processor()
     forgotten_at = NOW_MS - 60_000

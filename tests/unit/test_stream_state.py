@@ -178,6 +178,21 @@ def test_checkpoint_keeps_newest(tmp_path):
     assert store.restore()[0] == {"n": 4}
 
 
+def test_failed_checkpoint_leaves_no_temporary(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    store.write({"n": 1})
+
+    def fail_fsync(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("stream.checkpoint.os.fsync", fail_fsync)
+    with pytest.raises(OSError, match="No space"):
+        store.write({"n": 2})
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == [store.paths()[0][1].name]
+    assert store.restore()[0] == {"n": 1}
+
+
 def test_torn_checkpoint_falls_back(tmp_path):
     store = CheckpointStore(tmp_path, b"k" * 32)
     store.write({"n": 1})

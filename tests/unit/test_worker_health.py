@@ -104,3 +104,53 @@ def test_timer_goes_on_while_checkpoint_waits(tmp_path, monkeypatch):
 
     assert started == ["interval"]
     assert sink.keys.count(worker.processor.popular_key) == 3
+
+
+def test_failed_checkpoint_waits_an_interval(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.sink = _Sink()  # type: ignore[assignment]
+    attempts: list[str] = []
+
+    async def checkpoint(reason: str, **kwargs: object) -> None:
+        attempts.append(reason)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(worker, "checkpoint", checkpoint)
+    worker.last_checkpoint -= 10 * worker.settings.checkpoint_interval_s
+    worker._changed_since_checkpoint = True
+
+    async def run() -> None:
+        for _ in range(3):
+            await asyncio.wait_for(worker.tick(), timeout=5)
+            if worker._interval_checkpoint is not None:
+                await asyncio.wait([worker._interval_checkpoint], timeout=5)
+
+    asyncio.run(run())
+
+    assert attempts == ["interval"]
+    assert worker.metrics.errors.labels(kind="checkpoint_write")._value.get() == 1
+    assert worker.metrics.errors.labels(kind="background_task")._value.get() == 0
+    worker.sink = None
+    assert worker.health()["checkpoint_failing"] is True
+
+
+def test_unknown_partition_count_is_not_ready(tmp_path, monkeypatch, caplog):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    sink = _Sink()
+    sink.pending = {}  # type: ignore[attr-defined]
+    worker.sink = sink  # type: ignore[assignment]
+    worker.served_ready = True
+    topics = worker._source_topics()
+    worker.assigned = {TP(topics[0], 0)}
+
+    # The consumer has no metadata of the topics yet.
+    assert worker.health()["ready"] is False
+
+    monkeypatch.setattr(worker.app.consumer, "topic_partitions", lambda topic: 1)
+    asyncio.run(worker.tick())
+    assert worker.partitions_total == len(topics)
+    assert worker.health()["ready"] is False
+    assert "another worker with app id" in caplog.text
+
+    worker.assigned = {TP(topic, 0) for topic in topics}
+    assert worker.health()["ready"] is True
