@@ -17,6 +17,7 @@ import logging
 import math
 import pickle
 import re
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ _LETTERS_OWED_MAX_S = 30.0
 # At this many letters owed, the worker takes no more messages until the
 # broker takes some: the messages wait in Kafka, not in memory and checkpoints.
 _MAX_LETTERS_OWED = 10_000
+
+
+# The field of the forget registry that contains the check value of the key
+# its tokens were derived with. Tokens are hex, so no token has this name.
+_REGISTRY_CHECK_FIELD = "key-check"
+
+
+class RegistryKeyError(RuntimeError):
+    """The forget registry in Redis was written with another pseudonym key."""
 
 
 @dataclass(slots=True)
@@ -122,6 +132,8 @@ class Worker:
         self._stopping = False
         # Whether the final checkpoint failed, which makes the process exit with 1.
         self.checkpoint_failed = False
+        # Why the worker stopped itself, which makes the process exit with 2.
+        self.fatal_error: str | None = None
         # Whether the last checkpoint write failed, and when the next may be tried.
         self.checkpoint_failing = False
         self._checkpoint_retry_at = 0.0
@@ -430,8 +442,9 @@ class Worker:
             return
         sink = self._require_sink()
         owed = dict(self._registry_owed)
+        check = {_REGISTRY_CHECK_FIELD: self.processor.registry_check()}
         try:
-            await sink.client.hset(self.forgotten_key, mapping=owed)
+            await sink.client.hset(self.forgotten_key, mapping={**owed, **check})
         except (RedisError, OSError) as exc:
             self.metrics.errors.labels(kind="redis_forget_registry").inc()
             logger.warning(
@@ -444,6 +457,22 @@ class Worker:
         for token, stamp in owed.items():
             if self._registry_owed.get(token) == stamp:
                 del self._registry_owed[token]
+
+    async def check_registry_key(self) -> None:
+        """Raise `RegistryKeyError` when the forget registry in Redis comes from another key.
+
+        A worker whose key file was lost starts with a new key and no
+        checkpoint it can read, and would learn forgotten users again from
+        the events still in Kafka. When Redis does not reply, the merge of
+        the registry checks once Redis is back.
+        """
+        try:
+            stored = await self._require_sink().client.hget(
+                self.forgotten_key, _REGISTRY_CHECK_FIELD
+            )
+        except (RedisError, OSError):
+            return
+        self._check_registry_key(stored)
 
     async def load_forgotten(self) -> int:
         """Merge the forget registry kept in Redis into the state; return its size.
@@ -462,7 +491,13 @@ class Worker:
             return 0
 
     async def _merge_registry(self) -> int:
-        registry = await self._require_sink().client.hgetall(self.forgotten_key)
+        client = self._require_sink().client
+        registry = await client.hgetall(self.forgotten_key)
+        self._check_registry_key(registry.pop(_REGISTRY_CHECK_FIELD.encode(), None))
+        if registry:
+            # A registry written before the check existed gets it now.
+            check = self.processor.registry_check()
+            await client.hsetnx(self.forgotten_key, _REGISTRY_CHECK_FIELD, check)
         merged: dict[str, int] = {}
         for token, stamp in registry.items():
             try:
@@ -492,6 +527,18 @@ class Worker:
         await self._write_registry()
         return len(registry)
 
+    def _check_registry_key(self, stored: bytes | None) -> None:
+        """Raise `RegistryKeyError` when the registry's tokens come from another key."""
+        if stored is None or stored.decode("ascii", "replace") == self.processor.registry_check():
+            return
+        msg = (
+            f"the forget registry {self.forgotten_key} in Redis was written with another "
+            "pseudonym key, so users forgotten before would come back from events still "
+            "in Kafka; restore the key file or FUSIONREC_PSEUDONYM_KEY that the worker "
+            f"used before, or delete {self.forgotten_key} after deleting those events"
+        )
+        raise RegistryKeyError(msg)
+
     @property
     def forgotten_key(self) -> str:
         """Redis hash of forget tokens and the event time of each request."""
@@ -513,6 +560,11 @@ class Worker:
                     await self._merge_registry()
                 loaded, deleted = await self._load_served()
                 break
+            except RegistryKeyError as exc:
+                logger.error("stopping: %s", exc)
+                self.fatal_error = str(exc)
+                signal.raise_signal(signal.SIGTERM)
+                return 0
             except (RedisError, OSError) as exc:
                 if self._stopping:
                     return 0

@@ -41,26 +41,33 @@ _MODULE_COMMANDS = {
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from stream.app import Worker
+    from stream.app import RegistryKeyError, Worker
 
     settings = Settings.from_env()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(settings)
     worker.restore()
-    # Both run before Faust joins the group, so that no event is consumed
-    # from misaligned offsets or learned for a user who asked to be forgotten.
-    loop.run_until_complete(worker.align_committed_offsets())
-    loop.run_until_complete(worker.load_forgotten())
+    try:
+        loop.run_until_complete(worker.check_registry_key())
+        # Both run before Faust joins the group, so that no event is consumed
+        # from misaligned offsets or learned for a user who asked to be forgotten.
+        loop.run_until_complete(worker.align_committed_offsets())
+        loop.run_until_complete(worker.load_forgotten())
+    except RegistryKeyError as exc:
+        print(f"fusionrec worker: {exc}", file=sys.stderr)
+        return 2
 
     faust_worker = build_faust_worker(worker.app, loop, settings.log_level)
     try:
         faust_worker.execute_from_commandline()
     except SystemExit:
-        # Faust exits with 0 after a clean stop, even when the final checkpoint failed.
-        if worker.checkpoint_failed:
-            return 1
-        raise
+        # Faust exits with 0 after a clean stop, even when the worker stopped
+        # itself or the final checkpoint failed.
+        if worker.fatal_error is None and not worker.checkpoint_failed:
+            raise
+    if worker.fatal_error is not None:
+        return 2
     return 1 if worker.checkpoint_failed else 0
 
 

@@ -318,6 +318,15 @@ class Processor:
         digest = hmac.digest(self._forget_key, pseudonym.encode(), "sha256")
         return digest[:16].hex()
 
+    def registry_check(self) -> str:
+        """Return the check value that the forget registry stores for this key.
+
+        Tokens derived with another pseudonym key match no user, so the
+        requests they record would no longer hold.
+        """
+        digest = hmac.digest(self._forget_key, b"forget registry key check", "sha256")
+        return digest[:16].hex()
+
     def merge_forgotten(self, registry: dict[str, int]) -> int:
         """Add forget requests from elsewhere and erase users they name; return how many."""
         for token, stamp in registry.items():

@@ -84,7 +84,10 @@ def test_restart_deletes_forgotten_users_lists(redis_url, tmp_path):
 
     assert values[erased_key] is None
     assert values[kept_key] is not None
-    assert registry == {token.encode(): str(T0).encode()}
+    assert registry == {
+        token.encode(): str(T0).encode(),
+        b"key-check": processor.registry_check().encode(),
+    }
     assert worker.served_ready
 
 

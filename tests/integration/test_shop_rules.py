@@ -356,6 +356,41 @@ def test_forget_erases_user_everywhere(run_settings, tmp_path):
         assert needle not in logs
 
 
+async def _registry(settings) -> dict[bytes, bytes]:
+    client = redis_client(settings)
+    try:
+        return await client.hgetall(f"{settings.redis_key_prefix}forgotten")
+    finally:
+        await client.aclose()
+
+
+def test_worker_with_other_key_refuses_registry(run_settings, tmp_path):
+    victim = "victim@example.com"
+    events = [Event(f"v-{n}", "view", victim, f"item-{n}", NOW_MS + n) for n in range(5)]
+
+    with WorkerProcess(run_settings, tmp_path / "worker.log") as worker:
+        worker.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, [victim], 60))
+        result = _fusionrec(run_settings, "forget", victim)
+        assert result.returncode == 0, result.stderr
+        _wait_until(lambda: len(asyncio.run(_registry(run_settings))) == 2, 30, "no registry")
+        assert worker.terminate() == 0
+    assert b"key-check" in asyncio.run(_registry(run_settings))
+
+    # A worker whose key file was lost starts with a new key and no readable
+    # checkpoint, and would learn the victim again from the events in Kafka.
+    lost_key = replace(run_settings, pseudonym_key="11" * 32, data_dir=str(tmp_path / "lost-key"))
+    log = tmp_path / "lost-key.log"
+    with WorkerProcess(lost_key, log) as other:
+        assert other.process is not None
+        assert other.process.wait(timeout=60) == 2
+    assert "written with another pseudonym key" in log.read_text()
+    assert not Path(lost_key.data_dir, "checkpoints").exists() or not list(
+        Path(lost_key.data_dir, "checkpoints").glob("*.bin")
+    )
+
+
 def test_forget_prunes_after_failed_checkpoint(run_settings, tmp_path):
     victim = "victim@example.com"
     pseudonym = Pseudonymizer(bytes.fromhex(run_settings.pseudonym_key))(victim).encode()

@@ -374,6 +374,9 @@ def test_letters_of_user_named_by_registry_dropped(tmp_path, monkeypatch):
             token = worker.processor.forget_token(alice)
             return {token.encode(): str(int(time.time() * 1000)).encode()}
 
+        async def hsetnx(self, key: str, field: str, value: str) -> bool:
+            return True
+
     worker.sink.client = _Registry()  # type: ignore[attr-defined]
 
     asyncio.run(worker._merge_registry())

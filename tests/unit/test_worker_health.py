@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from dataclasses import replace
 
+import pytest
 from faust.types import TP
 
-from stream.app import Worker
+from stream.app import RegistryKeyError, Worker
 from stream.settings import Settings
 
 
@@ -154,3 +156,44 @@ def test_unknown_partition_count_is_not_ready(tmp_path, monkeypatch, caplog):
 
     worker.assigned = {TP(topic, 0) for topic in topics}
     assert worker.health()["ready"] is True
+
+
+class _RegistryClient:
+    """A Redis client stand-in with one forget registry written with another key."""
+
+    def __init__(self) -> None:
+        self.registry = {b"key-check": b"0" * 32, b"ab" * 16: b"1700000000000"}
+
+    async def hget(self, key: str, field: str) -> bytes | None:
+        return self.registry.get(field.encode())
+
+    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return dict(self.registry)
+
+
+class _RegistrySink:
+    def __init__(self) -> None:
+        self.client = _RegistryClient()
+
+
+def test_registry_of_other_key_stops_worker(tmp_path, monkeypatch):
+    # Redis was down when the worker started, so the check runs in the rebuild.
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.sink = _RegistrySink()
+    signals: list[int] = []
+    monkeypatch.setattr("stream.app.signal.raise_signal", signals.append)
+
+    assert asyncio.run(worker.rebuild_served()) == 0
+
+    assert signals == [signal.SIGTERM]
+    assert worker.fatal_error is not None
+    assert "another pseudonym key" in worker.fatal_error
+    assert not worker.served_ready
+
+
+def test_registry_of_other_key_fails_start_check(tmp_path):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.sink = _RegistrySink()
+
+    with pytest.raises(RegistryKeyError, match="FUSIONREC_PSEUDONYM_KEY"):
+        asyncio.run(worker.check_registry_key())
