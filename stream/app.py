@@ -80,6 +80,10 @@ class RegistryKeyError(RuntimeError):
     """The forget registry in Redis was written with another pseudonym key."""
 
 
+class GroupBusyError(RuntimeError):
+    """Another member kept the consumer group busy for longer than a worker waits at start."""
+
+
 @dataclass(slots=True)
 class _Letter:
     """A dead letter on its way to the broker."""
@@ -217,9 +221,10 @@ class Worker:
         offsets, so the models are rebuilt from what Kafka still holds.
         """
         settings = self.settings
-        deadline = time.monotonic() + (
+        waited_s = (
             timeout_s if timeout_s is not None else 2 * settings.consumer_session_timeout_s + 30
         )
+        deadline = time.monotonic() + waited_s
         layout = await topic_partitions(settings, self._source_topics())
         tps = [TopicPartition(name, p) for name, parts in layout.items() for p in parts]
         if not tps:
@@ -238,10 +243,21 @@ class Worker:
                     break
                 except KafkaError as exc:
                     # A member that died without leaving keeps the group busy
-                    # until its session times out.
+                    # until its session times out; a running worker keeps it busy.
                     if time.monotonic() > deadline:
-                        raise
-                    logger.info("waiting for the consumer group to settle: %r", exc)
+                        msg = (
+                            f"consumer group {settings.app_id} still has another member "
+                            f"after {waited_s:.0f} s ({exc!r}): another worker with this "
+                            "FUSIONREC_APP_ID is running, and fusionrec runs one worker per "
+                            "app id; stop it or give this worker its own FUSIONREC_APP_ID"
+                        )
+                        raise GroupBusyError(msg) from exc
+                    logger.info(
+                        "waiting for consumer group %s: another member holds it until it "
+                        "leaves or its session times out (%r)",
+                        settings.app_id,
+                        exc,
+                    )
                     await asyncio.sleep(1.0)
             logger.info("aligned committed offsets of %d partitions to the state", len(changes))
         finally:

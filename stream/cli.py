@@ -41,7 +41,7 @@ _MODULE_COMMANDS = {
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from stream.app import RegistryKeyError, Worker
+    from stream.app import GroupBusyError, RegistryKeyError, Worker
 
     settings = Settings.from_env()
     loop = asyncio.new_event_loop()
@@ -57,6 +57,9 @@ def _worker(args: argparse.Namespace) -> int:
     except RegistryKeyError as exc:
         print(f"fusionrec worker: {exc}", file=sys.stderr)
         return 2
+    except GroupBusyError as exc:
+        print(f"fusionrec worker: {exc}", file=sys.stderr)
+        return 1
 
     faust_worker = build_faust_worker(worker.app, loop, settings.log_level)
     try:

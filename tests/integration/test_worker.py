@@ -169,6 +169,24 @@ def test_event_helper_builds_valid_event():
     assert validator("event.schema.json").is_valid(event())
 
 
+def test_second_worker_without_state_names_group(run_settings, tmp_path):
+    from stream.app import GroupBusyError, Worker
+
+    events = [Event(f"g-{n}", "view", f"user-{n}", "item-1", 1_700_000_000_000) for n in range(20)]
+    with WorkerProcess(run_settings, tmp_path / "first.log") as first:
+        first.wait_ready()
+        asyncio.run(produce_events(run_settings, events))
+        asyncio.run(wait_for_lists(run_settings, ["user-0", "user-19"], 60))
+        # The interval checkpoint commits the offsets of those events.
+        time.sleep(run_settings.checkpoint_interval_s + 3)
+        # A second worker without a state would move the group's offsets back
+        # to the start while the first one is still a member.
+        second = Worker(replace(run_settings, data_dir=str(tmp_path / "second")))
+        with pytest.raises(GroupBusyError, match=f"group {run_settings.app_id} still has"):
+            asyncio.run(second.align_committed_offsets(timeout_s=5))
+        assert first.terminate() == 0
+
+
 def test_second_worker_in_group_is_reported(run_settings, tmp_path):
     second_settings = replace(run_settings, web_port=free_port(), data_dir=str(tmp_path / "second"))
     with WorkerProcess(run_settings, tmp_path / "first.log") as first:
