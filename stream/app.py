@@ -253,7 +253,7 @@ class Worker:
                         )
                         raise GroupBusyError(msg) from exc
                     logger.info(
-                        "waiting for consumer group %s: another member holds it until it "
+                        "waiting for consumer group %s: another member keeps it busy until it "
                         "leaves or its session times out (%r)",
                         settings.app_id,
                         exc,
