@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import RecommendationList, validator
 from stream.kafka import client_options
+from stream.logs import configure_logging
 from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.settings import Settings
 from stream.sink import redis_client
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for lists")
     parser.add_argument("--keep", action="store_true", help="keep the run's topics and lists")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging("info")
     base = Settings.from_env()
     path = args.path or _sample(Path(base.data_dir) / "sample")
     return run(path, args.format, show=args.show, timeout_s=args.timeout, keep=args.keep)

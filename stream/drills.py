@@ -39,6 +39,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import Event
 from stream.kafka import client_options
+from stream.logs import configure_logging
 from stream.runner import (
     KafkaBroker,
     RedisServer,
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--markdown", type=Path, help="write the results as a Markdown page")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging("info")
     base = Settings.from_env()
     with tempfile.TemporaryDirectory(prefix="fusionrec-drills-") as tmp:
         folder = Path(tmp)

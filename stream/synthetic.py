@@ -37,8 +37,9 @@ import orjson
 
 from schemas import Event
 from schemas.events import MIN_TIMESTAMP_MS
+from stream.logs import configure_logging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("stream.synthetic")
 
 # 2025-01-01T00:00:00Z: a fixed start keeps the sample reproducible.
 DEFAULT_START_MS: Final = 1_735_689_600_000
@@ -431,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--if-missing", action="store_true", help="do nothing when the file exists already"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
 
     if args.if_missing and args.path.exists():
         logger.info("%s exists; left unchanged", args.path)

@@ -16,9 +16,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
+from stream.logs import configure_logging
 from stream.settings import Settings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("stream.topics")
 
 EVENT_TOPICS = {"view": "events.view", "click": "events.click", "purchase": "events.purchase"}
 DEADLETTER_TOPIC = "events.deadletter"
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create", action="store_true", help="create missing topics")
     parser.add_argument("--list", action="store_true", help="print the topic names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     settings = Settings.from_env()
     if args.list or not args.create:
         for name in ALL_TOPICS:
