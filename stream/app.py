@@ -55,8 +55,10 @@ _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
 _COMMIT_TIMEOUT_S = 10.0
-# Time limit of the broker calls of the rebalance hook, which Faust waits for.
+# Time limit of the broker calls of the rebalance hook, which Faust waits for,
+# and the pause between its tries while the broker cannot be reached.
 _ALIGN_TIMEOUT_S = 30.0
+_ALIGN_RETRY_S = 1.0
 # How long one round of dead-letter delivery waits for the broker, and the
 # longest pause between rounds after a failure.
 _DEAD_LETTER_TIMEOUT_S = 10.0
@@ -284,8 +286,9 @@ class Worker:
         committed offsets past the events this worker's state lacks. Faust
         seeks each assigned partition to its committed offset right after
         its rebalance-complete signal, which calls this, so the worker
-        reads those events again. A broker error or timeout is logged and
-        counted, and does not reach Faust, whose recovery task it would end.
+        reads those events again. Broker errors are retried for up to
+        _ALIGN_TIMEOUT_S. A last error or a timeout is logged and counted,
+        and does not reach Faust, whose recovery task it would end.
         """
         sources = set(self._source_topics())
         tps = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in sources]
@@ -293,13 +296,22 @@ class Worker:
             return
         # The broker reads happen outside the lock, so that a broker that
         # does not reply holds up no checkpoint, and a stop still writes its own.
-        try:
-            beginnings, ends, committed = await asyncio.wait_for(
-                self._read_assigned_offsets(tps), _ALIGN_TIMEOUT_S
-            )
-        except (KafkaError, OSError, TimeoutError) as exc:
-            self._report_unaligned(len(tps), exc)
-            return
+        deadline = time.monotonic() + _ALIGN_TIMEOUT_S
+        while True:
+            try:
+                beginnings, ends, committed = await asyncio.wait_for(
+                    self._read_assigned_offsets(tps), deadline - time.monotonic()
+                )
+                break
+            except TimeoutError as exc:
+                self._report_unaligned(len(tps), exc)
+                return
+            except (KafkaError, OSError) as exc:
+                if time.monotonic() + _ALIGN_RETRY_S >= deadline:
+                    self._report_unaligned(len(tps), exc)
+                    return
+                logger.info("reading the group's committed offsets failed, retrying: %r", exc)
+                await asyncio.sleep(_ALIGN_RETRY_S)
         async with self.lock:
             target = self._target_offsets(beginnings, ends)
         # Only offsets ahead of the state move, because a running worker's
@@ -314,15 +326,17 @@ class Worker:
                 ),
                 _ALIGN_TIMEOUT_S,
             )
-        except TimeoutError as exc:
-            self._report_unaligned(len(changes), exc)
-            return
+            reason = "the group is rebalancing again"
+        except TimeoutError:
+            moved = False
+            reason = f"the commit timed out after {_ALIGN_TIMEOUT_S:.0f} s"
         if not moved:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.error(
                 "committed offsets of %d assigned partitions are ahead of the state's and "
-                "could not be moved back: the group is rebalancing again",
+                "could not be moved back: %s",
                 len(changes),
+                reason,
             )
             return
         logger.warning(

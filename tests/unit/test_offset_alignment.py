@@ -15,12 +15,15 @@ from stream.settings import Settings
 class _Consumer:
     """Stand-in for the offsets consumer, as the broker goes away at one step."""
 
-    def __init__(self, fail_at: str) -> None:
+    def __init__(self, fail_at: str, failures: int = 1_000_000) -> None:
         self.fail_at = fail_at
+        # How many times the step fails before the broker is back.
+        self.failures = failures
         self.stopped = False
 
     async def _step(self, name: str) -> None:
-        if self.fail_at == name:
+        if self.fail_at == name and self.failures > 0:
+            self.failures -= 1
             raise KafkaConnectionError(f"Unable to bootstrap ({name})")
         if self.fail_at == f"hang:{name}":
             await asyncio.sleep(3600)
@@ -61,6 +64,7 @@ def _assigned(worker: Worker) -> set[TP]:
 def test_align_hook_survives_unreachable_broker(tmp_path, monkeypatch):
     consumer = _Consumer(fail_at="start")
     worker = _worker(tmp_path, monkeypatch, consumer)
+    monkeypatch.setattr("stream.app._ALIGN_TIMEOUT_S", 2.0)
 
     asyncio.run(worker.align_assigned_offsets(_assigned(worker)))
 
@@ -71,6 +75,7 @@ def test_align_hook_survives_unreachable_broker(tmp_path, monkeypatch):
 def test_align_hook_survives_broker_lost_midway(tmp_path, monkeypatch):
     consumer = _Consumer(fail_at="committed")
     worker = _worker(tmp_path, monkeypatch, consumer)
+    monkeypatch.setattr("stream.app._ALIGN_TIMEOUT_S", 2.0)
 
     asyncio.run(worker.align_assigned_offsets(_assigned(worker)))
 
@@ -111,3 +116,21 @@ def test_align_hook_frees_lock_during_broker_reads(tmp_path, monkeypatch):
         return True
 
     assert asyncio.run(run()) is True
+
+
+def test_align_hook_retries_until_broker_is_back(tmp_path, monkeypatch):
+    consumer = _Consumer(fail_at="start", failures=2)
+    worker = _worker(tmp_path, monkeypatch, consumer)
+    commits: list[dict] = []
+
+    async def commit(offsets: dict) -> bool:
+        commits.append(offsets)
+        return True
+
+    monkeypatch.setattr(worker.app.consumer, "_commit", commit)
+
+    asyncio.run(asyncio.wait_for(worker.align_assigned_offsets(_assigned(worker)), timeout=60))
+
+    # The group committed offset 100, and the state has read nothing yet.
+    assert commits == [{TP(worker.settings.topic("events.view"), 0): 0}]
+    assert worker.metrics.errors.labels(kind="offset_align")._value.get() == 0
