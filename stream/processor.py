@@ -449,6 +449,8 @@ class Processor:
         if state.get("session_ids") != _SESSION_IDS_HASHED:
             # A state of an older version contains session ids as producers sent
             # them, which would open a new session at each user's next event.
+            # NOTE: states of the versions that hashed session ids before this
+            # marker existed get hashed twice, and lose their open sessions.
             self.engine.replace_session_ids(self.session_token)
             logger.info("replaced the session ids of a checkpoint of an older version by hashes")
         self._apply_settings()
