@@ -715,7 +715,7 @@ def test_state_keeps_session_ids_hashed():
 
 
 def test_restore_hashes_session_ids_of_older_state():
-    # A state written before session ids were hashed holds them as sent:
+    # A state written before session ids were hashed contains them as sent:
     # the engine learned them from the processor without the hashing step.
     old = _processor()
     user = old.pseudonymize("alice@example.com")
