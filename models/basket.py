@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -225,6 +226,12 @@ class SessionCoOccurrenceModel(UserNeighbourScores):
             positive = norms > 0.0
             parts.append((targets[positive], values[positive] / norms[positive]))
         return sum_by_row(parts)
+
+    def replace_session_ids(self, token: Callable[[str], str]) -> None:
+        """Replace the session id of each user's current session with ``token`` of it."""
+        for session in self._sessions.values():
+            if session.session_id is not None:
+                session.session_id = token(session.session_id)
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's session. Pair counts contain no user id."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -631,6 +631,19 @@ class Recommender:
         category_model = self.models["category"]
         assert isinstance(category_model, CategoryModel)
         category_model.refresh_items(np.array([row], dtype=np.int64))
+
+    def replace_session_ids(self, token: Callable[[str], str]) -> None:
+        """Replace every stored session id with ``token`` of it, as ids of new events will be.
+
+        Session ids are only compared for equality, so a one-to-one
+        ``token`` changes no session and no ranking.
+        """
+        for state in self._users.values():
+            if state.session_id is not None:
+                state.session_id = token(state.session_id)
+        basket = self.models.get("basket")
+        if isinstance(basket, SessionCoOccurrenceModel):
+            basket.replace_session_ids(token)
 
     def forget_user(self, user_id: str) -> None:
         """Remove every trace of the user from the engine and every model."""

@@ -56,6 +56,10 @@ _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
 _COMMIT_TIMEOUT_S = 10.0
+# Time limit of the broker calls of the rebalance hook, which Faust waits for,
+# and the pause between its tries while the broker cannot be reached.
+_ALIGN_TIMEOUT_S = 30.0
+_ALIGN_RETRY_S = 1.0
 # How long one round of dead-letter delivery waits for the broker, and the
 # longest pause between rounds after a failure.
 _DEAD_LETTER_TIMEOUT_S = 10.0
@@ -276,15 +280,32 @@ class Worker:
         self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
     ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int | None]]:
         """Return the offsets the state resumes at and the group's committed offsets."""
+        beginnings, ends, committed = await self._read_offsets(consumer, tps)
+        return self._target_offsets(beginnings, ends), committed
+
+    async def _read_offsets(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+    ) -> tuple[
+        dict[TopicPartition, int], dict[TopicPartition, int], dict[TopicPartition, int | None]
+    ]:
+        """Return the beginning, end and committed offsets of ``tps`` from the broker."""
         beginnings = await consumer.beginning_offsets(tps)
-        self._drop_offsets_past_end(beginnings, await consumer.end_offsets(tps))
-        target = {
-            tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), beginnings[tp])
-            for tp in tps
-        }
+        ends = await consumer.end_offsets(tps)
         consumer.assign(tps)
-        committed = {tp: await consumer.committed(tp) for tp in tps}
-        return target, committed
+        # One request per partition, sent together so that many partitions
+        # fit in the rebalance hook's time limit.
+        values = await asyncio.gather(*(consumer.committed(tp) for tp in tps))
+        return beginnings, ends, dict(zip(tps, values, strict=True))
+
+    def _target_offsets(
+        self, beginnings: dict[TopicPartition, int], ends: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Return the offset where the state resumes each partition of ``beginnings``."""
+        self._drop_offsets_past_end(beginnings, ends)
+        return {
+            tp: max(self.processor.offsets.get((tp.topic, tp.partition), 0), start)
+            for tp, start in beginnings.items()
+        }
 
     async def align_assigned_offsets(self, assigned: set[TP]) -> None:
         """Move committed offsets that are ahead of the state back, before Faust seeks to them.
@@ -293,39 +314,85 @@ class Worker:
         committed offsets past the events this worker's state lacks. Faust
         seeks each assigned partition to its committed offset right after
         its rebalance-complete signal, which calls this, so the worker
-        reads those events again.
+        reads those events again. Broker errors are retried for up to
+        _ALIGN_TIMEOUT_S. A last error or a timeout is logged and counted,
+        and does not reach Faust, whose recovery task it would end.
         """
         sources = set(self._source_topics())
         tps = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in sources]
         if not tps:
             return
-        consumer = self._offsets_consumer()
-        await consumer.start()
-        try:
-            async with self.lock:
-                target, committed = await self._resume_offsets(consumer, tps)
-        finally:
-            await consumer.stop()
+        # The broker reads happen outside the lock, so that a broker that
+        # does not reply holds up no checkpoint, and a stop still writes its own.
+        deadline = time.monotonic() + _ALIGN_TIMEOUT_S
+        while True:
+            try:
+                beginnings, ends, committed = await asyncio.wait_for(
+                    self._read_assigned_offsets(tps), deadline - time.monotonic()
+                )
+                break
+            except TimeoutError as exc:
+                self._report_unaligned(len(tps), exc)
+                return
+            except (KafkaError, OSError) as exc:
+                if time.monotonic() + _ALIGN_RETRY_S >= deadline:
+                    self._report_unaligned(len(tps), exc)
+                    return
+                logger.info("reading the group's committed offsets failed, retrying: %r", exc)
+                await asyncio.sleep(_ALIGN_RETRY_S)
+        async with self.lock:
+            target = self._target_offsets(beginnings, ends)
         # Only offsets ahead of the state move, because a running worker's
         # state is ahead of its own commits until the next checkpoint.
         changes = {tp: offset for tp, offset in target.items() if (committed[tp] or 0) > offset}
         if not changes:
             return
-        moved = await self.app.consumer._commit(
-            {TP(tp.topic, tp.partition): offset for tp, offset in changes.items()}
-        )
+        try:
+            moved = await asyncio.wait_for(
+                self.app.consumer._commit(
+                    {TP(tp.topic, tp.partition): offset for tp, offset in changes.items()}
+                ),
+                _ALIGN_TIMEOUT_S,
+            )
+            reason = "the group is rebalancing again"
+        except TimeoutError:
+            moved = False
+            reason = f"the commit timed out after {_ALIGN_TIMEOUT_S:.0f} s"
         if not moved:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.error(
                 "committed offsets of %d assigned partitions are ahead of the state's and "
-                "could not be moved back: the group is rebalancing again",
+                "could not be moved back: %s",
                 len(changes),
+                reason,
             )
             return
         logger.warning(
             "committed offsets of %d assigned partitions were ahead of the state's, as "
             "after another worker of the group held them, so they are read from the state's",
             len(changes),
+        )
+
+    async def _read_assigned_offsets(
+        self, tps: list[TopicPartition]
+    ) -> tuple[
+        dict[TopicPartition, int], dict[TopicPartition, int], dict[TopicPartition, int | None]
+    ]:
+        consumer = self._offsets_consumer()
+        try:
+            await consumer.start()
+            return await self._read_offsets(consumer, tps)
+        finally:
+            await consumer.stop()
+
+    def _report_unaligned(self, partitions: int, exc: BaseException) -> None:
+        self.metrics.errors.labels(kind="offset_align").inc()
+        logger.error(
+            "committed offsets of %d assigned partitions not checked against the state's "
+            "(%r). If another worker of the group held them, the events it applied are "
+            "skipped here; restart this worker, which aligns the offsets before it joins",
+            partitions,
+            exc,
         )
 
     def _drop_offsets_past_end(

@@ -45,6 +45,9 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # Faust's timers log each late wake-up at INFO, and the worker's batches
-    # make them wake late by design, so those lines show only at DEBUG.
+    # make them wake late by design, so those lines show only at DEBUG. A
+    # level above WARNING applies to them as to every other logger.
     timers = logging.getLogger("mode.timers")
-    timers.setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
+    timers.setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+    )

@@ -70,6 +70,8 @@ _USER_ID_IN_TEXT = re.compile(
 # Keys shorter than this are not searched for in the text of a payload,
 # because replacing every "7" or "42" would garble it.
 _MIN_KEY_TO_REDACT = 3
+# Marks a state whose session ids are keyed hashes from Processor.session_token.
+_SESSION_IDS_HASHED = "hmac-sha256"
 _MAX_REDACT_DEPTH = 100
 
 
@@ -436,6 +438,7 @@ class Processor:
             "forgotten": dict(self.forgotten),
             "offsets": dict(self.offsets),
             "counts": dict(self.counts),
+            "session_ids": _SESSION_IDS_HASHED,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -452,6 +455,11 @@ class Processor:
         self.forgotten = dict(state["forgotten"])
         self.offsets = dict(state["offsets"])
         self.counts = Counter(state["counts"])
+        if state.get("session_ids") != _SESSION_IDS_HASHED:
+            # A state of an older version contains session ids as producers sent
+            # them, often built from user ids, and the next events bring hashes.
+            self.engine.replace_session_ids(self.session_token)
+            logger.info("replaced the session ids of a checkpoint of an older version by hashes")
         self._apply_settings()
         self.merge_forgotten(newer)
 

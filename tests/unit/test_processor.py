@@ -712,3 +712,43 @@ def test_state_keeps_session_ids_hashed():
     state = pickle.dumps(processor.state())
     assert b"alice" not in state
     assert processor.engine.user_history(processor.pseudonymize("alice@example.com"))
+
+
+def test_restore_hashes_session_ids_of_older_state():
+    # A state written before session ids were hashed contains them as sent:
+    # the engine learned them from the processor without the hashing step.
+    old = _processor()
+    user = old.pseudonymize("alice@example.com")
+    events = [
+        Event(f"o-{n}", "view", user, f"item-{n}", NOW_MS - 1000 + n, session_id="alice:visit-1")
+        for n in range(3)
+    ]
+    old.engine.learn(events)
+    state = old.state()
+    state.pop("session_ids", None)
+
+    restored = _processor()
+    restored.load_state(pickle.loads(pickle.dumps(state)))
+
+    assert b"alice:visit-1" not in pickle.dumps(restored.state())
+    later = Event("o-9", "view", "alice@example.com", "item-9", NOW_MS)
+    later.session_id = "alice:visit-1"
+    restored.process_events(_stream([later]))
+    # The same visit goes on, so its earlier items stay in the session.
+    rows = {restored.engine.catalog.index[f"item-{n}"] for n in range(3)}
+    assert restored.engine._users[user].session_items >= rows
+    assert set(restored.engine.models["basket"]._sessions[user].items) >= rows
+
+
+def test_restore_keeps_hashed_session_ids():
+    processor = _processor()
+    event = Event("h-1", "view", "alice@example.com", "item-1", NOW_MS - 1000)
+    event.session_id = "alice:visit-1"
+    processor.process_events(_stream([event]))
+    user = processor.pseudonymize("alice@example.com")
+    stored = processor.engine._users[user].session_id
+
+    restored = _processor()
+    restored.load_state(pickle.loads(pickle.dumps(processor.state())))
+
+    assert restored.engine._users[user].session_id == stored

@@ -414,6 +414,23 @@ def test_late_timer_lines_show_only_at_debug(level, shown, capsys):
     assert "worker ready" in err
 
 
+def test_timer_warnings_hidden_at_error_level(capsys):
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    timers_level = logging.getLogger("mode.timers").level
+    try:
+        configure_logging("error")
+        logging.getLogger("mode.timers").warning("Timer commit is overlapping")
+        logging.getLogger("stream.app").error("checkpoint not written")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        logging.getLogger("mode.timers").setLevel(timers_level)
+    err = capsys.readouterr().err
+    assert "is overlapping" not in err
+    assert "checkpoint not written" in err
+
+
 def test_checkpoint_file_is_owner_only(tmp_path):
     store = CheckpointStore(tmp_path, b"k" * 32)
     info = store.write({"n": 1})
