@@ -1027,6 +1027,24 @@ class Worker:
                 self.settings.checkpoint_interval_s,
             )
 
+    def _prune_older_checkpoints(self) -> None:
+        """Delete every checkpoint but the newest; on failure keep that owed to the next one.
+
+        The newest file is written by then, so a failed deletion does not
+        make the checkpoint fail, and its offsets are still committed.
+        """
+        failed = 0
+        for _, path in self.store.paths()[1:]:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                failed += 1
+                logger.error("older checkpoint %s not deleted (%r)", path.name, exc)
+        if failed:
+            self.metrics.errors.labels(kind="checkpoint_prune").inc(failed)
+            return
+        self._prune_owed = False
+
     async def checkpoint(self, reason: str, *, prune: bool = False, final: bool = False) -> None:
         """Write a checkpoint and commit the offsets it covers.
 
@@ -1060,9 +1078,7 @@ class Worker:
             self._changed_since_checkpoint = False
             self.checkpoint_failing = False
         if self._prune_owed:
-            for _, path in self.store.paths()[1:]:
-                path.unlink(missing_ok=True)
-            self._prune_owed = False
+            self._prune_older_checkpoints()
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoint_seconds.observe(info.seconds)
         self.metrics.checkpoint_age.set(0)

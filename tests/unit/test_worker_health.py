@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from faust.types import TP
@@ -197,3 +198,39 @@ def test_registry_of_other_key_fails_start_check(tmp_path):
 
     with pytest.raises(RegistryKeyError, match="FUSIONREC_PSEUDONYM_KEY"):
         asyncio.run(worker.check_registry_key())
+
+
+def test_failed_prune_keeps_checkpoint_written(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    sink = _Sink()
+    sink.pending = {}  # type: ignore[attr-defined]
+    worker.sink = sink  # type: ignore[assignment]
+    committed: list[dict[tuple[str, int], int]] = []
+
+    async def commit(offsets: dict[tuple[str, int], int]) -> None:
+        committed.append(offsets)
+
+    monkeypatch.setattr(worker, "_commit", commit)
+    asyncio.run(worker.checkpoint("interval"))
+    older = worker.store.paths()[0][1]
+    unlink = Path.unlink
+
+    def refuse_older(path: Path, missing_ok: bool = False) -> None:
+        if path == older:
+            raise PermissionError(13, "Permission denied")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_older)
+    asyncio.run(worker._try_checkpoint("forget", prune=True))
+
+    assert len(committed) == 2
+    assert worker.checkpoint_failing is False
+    assert worker.metrics.errors.labels(kind="checkpoint_write")._value.get() == 0
+    assert worker.metrics.errors.labels(kind="checkpoint_prune")._value.get() == 1
+    assert older.exists()
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    asyncio.run(worker.checkpoint("interval"))
+
+    assert not older.exists()
+    assert len(worker.store.paths()) == 1
