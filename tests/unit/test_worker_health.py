@@ -215,12 +215,12 @@ def test_failed_prune_keeps_checkpoint_written(tmp_path, monkeypatch):
     older = worker.store.paths()[0][1]
     unlink = Path.unlink
 
-    def refuse_older(path: Path, missing_ok: bool = False) -> None:
+    def fail_on_older(path: Path, missing_ok: bool = False) -> None:
         if path == older:
             raise PermissionError(13, "Permission denied")
         unlink(path, missing_ok=missing_ok)
 
-    monkeypatch.setattr(Path, "unlink", refuse_older)
+    monkeypatch.setattr(Path, "unlink", fail_on_older)
     asyncio.run(worker._try_checkpoint("forget", prune=True))
 
     assert len(committed) == 2
