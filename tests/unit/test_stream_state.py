@@ -394,38 +394,36 @@ def test_json_log_line_has_extras():
     assert line["level"] == "info"
 
 
-@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
-def test_late_timer_lines_show_only_at_debug(level, shown, capsys):
+@pytest.fixture
+def saved_logging():
+    """Restore the root and timer loggers after a test that configures logging."""
     root = logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    timers_level = logging.getLogger("mode.timers").level
-    try:
-        configure_logging(level)
-        logging.getLogger("mode.timers").info("Timer commit woke up too late")
-        logging.getLogger("mode.timers").warning("Timer commit is overlapping")
-        logging.getLogger("stream.app").info("worker ready")
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(root_level)
-        logging.getLogger("mode.timers").setLevel(timers_level)
+    timers = logging.getLogger("mode.timers")
+    handlers, root_level, timers_level = root.handlers[:], root.level, timers.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    timers.setLevel(timers_level)
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
+def test_late_timer_lines_show_only_at_debug(level, shown, capsys, saved_logging):
+    configure_logging(level)
+    logging.getLogger("mode.timers").info("Timer commit woke up too late")
+    logging.getLogger("mode.timers").warning("Timer commit is overlapping")
+    logging.getLogger("stream.app").info("worker ready")
+
     err = capsys.readouterr().err
     assert ("woke up too late" in err) is shown
     assert "is overlapping" in err
     assert "worker ready" in err
 
 
-def test_timer_warnings_hidden_at_error_level(capsys):
-    root = logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    timers_level = logging.getLogger("mode.timers").level
-    try:
-        configure_logging("error")
-        logging.getLogger("mode.timers").warning("Timer commit is overlapping")
-        logging.getLogger("stream.app").error("checkpoint not written")
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(root_level)
-        logging.getLogger("mode.timers").setLevel(timers_level)
+def test_timer_warnings_hidden_at_error_level(capsys, saved_logging):
+    configure_logging("error")
+    logging.getLogger("mode.timers").warning("Timer commit is overlapping")
+    logging.getLogger("stream.app").error("checkpoint not written")
+
     err = capsys.readouterr().err
     assert "is overlapping" not in err
     assert "checkpoint not written" in err
