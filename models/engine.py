@@ -162,6 +162,11 @@ class EngineConfig:
             weights.update(self.weights)
         return weights
 
+    def weight_array(self) -> FloatArray:
+        """Return the fusion weights as an array in the order of `MODEL_NAMES`."""
+        weights = self.model_weights()
+        return np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+
     def candidate_counts(self) -> dict[str, int]:
         """Return how many candidates each model proposes, defaults filled in."""
         counts = dict(DEFAULT_CANDIDATES)
@@ -386,8 +391,7 @@ class Recommender:
             ),
             "title": _title_model(config),
         }
-        weights = config.model_weights()
-        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self.weights = config.weight_array()
         self.candidate_counts = config.candidate_counts()
         self.fusion = LearnedFusion(MODEL_NAMES, prior_rate=config.fusion_prior_rate)
         self.selector = OrderSelector(
@@ -449,8 +453,7 @@ class Recommender:
         config.validate()
         self.config = config
         self.model_version = f"{VERSION}/{config.fusion}"
-        weights = config.model_weights()
-        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self.weights = config.weight_array()
         self._rebuyable = {
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
@@ -464,8 +467,7 @@ class Recommender:
         self.models["title"] = _title_model(config)
         self.fusion.add_model("title", config.fusion_prior_rate)
         self.selector.add_policy("title")
-        weights = config.model_weights()
-        self.weights = np.array([weights[name] for name in MODEL_NAMES], dtype=np.float64)
+        self.weights = config.weight_array()
         self.candidate_counts = config.candidate_counts()
         logger.info("added the title model to a state written without it")
 
