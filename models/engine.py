@@ -744,8 +744,11 @@ class Recommender:
             if len(scored) == 0:
                 continue
             finite = np.isfinite(values)
-            positions = np.searchsorted(items, scored[finite])
-            scores[row, positions] = values[finite]
+            if not finite.all():
+                scored = scored[finite]
+                values = values[finite]
+            positions = np.searchsorted(items, scored)
+            scores[row, positions] = values
             mask[row, positions] = True
         normalized = normalize(scores, mask)
         groups = self._groups(user_id, items)
@@ -780,13 +783,16 @@ class Recommender:
             return np.zeros(len(items), dtype=np.int64)
         session = state.session_items
         seen = state.seen
-        groups = np.zeros(len(items), dtype=np.int64)
-        for position, row in enumerate(items.tolist()):
+        # A list filled in one pass costs less than setting array entries one by one.
+        groups: list[int] = []
+        for row in items.tolist():
             if row in session:
-                groups[position] = 1
+                groups.append(1)
             elif row in seen:
-                groups[position] = 2
-        return groups
+                groups.append(2)
+            else:
+                groups.append(0)
+        return np.array(groups, dtype=np.int64)
 
     def fused(self, scored: CandidateScores, strategy: str) -> FloatArray:
         """Return one fused score per candidate under ``strategy``, or one model's name.

@@ -297,9 +297,14 @@ def evaluate(
             scored = engine.candidate_scores(event.user_id)
             target = engine.catalog.index.get(event.item_id)
             is_new = target is None or target not in seen
-            allowed = (
-                ~np.isin(scored.items, np.fromiter(seen, np.int64, len(seen))) if is_new else None
-            )
+            allowed = None
+            if is_new:
+                # A set lookup per candidate, because np.isin sorts all of a
+                # long history on every call.
+                candidates = scored.items.tolist()
+                allowed = np.fromiter(
+                    (row not in seen for row in candidates), dtype=bool, count=len(candidates)
+                )
             bucket = index // bucket_events
             for name in names:
                 scores = engine.fused(scored, name)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from models.base import EventBatch, FloatArray, IntArray, ModelError
+from models.base import EventBatch, FloatArray, IntArray, ModelError, scores_of
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,14 @@ class RecentItemsModel:
 
     def score(self, user_id: str, items: IntArray) -> tuple[IntArray, FloatArray]:
         """Return the user's weight on each given item they touched."""
-        state = self._users.get(user_id)
-        if state is None or not state.scores:
+        rows, scores = self._arrays(user_id)
+        if len(rows) == 0:
             return _EMPTY_ROWS, _EMPTY_SCORES
-        lookup = state.scores
-        values = np.array([lookup.get(item, 0.0) for item in items.tolist()], dtype=np.float64)
+        order = np.argsort(rows)
+        found, values = scores_of(rows[order], scores[order], items)
+        # A rescale can round a weak item's weight down to 0.
         keep = values > 0
-        return items[keep], values[keep]
+        return found[keep], values[keep]
 
     def forget_user(self, user_id: str) -> None:
         """Drop the user's items."""

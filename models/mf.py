@@ -26,6 +26,29 @@ logger = logging.getLogger(__name__)
 _EMPTY_ROWS = np.zeros(0, dtype=np.int64)
 _EMPTY_SCORES = np.zeros(0, dtype=np.float64)
 Float32Array = npt.NDArray[np.float32]
+# Up to this many entries, `row_totals` sums in a dictionary, because
+# np.unique costs more than the loop on the few rows of a small batch.
+_DICT_TOTALS_MAX = 64
+
+
+def row_totals(rows: IntArray, values: FloatArray) -> FloatArray:
+    """Return for each entry the sum of the values of every entry with its row.
+
+    Each row's values are added in entry order starting from 0, as
+    ``np.bincount`` adds them, so both paths give the same sums to the last bit.
+
+    >>> row_totals(np.array([3, 7, 3]), np.array([1.0, 2.0, 0.5])).tolist()
+    [1.5, 2.0, 1.5]
+    """
+    if len(rows) > _DICT_TOTALS_MAX:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        sums = np.bincount(inverse, weights=values, minlength=len(unique))
+        return np.asarray(sums[inverse], dtype=np.float64)
+    totals: dict[int, float] = {}
+    row_list = rows.tolist()
+    for row, value in zip(row_list, values.tolist(), strict=True):
+        totals[row] = totals.get(row, 0.0) + value
+    return np.array([totals[row] for row in row_list], dtype=np.float64)
 
 
 class ImplicitMF:
@@ -293,10 +316,9 @@ class ImplicitMF:
         return user_rates, item_rates, negative_rates
 
     def _capped_rates(self, rows: IntArray, curvatures: npt.NDArray[np.float64]) -> Float32Array:
-        unique, inverse = np.unique(rows, return_inverse=True)
-        curvature = np.bincount(inverse, weights=curvatures, minlength=len(unique))
+        curvature = row_totals(rows, curvatures)
         rates = np.minimum(self.learning_rate, 1.0 / np.maximum(curvature, 1e-12))
-        return np.asarray(rates[inverse], dtype=np.float32)
+        return np.asarray(rates, dtype=np.float32)
 
     def candidates(self, user_id: str, n: int) -> IntArray:
         """Return the ``n`` items with the highest dot product.

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.engine import EngineConfig, Recommender
-from models.mf import ImplicitMF
+from models.mf import ImplicitMF, row_totals
 from schemas import Event
 
 T0 = 1_700_000_000_000
@@ -52,6 +52,28 @@ def test_mf_rates_cut_only_for_heavy_rows() -> None:
     rates = model._capped_rates(rows, curvatures)
     assert rates[:3].tolist() == [np.float32(0.05)] * 3
     assert np.allclose(rates[3:], 1.0 / 30.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=9),
+            st.floats(min_value=0.0, max_value=1e6, allow_subnormal=False),
+        ),
+        max_size=150,
+    )
+)
+def test_row_totals_match_bincount(entries: list[tuple[int, float]]) -> None:
+    # Short inputs take the dictionary path and long ones np.unique. Both
+    # must give the sums of np.bincount bit for bit, or MF steps would change.
+    rows = np.array([row for row, _ in entries], dtype=np.int64)
+    values = np.array([value for _, value in entries], dtype=np.float64)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    expected = np.bincount(inverse, weights=values, minlength=len(unique))[inverse]
+    totals = row_totals(rows, values)
+    assert totals.dtype == np.float64
+    assert totals.tolist() == expected.tolist()
 
 
 @settings(max_examples=40, deadline=None)

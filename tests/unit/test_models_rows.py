@@ -43,10 +43,9 @@ def test_best_rows_matches_full_sort(pairs, n) -> None:
     assert best_rows(rows, scores, n).tolist() == [row for row, _ in expected]
 
 
-def _large_score_arrays() -> list[tuple[str, np.ndarray]]:
+def _large_score_arrays(size: int) -> list[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(5)
-    size = 200_003
-    return [
+    cases = [
         ("uniform", rng.random(size)),
         ("float32 normal", rng.standard_normal(size).astype(np.float32)),
         ("ascending", np.arange(size, dtype=np.float64)),
@@ -56,9 +55,15 @@ def _large_score_arrays() -> list[tuple[str, np.ndarray]]:
         # The evenly spaced sample contains only the low values.
         ("spikes off the sample", np.where(np.arange(size) % 12 == 5, 9.0, rng.random(size))),
     ]
+    return [(f"{name}, {size} scores", scores) for name, scores in cases]
 
 
-@pytest.mark.parametrize(("name", "scores"), _large_score_arrays())
+# Sizes where only the partial sort applies, just above the sampled cut's
+# minimum, in the range of a mid-sized catalog, and far above it.
+@pytest.mark.parametrize(
+    ("name", "scores"),
+    [case for size in (3_001, 8_193, 55_001, 200_003) for case in _large_score_arrays(size)],
+)
 @pytest.mark.parametrize("n", [1, 100, 3000])
 def test_best_rows_long_array_exact(name, scores, n) -> None:
     rows = np.arange(len(scores), dtype=np.int64)
