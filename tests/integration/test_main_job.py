@@ -26,8 +26,8 @@ def _cli(settings, *args: str) -> subprocess.CompletedProcess:
 
 
 # The test waits up to 280 s for the lists of the whole Taobao file (84,475
-# events) and up to 280 s more after one view per user, so the suite's
-# limit of 300 s per test is too short on a slow machine.
+# events), then up to 280 s more after one view per user. The suite's limit
+# of 300 s per test is too short for both on a slow machine.
 @pytest.mark.timeout(720)
 def test_taobao_users_all_get_lists(run_settings, tmp_path):
     path = shared_file(TAOBAO)
