@@ -699,19 +699,63 @@ _MAX_USER_IDS_HIDDEN = 8
 def _replace_cut_prefix(text: str, user_id: str, pseudonym: str) -> str:
     """Return ``text`` with a start of ``user_id`` that ends at a cut replaced by ``pseudonym``.
 
-    A cut ends at a cut mark or at the end of the text. NOTE: a cut that
-    leaves fewer than 3 characters of the id keeps them, because so short a
-    start also matches unrelated text.
+    A cut ends at a cut mark or at the end of the text. The longest proper
+    prefix of the id that ends at a cut is replaced. Each cut takes time
+    linear in the length of the id. NOTE: a cut that leaves fewer than 3
+    characters of the id keeps them, because so short a start also matches
+    unrelated text.
     """
     marks = itertools.islice(_CUT_MARK.finditer(text), _MAX_CUTS_CHECKED)
     ends = [match.start() for match in marks] + [len(text)]
+    failure: list[int] | None = None
     # From the last cut backwards, so the positions of earlier cuts stay valid.
     for end in reversed(ends):
-        for length in range(min(len(user_id) - 1, end), _MIN_KEY_TO_REDACT - 1, -1):
-            if text[end - length : end] == user_id[:length]:
-                text = text[: end - length] + pseudonym + text[end:]
-                break
+        window = text[max(0, end - len(user_id) + 1) : end]
+        # A prefix of the id that ends at the cut and is long enough to replace
+        # ends with the window's last 3 characters, so str.find rules out
+        # most cuts before the character-by-character scan.
+        tail = window[-_MIN_KEY_TO_REDACT:]
+        if len(tail) < _MIN_KEY_TO_REDACT or user_id.find(tail, 0, len(user_id) - 1) < 0:
+            continue
+        if failure is None:
+            failure = _failure_function(user_id)
+        length = _matched_prefix_length(window, user_id, failure)
+        if length >= _MIN_KEY_TO_REDACT:
+            text = text[: end - length] + pseudonym + text[end:]
     return text
+
+
+def _failure_function(pattern: str) -> list[int]:
+    """Compute the Knuth-Morris-Pratt failure function of ``pattern``.
+
+    Item ``i`` is the length of the longest proper prefix of
+    ``pattern[: i + 1]`` that is also a suffix of it.
+    """
+    failure = [0] * len(pattern)
+    matched = 0
+    for i in range(1, len(pattern)):
+        char = pattern[i]
+        while matched and pattern[matched] != char:
+            matched = failure[matched - 1]
+        if pattern[matched] == char:
+            matched += 1
+        failure[i] = matched
+    return failure
+
+
+def _matched_prefix_length(text: str, pattern: str, failure: list[int]) -> int:
+    """Return the length of the longest prefix of ``pattern`` that is a suffix of ``text``.
+
+    ``failure`` is `_failure_function` of ``pattern``, and ``text`` must be
+    shorter than ``pattern``, so that no match is whole.
+    """
+    matched = 0
+    for char in text:
+        while matched and pattern[matched] != char:
+            matched = failure[matched - 1]
+        if pattern[matched] == char:
+            matched += 1
+    return matched
 
 
 def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
