@@ -7,6 +7,7 @@ with secrets masked.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from collections.abc import Mapping
@@ -24,6 +25,15 @@ PREFIX = "FUSIONREC_"
 
 class SettingsError(ValueError):
     """An environment variable has a value that cannot be used."""
+
+
+class Service(enum.Flag):
+    """Set of services whose settings `Settings.validate` checks."""
+
+    NONE = 0
+    KAFKA = enum.auto()
+    REDIS = enum.auto()
+    ALL = KAFKA | REDIS
 
 
 @dataclass(frozen=True)
@@ -95,8 +105,15 @@ class Settings:
     log_format: str = "text"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``FUSIONREC_*`` variables, rejecting unusable values."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, services: Service = Service.ALL
+    ) -> Settings:
+        """Build settings from ``FUSIONREC_*`` variables, rejecting unusable values.
+
+        The settings of a service outside ``services`` are read but not
+        checked, so a command that never connects to Redis, for instance,
+        runs whatever ``FUSIONREC_REDIS_URL`` contains.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for spec in fields(cls):
@@ -105,24 +122,22 @@ class Settings:
                 continue
             values[spec.name] = _convert(name, env[name], spec.default)
         settings = cls(**values)
-        settings.validate()
+        settings.validate(services)
         return settings
 
-    def validate(self) -> None:
-        """Raise `SettingsError` on values that are out of range."""
-        check_bootstrap(self.kafka_bootstrap, f"{PREFIX}KAFKA_BOOTSTRAP")
-        scheme = urlsplit(self.redis_url).scheme
-        if scheme not in _REDIS_SCHEMES:
-            msg = (
-                f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r}; expected a URL "
-                "starting with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
-            )
-            raise SettingsError(msg)
+    def validate(self, services: Service = Service.ALL) -> None:
+        """Raise `SettingsError` on values that are out of range.
+
+        Of the settings that belong to one service, only those of
+        ``services`` are checked.
+        """
+        if Service.KAFKA in services:
+            self._validate_kafka()
+        if Service.REDIS in services:
+            self._validate_redis()
         positive = {
             "partitions": self.partitions,
             "k": self.k,
-            "ttl_s": self.ttl_s,
-            "redis_write_batch": self.redis_write_batch,
             "event_batch": self.event_batch,
             "refresh_batch": self.refresh_batch,
             "max_message_bytes": self.max_message_bytes,
@@ -136,22 +151,8 @@ class Settings:
             "item_repeat_max_pairs": self.item_repeat_max_pairs,
             "consumer_session_timeout_s": self.consumer_session_timeout_s,
             "consumer_heartbeat_s": self.consumer_heartbeat_s,
-            "redis_retry_max_s": self.redis_retry_max_s,
         }
-        for name, value in positive.items():
-            if value <= 0:
-                msg = f"{PREFIX}{name.upper()} is {value}; expected a positive number"
-                raise SettingsError(msg)
-        if self.ttl_s < MIN_TTL_S:
-            # recs:popular is written with this TTL and rebuilt every few
-            # seconds, so a shorter TTL would let it vanish between rebuilds.
-            msg = f"{PREFIX}TTL_S is {self.ttl_s}; expected at least {MIN_TTL_S} seconds"
-            raise SettingsError(msg)
-        if self.redis_key_by not in ("user_id", "pseudonym"):
-            msg = (
-                f"{PREFIX}REDIS_KEY_BY is {self.redis_key_by!r}; expected 'user_id' or 'pseudonym'"
-            )
-            raise SettingsError(msg)
+        _check_positive(positive)
         if self.log_format not in ("text", "json"):
             msg = f"{PREFIX}LOG_FORMAT is {self.log_format!r}; expected 'text' or 'json'"
             raise SettingsError(msg)
@@ -193,18 +194,7 @@ class Settings:
         if not 0 <= self.web_port < 65536:
             msg = f"{PREFIX}WEB_PORT is {self.web_port}; expected a port in [0, 65535]"
             raise SettingsError(msg)
-        choices = {
-            "fusion": ("", *FUSION_STRATEGIES),
-            "kafka_security_protocol": _SECURITY_PROTOCOLS,
-            "kafka_sasl_mechanism": _SASL_MECHANISMS,
-            "log_level": _LOG_LEVELS,
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                listed = ", ".join(repr(choice) for choice in allowed)
-                msg = f"{PREFIX}{name.upper()} is {value!r}; expected one of {listed}"
-                raise SettingsError(msg)
+        self._check_choices({"fusion": ("", *FUSION_STRATEGIES), "log_level": _LOG_LEVELS})
         for name, weight in self.parsed_weights().items():
             if name not in MODEL_NAMES:
                 msg = (
@@ -227,6 +217,49 @@ class Settings:
                 "restart is still de-duplicated"
             )
             raise SettingsError(msg)
+
+    def _validate_kafka(self) -> None:
+        check_bootstrap(self.kafka_bootstrap, f"{PREFIX}KAFKA_BOOTSTRAP")
+        self._check_choices(
+            {
+                "kafka_security_protocol": _SECURITY_PROTOCOLS,
+                "kafka_sasl_mechanism": _SASL_MECHANISMS,
+            }
+        )
+
+    def _validate_redis(self) -> None:
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in _REDIS_SCHEMES:
+            msg = (
+                f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r}; expected a URL "
+                "starting with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
+            )
+            raise SettingsError(msg)
+        _check_positive(
+            {
+                "ttl_s": self.ttl_s,
+                "redis_write_batch": self.redis_write_batch,
+                "redis_retry_max_s": self.redis_retry_max_s,
+            }
+        )
+        if self.ttl_s < MIN_TTL_S:
+            # recs:popular is written with this TTL and rebuilt every few
+            # seconds, so a shorter TTL would let it vanish between rebuilds.
+            msg = f"{PREFIX}TTL_S is {self.ttl_s}; expected at least {MIN_TTL_S} seconds"
+            raise SettingsError(msg)
+        if self.redis_key_by not in ("user_id", "pseudonym"):
+            msg = (
+                f"{PREFIX}REDIS_KEY_BY is {self.redis_key_by!r}; expected 'user_id' or 'pseudonym'"
+            )
+            raise SettingsError(msg)
+
+    def _check_choices(self, choices: Mapping[str, tuple[str, ...]]) -> None:
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                listed = ", ".join(repr(choice) for choice in allowed)
+                msg = f"{PREFIX}{name.upper()} is {value!r}; expected one of {listed}"
+                raise SettingsError(msg)
 
     def engine_config(self) -> EngineConfig:
         """Build the model configuration from these settings."""
@@ -316,6 +349,13 @@ def check_bootstrap(bootstrap: str, name: str) -> None:
             "comma-separated host:port pairs, such as 127.0.0.1:9092"
         )
         raise SettingsError(msg)
+
+
+def _check_positive(values: Mapping[str, float]) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            msg = f"{PREFIX}{name.upper()} is {value}; expected a positive number"
+            raise SettingsError(msg)
 
 
 def _mask_url_password(url: str) -> str:

@@ -13,7 +13,7 @@ from stream.dedup import DedupWindow
 from stream.logs import JsonFormatter, configure_logging
 from stream.privacy import Pseudonymizer, load_pseudonymizer
 from stream.ratelimit import UserRateLimiter
-from stream.settings import Settings, SettingsError
+from stream.settings import Service, Settings, SettingsError
 from stream.sink import redis_client
 
 
@@ -358,6 +358,29 @@ def test_settings_reject_unusable_value(variable, value, expected):
     with pytest.raises(SettingsError, match=re.escape(expected)) as raised:
         Settings.from_env({f"FUSIONREC_{variable}": value})
     assert f"FUSIONREC_{variable}" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "service"),
+    [
+        ("REDIS_URL", "http://127.0.0.1:6379/0", Service.REDIS),
+        ("REDIS_KEY_BY", "hash", Service.REDIS),
+        ("TTL_S", "4", Service.REDIS),
+        ("REDIS_WRITE_BATCH", "0", Service.REDIS),
+        ("KAFKA_BOOTSTRAP", "127.0.0.1", Service.KAFKA),
+        ("KAFKA_SECURITY_PROTOCOL", "ssl", Service.KAFKA),
+        ("KAFKA_SASL_MECHANISM", "GSSAPI", Service.KAFKA),
+    ],
+)
+def test_settings_check_only_requested_services(variable, value, service):
+    environ = {f"FUSIONREC_{variable}": value}
+    # Neither raises, because neither checks the service that the value is for.
+    Settings.from_env(environ, services=Service.ALL & ~service)
+    Settings.from_env(environ, services=Service.NONE)
+    with pytest.raises(SettingsError, match=f"FUSIONREC_{variable}"):
+        Settings.from_env(environ, services=service)
+    with pytest.raises(SettingsError, match=f"FUSIONREC_{variable}"):
+        Settings.from_env(environ)
 
 
 def test_settings_build_the_engine_config():
