@@ -25,7 +25,7 @@ import orjson
 
 from schemas import SchemaError, decode_forget
 from stream.logs import configure_logging
-from stream.settings import SETTINGS_DOC, Settings, SettingsError
+from stream.settings import SETTINGS_DOC, Service, Settings, SettingsError
 
 if TYPE_CHECKING:
     import faust
@@ -96,7 +96,7 @@ def _recs(args: argparse.Namespace) -> int:
     if bool(args.user) == args.popular:
         print("fusionrec recs: give either a user id or --popular", file=sys.stderr)
         return 2
-    settings = Settings.from_env()
+    settings = Settings.from_env(services=Service.REDIS)
     try:
         value = asyncio.run(read_list(settings, args.user, popular=args.popular))
     except (RedisError, OSError) as exc:
@@ -141,7 +141,7 @@ def _recs(args: argparse.Namespace) -> int:
 def _forget(args: argparse.Namespace) -> int:
     from stream.reader import ForgetError, request_forget
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(services=Service.KAFKA)
     # The worker would reject an invalid request to the dead-letter topic, so
     # it is checked here first, with the same decoder.
     request = orjson.dumps({"user_id": args.user, "timestamp": int(time.time() * 1000)})
@@ -245,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        # Logging needs no service settings. Each command checks those of the
+        # services it connects to.
+        settings = Settings.from_env(services=Service.NONE)
         configure_logging(args.log_level or settings.log_level, settings.log_format)
         code: int = args.handler(args)
     except SettingsError as exc:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from schemas import Event
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
-from stream.settings import Settings, SettingsError, check_bootstrap
+from stream.settings import Service, Settings, SettingsError, check_bootstrap
 from stream.sources import FORMATS, LoadResult, Rejection, SourceError, read_events
 from stream.topics import EVENT_TOPICS
 
@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             print(f"fusionrec replay: {exc}", file=sys.stderr)
             return 2
-    settings = Settings.from_env()
+    # A dry run connects to no service.
+    settings = Settings.from_env(services=Service.NONE if args.dry_run else Service.KAFKA)
     bootstrap = args.bootstrap_servers or settings.kafka_bootstrap
 
     started = time.monotonic()

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.logs import configure_logging
-from stream.settings import Settings
+from stream.settings import Service, Settings
 
 logger = logging.getLogger("stream.topics")
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the topic names")
     args = parser.parse_args(argv)
     configure_logging("info")
-    settings = Settings.from_env()
+    settings = Settings.from_env(services=Service.KAFKA if args.create else Service.NONE)
     if args.list or not args.create:
         for name in ALL_TOPICS:
             print(settings.topic(name))

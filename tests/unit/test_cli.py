@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
+import orjson
 import pytest
 
+from schemas import Event
 from stream.cli import build_faust_worker, main
 
 
@@ -56,6 +59,61 @@ def test_redis_url_scheme_checked(
     assert "expected a URL starting with redis://, rediss:// or unix://" in err
     assert "secret" not in err
     assert "Traceback" not in err
+
+
+def _event_file(tmp_path: Path) -> Path:
+    path = tmp_path / "events.jsonl"
+    event = Event("e1", "view", "u1", "i1", 1_760_000_000_000)
+    path.write_bytes(orjson.dumps(event.to_json()) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FUSIONREC_REDIS_URL", "http://127.0.0.1:6379/0"),
+        ("FUSIONREC_KAFKA_BOOTSTRAP", "127.0.0.1"),
+    ],
+    ids=["redis url", "kafka bootstrap"],
+)
+def test_dry_run_ignores_service_settings(
+    variable: str,
+    value: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(variable, value)
+    argv = ["replay", str(_event_file(tmp_path)), "--format", "jsonl", "--dry-run", "--json"]
+    assert main([*argv, "--no-progress"]) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["dry_run"] is True
+    assert summary["events"] == 1
+
+
+def test_replay_checks_kafka_bootstrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", "127.0.0.1")
+    argv = ["replay", str(_event_file(tmp_path)), "--format", "jsonl", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "FUSIONREC_KAFKA_BOOTSTRAP entry '127.0.0.1'" in err
+    assert "expected comma-separated host:port" in err
+
+
+def test_worker_checks_redis_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A closed Kafka port and a fresh data folder, so that a worker that
+    # skipped the check would reach no real service.
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("FUSIONREC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSIONREC_REDIS_URL", "http://127.0.0.1:6379/0")
+    assert main(["worker"]) == 2
+    err = capsys.readouterr().err
+    assert "FUSIONREC_REDIS_URL is 'http://127.0.0.1:6379/0'" in err
+    assert "expected a URL starting with redis://, rediss:// or unix://" in err
 
 
 def test_recs_missing_popular_names_its_key(
