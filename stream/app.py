@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from schemas import RecommendationList
 from stream.checkpoint import CheckpointStore
+from stream.consumer import HoldingConsumer
 from stream.kafka import client_options, ssl_context
 from stream.metrics import WorkerMetrics
 from stream.privacy import Sealer, load_pseudonymizer
@@ -60,6 +61,8 @@ _COMMIT_TIMEOUT_S = 10.0
 # and the pause between its tries while the broker cannot be reached.
 _ALIGN_TIMEOUT_S = 30.0
 _ALIGN_RETRY_S = 1.0
+# Maximum pause between tries of the background alignment of paused partitions.
+_ALIGN_RETRY_MAX_S = 30.0
 # How long one round of dead-letter delivery waits for the broker, and the
 # longest pause between rounds after a failure.
 _DEAD_LETTER_TIMEOUT_S = 10.0
@@ -155,6 +158,8 @@ class Worker:
         # Whether a bootstrap broker replied to a metadata request at the last probe.
         self.broker_reachable = True
         self._interval_checkpoint: asyncio.Task[None] | None = None
+        # Aligns, seeks and resumes partitions held paused after a rebalance.
+        self._align_retry: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     # -- startup ------------------------------------------------------------
@@ -315,13 +320,44 @@ class Worker:
         seeks each assigned partition to its committed offset right after
         its rebalance-complete signal, which calls this, so the worker
         reads those events again. Broker errors are retried for up to
-        _ALIGN_TIMEOUT_S. A last error or a timeout is logged and counted,
-        and does not reach Faust, whose recovery task it would end.
+        _ALIGN_TIMEOUT_S. After a last error, a timeout or a failed commit,
+        the source partitions are held paused and a background task aligns,
+        seeks and resumes them once the broker replies. No error reaches
+        Faust, whose recovery task it would end.
         """
+        await self.stop_offset_alignment()
+        consumer = self._consumer()
+        # Partitions that another member took over are not this worker's to resume.
+        consumer.held.intersection_update(assigned)
         sources = set(self._source_topics())
         tps = [TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic in sources]
         if not tps:
             return
+        if await self._align_before_seek(tps):
+            consumer.release(set(consumer.held))
+            return
+        consumer.hold(TP(tp.topic, tp.partition) for tp in tps)
+        self._align_retry = asyncio.create_task(
+            self._retry_alignment(tps, self.app.consumer_generation_id),
+            name="fusionrec-offset-align",
+        )
+        self._align_retry.add_done_callback(self._log_task_failure)
+
+    async def stop_offset_alignment(self) -> None:
+        """Cancel the background alignment of held partitions and wait until it has ended."""
+        task, self._align_retry = self._align_retry, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait([task])
+
+    def _consumer(self) -> HoldingConsumer:
+        consumer = self.app.consumer
+        assert isinstance(consumer, HoldingConsumer)
+        return consumer
+
+    async def _align_before_seek(self, tps: list[TopicPartition]) -> bool:
+        """Move committed offsets of ``tps`` back to the state's, and return whether it is done."""
         # The broker reads happen outside the lock, so that a broker that
         # does not reply holds up no checkpoint, and a stop still writes its own.
         deadline = time.monotonic() + _ALIGN_TIMEOUT_S
@@ -333,20 +369,26 @@ class Worker:
                 break
             except TimeoutError as exc:
                 self._report_unaligned(len(tps), exc)
-                return
+                return False
             except (KafkaError, OSError) as exc:
                 if time.monotonic() + _ALIGN_RETRY_S >= deadline:
                     self._report_unaligned(len(tps), exc)
-                    return
+                    return False
                 logger.info("reading the group's committed offsets failed, retrying: %r", exc)
                 await asyncio.sleep(_ALIGN_RETRY_S)
         async with self.lock:
             target = self._target_offsets(beginnings, ends)
+        return await self._commit_moved_back(target, committed)
+
+    async def _commit_moved_back(
+        self, target: dict[TopicPartition, int], committed: dict[TopicPartition, int | None]
+    ) -> bool:
+        """Commit ``target`` where ``committed`` is ahead, and return whether that succeeded."""
         # Only offsets ahead of the state move, because a running worker's
         # state is ahead of its own commits until the next checkpoint.
         changes = {tp: offset for tp, offset in target.items() if (committed[tp] or 0) > offset}
         if not changes:
-            return
+            return True
         try:
             moved = await asyncio.wait_for(
                 self.app.consumer._commit(
@@ -362,16 +404,82 @@ class Worker:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.error(
                 "committed offsets of %d assigned partitions are ahead of the state's and "
-                "could not be moved back: %s",
+                "were not moved back (%s), so the partitions stay paused until they are",
                 len(changes),
                 reason,
             )
-            return
+            return False
         logger.warning(
             "committed offsets of %d assigned partitions were ahead of the state's, as "
             "after another worker of the group held them, so they are read from the state's",
             len(changes),
         )
+        return True
+
+    async def _retry_alignment(self, tps: list[TopicPartition], generation: int) -> None:
+        """Align the held partitions once the broker replies, then seek and resume them.
+
+        A new rebalance or a stop cancels this task, and the rebalance hook
+        starts over for the new assignment.
+        """
+        delay_s = _ALIGN_RETRY_S
+        tries = 0
+        while True:
+            await asyncio.sleep(delay_s)
+            tries += 1
+            try:
+                target = await self._align_held(tps)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                target = None
+                logger.warning(
+                    "reading the committed offsets of %d paused partitions failed at try %d "
+                    "(%r). Trying again in %.0f s",
+                    len(tps),
+                    tries,
+                    exc,
+                    min(2 * delay_s, _ALIGN_RETRY_MAX_S),
+                )
+            if target is not None:
+                break
+            delay_s = min(2 * delay_s, _ALIGN_RETRY_MAX_S)
+        # Faust seeks every assigned partition to its committed offset before
+        # it ends the rebalance, and that seek must not land after this one.
+        # NOTE: when Faust's own seek times out, its recovery task ends
+        # without ending the rebalance (faust-streaming 0.15.3), and these
+        # partitions stay paused along with the stopped flow of the others.
+        while self.app.rebalancing:
+            await asyncio.sleep(0.1)
+        if self.app.consumer_generation_id != generation:
+            return
+        consumer = self._consumer()
+        assignment = consumer.assignment()
+        resumed = set()
+        for tp, offset in target.items():
+            faust_tp = TP(tp.topic, tp.partition)
+            if faust_tp in consumer.held and faust_tp in assignment:
+                # Faust's seek also moves its read offset, below which it drops messages.
+                await consumer.seek(faust_tp, offset)
+                resumed.add(faust_tp)
+        consumer.release(resumed)
+        logger.info(
+            "%d paused partitions resumed at the state's offsets after %d tries",
+            len(resumed),
+            tries,
+        )
+
+    async def _align_held(self, tps: list[TopicPartition]) -> dict[TopicPartition, int] | None:
+        """Move committed offsets of ``tps`` back to the state's, and return the state's offsets.
+
+        Returns None when the commit failed. Errors of the broker reads are raised.
+        """
+        beginnings, ends, committed = await asyncio.wait_for(
+            self._read_assigned_offsets(tps), _ALIGN_TIMEOUT_S
+        )
+        async with self.lock:
+            target = self._target_offsets(beginnings, ends)
+        if not await self._commit_moved_back(target, committed):
+            return None
+        return target
 
     async def _read_assigned_offsets(
         self, tps: list[TopicPartition]
@@ -389,8 +497,8 @@ class Worker:
         self.metrics.errors.labels(kind="offset_align").inc()
         logger.error(
             "committed offsets of %d assigned partitions not checked against the state's "
-            "(%r). If another worker of the group held them, the events it applied are "
-            "skipped here; restart this worker, which aligns the offsets before it joins",
+            "(%r). The partitions stay paused, so that no event another worker of the group "
+            "applied is skipped, until the broker replies and they are aligned",
             partitions,
             exc,
         )
@@ -1202,6 +1310,7 @@ class Worker:
         if self._stopping:
             return
         logger.info("shutting down: writing pending lists and a final checkpoint")
+        await self.stop_offset_alignment()
         try:
             await self.checkpoint("shutdown", final=True)
         except OSError as exc:
@@ -1235,6 +1344,8 @@ class Worker:
         shared = self.partitions_total is None or len(self.assigned) < self.partitions_total
         oldest = next(iter(self.dead_letters.values()), None)
         letters_owed_s = 0.0 if oldest is None else max(time.time() - oldest.queued_at, 0.0)
+        # Partitions paused until their committed offsets are moved back to the state's.
+        held = len(self._consumer().held)
         ready = (
             bool(self.assigned)
             and redis_ok
@@ -1242,6 +1353,7 @@ class Worker:
             and self.broker_reachable
             and letters_owed_s <= _LETTERS_OWED_MAX_S
             and not shared
+            and not held
             and not self._stopping
         )
         return {
@@ -1251,6 +1363,7 @@ class Worker:
             "broker_reachable": self.broker_reachable,
             "partitions_assigned": len(self.assigned),
             "partitions_total": self.partitions_total,
+            "partitions_paused": held,
             "redis_outage": bool(sink and sink.in_outage),
             "lists_pending": len(sink.pending) if sink else 0,
             "dead_letters_pending": len(self.dead_letters),
@@ -1287,6 +1400,9 @@ class Worker:
             datadir=str(settings.data_path / "faust"),
             stream_wait_empty=False,
         )
+        # Faust has no setting for the consumer class: the transport creates
+        # its consumer from this attribute, on first use of app.consumer.
+        app.transport.Consumer = HoldingConsumer
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw", "acks": False}
         events = app.topic(*(settings.topic(n) for n in EVENT_TOPICS.values()), **raw)
         items = app.topic(settings.topic(ITEMS_TOPIC), **raw)
@@ -1351,6 +1467,7 @@ class Worker:
 
         @app.on_partitions_revoked.connect
         async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+            await self.stop_offset_alignment()
             logger.info(
                 "partitions revoked: %d",
                 len(revoked),
