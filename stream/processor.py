@@ -710,6 +710,12 @@ def _replace_cut_prefix(text: str, user_id: str, pseudonym: str) -> str:
     failure: list[int] | None = None
     # From the last cut backwards, so the positions of earlier cuts stay valid.
     for end in reversed(ends):
+        if end > len(text):
+            # A replacement at a later cut removed this cut's mark along with
+            # the start of the id that contained it, and left the text shorter
+            # than ``end``. No start of the id ends here, and the slice below
+            # would end at the end of the text and misplace the replacement.
+            continue
         window = text[max(0, end - len(user_id) + 1) : end]
         # A prefix of the id that ends at the cut and is long enough to replace
         # ends with the window's last 3 characters, so str.find rules out

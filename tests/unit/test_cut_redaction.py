@@ -36,6 +36,11 @@ def _reference(text: str, user_id: str, pseudonym: str) -> str:
 _LETTERS = "ab"
 _MARK_CHARACTERS = '"\u2026 (1) characters'
 
+_CUT_MARKS = st.builds(
+    lambda quote, count: f"{quote}\u2026 ({count} characters)",
+    st.sampled_from(["", '"']),
+    st.integers(min_value=0, max_value=99_999),
+)
 _USER_IDS = st.one_of(
     st.text(alphabet=_LETTERS, max_size=14),
     # Ids that overlap themselves, such as "aaaa" and "abab".
@@ -45,11 +50,14 @@ _USER_IDS = st.one_of(
         st.integers(min_value=1, max_value=8),
     ),
     st.text(alphabet=_LETTERS + _MARK_CHARACTERS, max_size=14),
-)
-_CUT_MARKS = st.builds(
-    lambda quote, count: f"{quote}\u2026 ({count} characters)",
-    st.sampled_from(["", '"']),
-    st.integers(min_value=0, max_value=99_999),
+    # Ids that contain a whole cut mark, so that replacing a cut id can
+    # remove the mark of an earlier cut.
+    st.builds(
+        lambda head, mark, tail: head + mark + tail,
+        st.text(alphabet=_LETTERS, max_size=3),
+        _CUT_MARKS,
+        st.text(alphabet=_LETTERS, max_size=3),
+    ),
 )
 
 
@@ -101,3 +109,14 @@ def test_cut_prefix_of_long_repetitive_id(user_id: str, run_after: str) -> None:
     # that many starts of the id match.
     text = MARK.join(["a" * 1500] * 9)
     assert _replace_cut_prefix(text, user_id, PSEUDONYM) == MARK.join([run_after] * 9)
+
+
+def test_cut_prefix_when_id_contains_mark() -> None:
+    # The text ends with the id less its last character, and the only cut
+    # mark of the text lies inside that start of the id. Replacing the start
+    # removes the mark and leaves the text shorter than the mark's position,
+    # where no start of the id can end any more.
+    user_id = "a\u2026 (0 characters)a"
+    text = "a\u2026 (0 cha" + user_id[:-1]
+    assert _replace_cut_prefix(text, user_id, "") == "a\u2026 (0 cha"
+    assert _replace_cut_prefix(text, user_id, PSEUDONYM) == "a\u2026 (0 cha" + PSEUDONYM
