@@ -450,6 +450,11 @@ class Worker:
         while self.app.rebalancing:
             await asyncio.sleep(0.1)
         if self.app.consumer_generation_id != generation:
+            # The hook of the new rebalance aligns the new assignment again.
+            logger.info(
+                "alignment of %d paused partitions dropped: the group rebalanced again",
+                len(tps),
+            )
             return
         consumer = self._consumer()
         assignment = consumer.assignment()
