@@ -102,6 +102,11 @@ class _Letter:
     delivery: asyncio.Future[Any] | None = None
 
 
+def _partition_names(tps: list[TopicPartition]) -> str:
+    """Return the partitions as ``topic[partition]``, sorted, for a log line."""
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
 class Worker:
     """One worker process: the processor, its Redis sink, checkpoints and the Faust app."""
 
@@ -368,11 +373,11 @@ class Worker:
                 )
                 break
             except TimeoutError as exc:
-                self._report_unaligned(len(tps), exc)
+                self._report_unaligned(tps, exc)
                 return False
             except (KafkaError, OSError) as exc:
                 if time.monotonic() + _ALIGN_RETRY_S >= deadline:
-                    self._report_unaligned(len(tps), exc)
+                    self._report_unaligned(tps, exc)
                     return False
                 logger.info("reading the group's committed offsets failed, retrying: %r", exc)
                 await asyncio.sleep(_ALIGN_RETRY_S)
@@ -432,9 +437,10 @@ class Worker:
             except (KafkaError, OSError, TimeoutError) as exc:
                 target = None
                 logger.warning(
-                    "reading the committed offsets of %d paused partitions failed at try %d "
-                    "(%r). Trying again in %.0f s",
+                    "reading the committed offsets of %d paused partitions (%s) failed at "
+                    "try %d (%r). Trying again in %.0f s",
                     len(tps),
+                    _partition_names(tps),
                     tries,
                     exc,
                     min(2 * delay_s, _ALIGN_RETRY_MAX_S),
@@ -498,13 +504,14 @@ class Worker:
         finally:
             await consumer.stop()
 
-    def _report_unaligned(self, partitions: int, exc: BaseException) -> None:
+    def _report_unaligned(self, tps: list[TopicPartition], exc: BaseException) -> None:
         self.metrics.errors.labels(kind="offset_align").inc()
         logger.error(
-            "committed offsets of %d assigned partitions not checked against the state's "
-            "(%r). The partitions stay paused, so that no event another worker of the group "
-            "applied is skipped, until the broker replies and they are aligned",
-            partitions,
+            "committed offsets of %d assigned partitions (%s) not checked against the "
+            "state's (%r). The partitions stay paused, so that no event another worker of "
+            "the group applied is skipped, until the broker replies and they are aligned",
+            len(tps),
+            _partition_names(tps),
             exc,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 
 import pytest
@@ -63,16 +64,19 @@ def _assigned(worker: Worker) -> set[TP]:
 
 
 @pytest.mark.parametrize("fail_at", ["start", "committed"])
-def test_align_hook_survives_broker_failure(fail_at, tmp_path, monkeypatch):
+def test_align_hook_survives_broker_failure(fail_at, tmp_path, monkeypatch, caplog):
     # "start": the broker is unreachable; "committed": it is lost midway.
     consumer = _Consumer(fail_at=fail_at)
     worker = _worker(tmp_path, monkeypatch, consumer)
     monkeypatch.setattr("stream.app._ALIGN_TIMEOUT_S", 2.0)
 
-    asyncio.run(worker.align_assigned_offsets(_assigned(worker)))
+    with caplog.at_level(logging.ERROR, logger="stream.app"):
+        asyncio.run(worker.align_assigned_offsets(_assigned(worker)))
 
     assert consumer.stopped
     assert worker.metrics.errors.labels(kind="offset_align")._value.get() == 1
+    # The error names the partitions, so an operator knows which ones are paused.
+    assert f"{worker.settings.topic('events.view')}[0]" in caplog.text
 
 
 def test_align_hook_gives_up_on_silent_broker(tmp_path, monkeypatch):
