@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import bisect
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -207,9 +208,14 @@ def run(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             print(f"fusionrec replay: {exc}", file=sys.stderr)
             return 2
-    # A dry run connects to no service.
-    settings = Settings.from_env(services=Service.NONE if args.dry_run else Service.KAFKA)
-    bootstrap = args.bootstrap_servers or settings.kafka_bootstrap
+    # A dry run connects to no service, and the flag replaces the variable,
+    # whose value then needs no check.
+    environ = dict(os.environ)
+    if args.bootstrap_servers is not None:
+        environ["FUSIONREC_KAFKA_BOOTSTRAP"] = args.bootstrap_servers
+    services = Service.NONE if args.dry_run else Service.KAFKA
+    settings = Settings.from_env(environ, services=services)
+    bootstrap = settings.kafka_bootstrap
 
     started = time.monotonic()
     try:

@@ -102,6 +102,20 @@ def test_replay_checks_kafka_bootstrap(
     assert "expected comma-separated host:port" in err
 
 
+def test_replay_flag_replaces_kafka_bootstrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The flag names the broker, so a malformed variable that it overrides
+    # is no reason to refuse the run.
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", "127.0.0.1")
+    address = f"127.0.0.1:{_closed_port()}"
+    argv = ["replay", str(_event_file(tmp_path)), "--format", "jsonl", "--no-progress"]
+    assert main([*argv, "--bootstrap-servers", address]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot connect to Kafka at {address}" in err
+    assert "FUSIONREC_KAFKA_BOOTSTRAP entry" not in err
+
+
 def test_worker_checks_redis_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
