@@ -55,18 +55,35 @@ def _replay(
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
 
 
+def _applied(worker: WorkerProcess) -> float:
+    """Return how many events the worker process applied since it started."""
+    text = worker.metrics()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fusionrec_events_applied_total{")
+    )
+
+
 def _wait_applied(worker: WorkerProcess, expected: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        text = worker.metrics()
-        applied = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("fusionrec_events_applied_total{")
-        )
+        applied = _applied(worker)
         if applied >= expected:
             return
         assert time.monotonic() < deadline, f"{applied} of {expected} events applied"
+        time.sleep(0.5)
+
+
+def _wait_checkpointed(settings, applied: int, timeout_s: float) -> None:
+    """Wait until the newest checkpoint of ``settings`` counts ``applied`` events."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        restored = _store(settings).restore()
+        counted = restored[0]["counts"].get("applied", 0) if restored else None
+        if counted == applied:
+            return
+        assert time.monotonic() < deadline, f"newest checkpoint counts {counted} of {applied}"
         time.sleep(0.5)
 
 
@@ -272,13 +289,7 @@ def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
     first.wait_ready()
     asyncio.run(produce_events(run_settings, first_part))
     _wait_applied(first, len(first_part), 60)
-    deadline = time.monotonic() + 30
-    while True:
-        restored = _store(run_settings).restore()
-        if restored and restored[0]["counts"].get("applied", 0) == len(first_part):
-            break
-        assert time.monotonic() < deadline, "no checkpoint covers the first events"
-        time.sleep(0.5)
+    _wait_checkpointed(run_settings, len(first_part), 30)
 
     second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
     shutil.copytree(run_settings.data_dir, second_settings.data_dir)
