@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import Event
 from stream.settings import Settings
@@ -67,3 +67,24 @@ async def read_topic(settings: Settings, name: str, expected: int, timeout_s: fl
     finally:
         await consumer.stop()
     return records
+
+
+async def committed_offsets(settings: Settings, name: str) -> dict[int, int | None]:
+    """Return the consumer group's committed offset of each partition of a topic.
+
+    Assumes the topic has ``settings.partitions`` partitions, the count that
+    `stream.topics.create_topics` creates. The consumer reads the offsets
+    without joining the group, so it takes no partition from its members.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.app_id,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic(name), p) for p in range(settings.partitions)]
+        consumer.assign(tps)
+        return {tp.partition: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()

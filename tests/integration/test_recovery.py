@@ -6,12 +6,17 @@ import asyncio
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from schemas import Event
 from stream.checkpoint import CheckpointStore
@@ -19,7 +24,7 @@ from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.sources import read_events
 
-from kafka_io import produce_events
+from kafka_io import committed_offsets, produce_events
 from shared_data import TAOBAO_SLICE, shared_file
 
 
@@ -309,6 +314,182 @@ def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
     _wait_applied(first, len(events), 120)
     assert first.terminate() == 0
     assert _final_state(run_settings)["counts"]["applied"] == len(events)
+
+
+class _Forwarder:
+    """Forward TCP connections from a port of 127.0.0.1 to a Kafka broker.
+
+    `stop_listening` closes only the listening socket, so new connections are
+    rejected while the accepted ones go on forwarding. `listen` binds the same
+    port again.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.port = free_port()
+        self._listening: tuple[socket.socket, threading.Event, threading.Thread] | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        """Address to give a Kafka client as its bootstrap server."""
+        return f"127.0.0.1:{self.port}"
+
+    def listen(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        # The accept loop wakes up this often to see whether it must stop.
+        listener.settimeout(0.2)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._accept, args=(listener, stop), daemon=True)
+        thread.start()
+        self._listening = (listener, stop, thread)
+
+    def stop_listening(self) -> None:
+        assert self._listening is not None, "the forwarder is not listening"
+        listener, stop, thread = self._listening
+        self._listening = None
+        stop.set()
+        thread.join()
+        listener.close()
+
+    def close(self) -> None:
+        if self._listening is not None:
+            self.stop_listening()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for sock in connections:
+            # On Linux, a shutdown wakes the thread blocked in recv, and a close does not.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, listener: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target, timeout=5.0)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def forwarder(kafka_bootstrap: str) -> Iterator[_Forwarder]:
+    """A listening forwarder to the broker, closed with all its connections after the test."""
+    forwarder = _Forwarder(kafka_bootstrap)
+    forwarder.listen()
+    yield forwarder
+    forwarder.close()
+
+
+def _wait_health(worker: WorkerProcess, condition, description: str, timeout_s: float) -> dict:
+    """Poll the worker's health report until ``condition`` holds for it, and return it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        report = worker.health()
+        if report is not None and condition(report):
+            return report
+        assert time.monotonic() < deadline, (
+            f"{description} not seen after {timeout_s:.0f} s: {report}"
+        )
+        time.sleep(0.5)
+
+
+def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarder, tmp_path):
+    # Each alignment after a rebalance starts a new client from the bootstrap
+    # address, while the running consumer stays connected to the broker's
+    # advertised address. The first worker bootstraps through the forwarder,
+    # so while the forwarder does not listen, only its alignment fails.
+    now = int(time.time() * 1000) - 3_600_000
+    events = [
+        Event(f"h-{n}", "view", f"user-{n % 200}", f"item-{n % 500}", now + n * 10)
+        for n in range(4000)
+    ]
+    first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
+    first_settings = replace(run_settings, kafka_bootstrap=forwarder.address)
+    first = WorkerProcess(first_settings, tmp_path / "first.log").start()
+    first.wait_ready()
+    asyncio.run(produce_events(run_settings, first_part))
+    _wait_applied(first, len(first_part), 60)
+    _wait_checkpointed(run_settings, len(first_part), 30)
+
+    second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
+    shutil.copytree(run_settings.data_dir, second_settings.data_dir)
+    second = WorkerProcess(second_settings, tmp_path / "second.log").start()
+    _wait_health(second, lambda r: r["partitions_assigned"] > 0, "a partition of the second", 90)
+    asyncio.run(produce_events(run_settings, shared_part))
+    deadline = time.monotonic() + 60
+    while _applied(first) + _applied(second) < len(first_part) + len(shared_part):
+        assert time.monotonic() < deadline, "the two workers did not apply the shared events"
+        time.sleep(0.5)
+    assert _applied(second) > 0
+    # An interval checkpoint commits the state's offsets of every assigned
+    # partition, which would also move the second worker's commits back. Once
+    # the checkpoint covers every applied event, none is written until the
+    # alignment has run. The first worker started from an empty state, so its
+    # checkpoint counts what its metrics count.
+    _wait_checkpointed(run_settings, int(_applied(first)), 30)
+
+    forwarder.stop_listening()
+    assert second.terminate() == 0
+    # The alignment gives up after 30 s, and the rebalance adds a few seconds.
+    report = _wait_health(first, lambda r: r["partitions_paused"] > 0, "paused partitions", 120)
+    assert report["ready"] is False
+    paused_applied = _applied(first)
+    assert paused_applied < len(events)
+    committed = asyncio.run(committed_offsets(run_settings, "events.view"))
+    state_offsets = _final_state(run_settings)["offsets"]
+    topic = run_settings.topic("events.view")
+    ahead = [p for p, offset in committed.items() if (offset or 0) > state_offsets[(topic, p)]]
+    assert ahead, f"no commit of the second worker is ahead of the first one's state: {committed}"
+
+    asyncio.run(produce_events(run_settings, last_part))
+    # Long enough for partitions that are not paused to deliver the new events.
+    until = time.monotonic() + 5
+    while time.monotonic() < until:
+        report = first.health()
+        assert report is not None
+        assert report["partitions_paused"] > 0
+        assert _applied(first) == paused_applied
+        time.sleep(0.5)
+
+    forwarder.listen()
+    # Retries back off to 30 s, and the broker probe runs every 5 s.
+    _wait_health(first, lambda r: r["partitions_paused"] == 0, "resumed partitions", 120)
+    _wait_health(first, lambda r: r["ready"], "readiness", 60)
+    # The first worker applies the events the second one applied, then the rest.
+    _wait_applied(first, len(events), 120)
+    assert first.terminate() == 0
+    assert _final_state(run_settings)["counts"]["applied"] == len(events)
+
+    log = first.log_text()
+    unaligned = [line for line in log.splitlines() if "not checked against the state's" in line]
+    assert unaligned, "no error names the paused partitions"
+    for partition in range(run_settings.partitions):
+        assert f"{topic}[{partition}]" in unaligned[0]
+    assert "paused partitions resumed at the state's offsets" in log
 
 
 def test_recreated_topic_read_from_its_beginning(run_settings):
