@@ -23,6 +23,7 @@ from stream.checkpoint import CheckpointStore
 from stream.privacy import Pseudonymizer
 from stream.runner import WorkerProcess, free_port, settings_env, wait_for_lists
 from stream.sources import read_events
+from stream.topics import EVENT_TOPICS, FORGET_TOPIC, ITEMS_TOPIC
 
 from kafka_io import committed_offsets, produce_events
 from shared_data import TAOBAO_SLICE, shared_file
@@ -457,6 +458,14 @@ def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarde
     # The alignment gives up after 30 s, and the rebalance adds a few seconds.
     report = _wait_health(first, lambda r: r["partitions_paused"] > 0, "paused partitions", 120)
     assert report["ready"] is False
+    # A failed alignment pauses every assigned partition of the source topics.
+    sources = [*EVENT_TOPICS.values(), ITEMS_TOPIC, FORGET_TOPIC]
+    source_partitions = [
+        f"{run_settings.topic(name)}[{partition}]"
+        for name in sources
+        for partition in range(run_settings.partitions)
+    ]
+    assert report["partitions_paused"] == len(source_partitions)
     paused_applied = _applied(first)
     assert paused_applied < len(events)
     committed = asyncio.run(committed_offsets(run_settings, "events.view"))
@@ -487,9 +496,9 @@ def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarde
     log = first.log_text()
     unaligned = [line for line in log.splitlines() if "not checked against the state's" in line]
     assert unaligned, "no error names the paused partitions"
-    for partition in range(run_settings.partitions):
-        assert f"{topic}[{partition}]" in unaligned[0]
-    assert "paused partitions resumed at the state's offsets" in log
+    for name in source_partitions:
+        assert name in unaligned[0]
+    assert f"{len(source_partitions)} paused partitions resumed at the state's offsets" in log
 
 
 def test_recreated_topic_read_from_its_beginning(run_settings):
