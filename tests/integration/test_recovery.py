@@ -281,15 +281,27 @@ def test_corrupt_checkpoint_falls_back(run_settings, tmp_path):
     assert state["counts"]["applied:click"] == len(second)
 
 
+def _handover_events(prefix: str) -> list[Event]:
+    """Return 4,000 views of 200 users an hour ago, with event ids that start with ``prefix``."""
+    now = int(time.time() * 1000) - 3_600_000
+    return [
+        Event(f"{prefix}-{n}", "view", f"user-{n % 200}", f"item-{n % 500}", now + n * 10)
+        for n in range(4000)
+    ]
+
+
+def _start_second_worker(run_settings, tmp_path: Path) -> WorkerProcess:
+    """Start a worker of the same group from a copy of the first one's data folder."""
+    second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
+    shutil.copytree(run_settings.data_dir, second_settings.data_dir)
+    return WorkerProcess(second_settings, tmp_path / "second.log").start()
+
+
 def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
     # A second worker restored from a copy of the first one's checkpoints
     # joins the group, applies the events of half of the partitions and
     # leaves. The first worker must then apply those events as well.
-    now = int(time.time() * 1000) - 3_600_000
-    events = [
-        Event(f"r-{n}", "view", f"user-{n % 200}", f"item-{n % 500}", now + n * 10)
-        for n in range(4000)
-    ]
+    events = _handover_events("r")
     first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
     first = WorkerProcess(run_settings, tmp_path / "first.log").start()
     first.wait_ready()
@@ -297,16 +309,8 @@ def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
     _wait_applied(first, len(first_part), 60)
     _wait_checkpointed(run_settings, len(first_part), 30)
 
-    second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
-    shutil.copytree(run_settings.data_dir, second_settings.data_dir)
-    second = WorkerProcess(second_settings, tmp_path / "second.log").start()
-    deadline = time.monotonic() + 90
-    while True:
-        report = second.health()
-        if report and report["partitions_assigned"] > 0:
-            break
-        assert time.monotonic() < deadline, "the second worker got no partition"
-        time.sleep(0.5)
+    second = _start_second_worker(run_settings, tmp_path)
+    _wait_health(second, lambda r: r["partitions_assigned"] > 0, "a partition of the second", 90)
     asyncio.run(produce_events(run_settings, shared_part))
     _wait_applied(second, 1, 60)
     assert second.terminate() == 0
@@ -423,11 +427,7 @@ def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarde
     # address, while the running consumer stays connected to the broker's
     # advertised address. The first worker bootstraps through the forwarder,
     # so while the forwarder does not listen, only its alignment fails.
-    now = int(time.time() * 1000) - 3_600_000
-    events = [
-        Event(f"h-{n}", "view", f"user-{n % 200}", f"item-{n % 500}", now + n * 10)
-        for n in range(4000)
-    ]
+    events = _handover_events("h")
     first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
     first_settings = replace(run_settings, kafka_bootstrap=forwarder.address)
     first = WorkerProcess(first_settings, tmp_path / "first.log").start()
@@ -436,9 +436,7 @@ def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarde
     _wait_applied(first, len(first_part), 60)
     _wait_checkpointed(run_settings, len(first_part), 30)
 
-    second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
-    shutil.copytree(run_settings.data_dir, second_settings.data_dir)
-    second = WorkerProcess(second_settings, tmp_path / "second.log").start()
+    second = _start_second_worker(run_settings, tmp_path)
     _wait_health(second, lambda r: r["partitions_assigned"] > 0, "a partition of the second", 90)
     asyncio.run(produce_events(run_settings, shared_part))
     deadline = time.monotonic() + 60
