@@ -23,15 +23,15 @@ class HoldingConsumer(Consumer):
 
     def hold(self, tps: Iterable[TP]) -> None:
         """Pause fetching from ``tps`` until `release` is called for them."""
-        tpset = set(tps)
-        self.held.update(tpset)
-        self.pause_partitions(tpset)
+        partitions = set(tps)
+        self.held.update(partitions)
+        self.pause_partitions(partitions)
 
     def release(self, tps: Iterable[TP]) -> None:
         """Stop holding ``tps`` and resume fetching from them."""
-        tpset = set(tps)
-        self.held.difference_update(tpset)
-        self.resume_partitions(tpset)
+        partitions = set(tps)
+        self.held.difference_update(partitions)
+        self.resume_partitions(partitions)
 
     def resume_partitions(self, tps: Iterable[TP]) -> None:
         """Resume fetching from the partitions of ``tps`` that are not held."""

@@ -290,6 +290,21 @@ def _handover_events(prefix: str) -> list[Event]:
     ]
 
 
+def _start_checkpointed_worker(
+    settings, run_settings, events: list[Event], tmp_path: Path
+) -> WorkerProcess:
+    """Start the first worker with ``settings``, and wait until a checkpoint covers ``events``.
+
+    The events are produced with ``run_settings``, the broker's own address.
+    """
+    worker = WorkerProcess(settings, tmp_path / "first.log").start()
+    worker.wait_ready()
+    asyncio.run(produce_events(run_settings, events))
+    _wait_applied(worker, len(events), 60)
+    _wait_checkpointed(run_settings, len(events), 30)
+    return worker
+
+
 def _start_second_worker(run_settings, tmp_path: Path) -> WorkerProcess:
     """Start a worker of the same group from a copy of the first one's data folder."""
     second_settings = replace(run_settings, data_dir=str(tmp_path / "second"), web_port=free_port())
@@ -303,11 +318,7 @@ def test_partitions_back_from_other_worker_are_reread(run_settings, tmp_path):
     # leaves. The first worker must then apply those events as well.
     events = _handover_events("r")
     first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
-    first = WorkerProcess(run_settings, tmp_path / "first.log").start()
-    first.wait_ready()
-    asyncio.run(produce_events(run_settings, first_part))
-    _wait_applied(first, len(first_part), 60)
-    _wait_checkpointed(run_settings, len(first_part), 30)
+    first = _start_checkpointed_worker(run_settings, run_settings, first_part, tmp_path)
 
     second = _start_second_worker(run_settings, tmp_path)
     _wait_health(second, lambda r: r["partitions_assigned"] > 0, "a partition of the second", 90)
@@ -343,6 +354,7 @@ class _Forwarder:
         return f"127.0.0.1:{self.port}"
 
     def listen(self) -> None:
+        """Accept connections on the forwarder's port and forward each to the broker."""
         listener = socket.create_server(("127.0.0.1", self.port))
         # The accept loop wakes up this often to see whether it must stop.
         listener.settimeout(0.2)
@@ -430,11 +442,7 @@ def test_unaligned_partitions_paused_until_broker_replies(run_settings, forwarde
     events = _handover_events("h")
     first_part, shared_part, last_part = events[:1000], events[1000:3000], events[3000:]
     first_settings = replace(run_settings, kafka_bootstrap=forwarder.address)
-    first = WorkerProcess(first_settings, tmp_path / "first.log").start()
-    first.wait_ready()
-    asyncio.run(produce_events(run_settings, first_part))
-    _wait_applied(first, len(first_part), 60)
-    _wait_checkpointed(run_settings, len(first_part), 30)
+    first = _start_checkpointed_worker(first_settings, run_settings, first_part, tmp_path)
 
     second = _start_second_worker(run_settings, tmp_path)
     _wait_health(second, lambda r: r["partitions_assigned"] > 0, "a partition of the second", 90)
