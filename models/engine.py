@@ -146,6 +146,7 @@ class EngineConfig:
     fusion_prior_rate: float = 0.001
     fusion_learn_every: int = 4
     fusion_min_hits: int = 100
+    fusion_fixed_new_order: bool = True
     learn_chunk: int = 100
     session_gap_ms: int = 30 * 60_000
     fusion_untouched_ranks: bool = True
@@ -831,6 +832,13 @@ class Recommender:
         # group keeps its fused values but hands them out in the order of the
         # fixed weights, so that lists are stable while the fusion learns.
         proven = self.fusion.group_hits[scored.cold] >= self.config.fusion_min_hits
+        if self.config.fusion_fixed_new_order:
+            # Learned rates ordered the items new to the user no better than
+            # the fixed weights, both where such hits are rare (browsing) and
+            # where they are most hits (baskets). So that group keeps the
+            # fixed order for good. Its rates still set how many of its items
+            # a list shows, and the selector can still choose another order.
+            proven[0] = False
         if proven.all():
             return fused
         fixed = weighted_fusion(scored.normalized, scored.mask, self.weights)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.base import ModelError
-from models.engine import ORDER_POLICIES, EngineConfig, Recommender
+from models.engine import MODEL_NAMES, ORDER_POLICIES, EngineConfig, Recommender
 from models.fusion import OrderSelector
 from schemas import Event
 
@@ -134,3 +134,39 @@ def test_unproven_group_follows_fixed_weights() -> None:
 
     assert new_items_order(learned)[0] == "hot"
     assert new_items_order(learned) == new_items_order(weighted)
+
+
+@pytest.mark.parametrize("fixed_new_order", [True, False])
+def test_new_items_keep_fixed_order_once_proven(fixed_new_order: bool) -> None:
+    # Every group counts as proven, and the rates say that only the first
+    # item of `popular` is the next item among items new to the user. Only with
+    # ``fusion_fixed_new_order`` do those items keep the fixed weights'
+    # order, which puts "hot", the co-visited item, first.
+    config = EngineConfig(
+        fusion_learn_every=0,
+        fusion_min_hits=0,
+        fusion_select_order=False,
+        fusion_fixed_new_order=fixed_new_order,
+    )
+    engine = Recommender(config)
+    events = []
+    for item in range(10):
+        for _ in range(20 - item):
+            events.append(Event(f"e{len(events)}", "view", f"p{len(events)}", f"z{item}", T0))
+    for user in range(5):
+        for item in ("a", "hot"):
+            events.append(Event(f"e{len(events)}", "view", f"c{user}", item, T0 + len(events)))
+    events.append(Event(f"e{len(events)}", "view", "me", "a", T0 + len(events)))
+    engine.learn(events)
+    popular = MODEL_NAMES.index("popular")
+    for cold in (True, False):
+        engine.fusion.hits[cold][:, 0] = 0.0
+        engine.fusion.hits[cold][popular, 0, 0] = engine.fusion.shown[cold][popular, 0, 0]
+    scored = engine.candidate_scores("me")
+
+    def first_new_item(strategy: str) -> str:
+        rows, _ = engine.top_rows(scored, engine.fused(scored, strategy), 1, scored.groups == 0)
+        return engine.catalog.ids[rows[0]]
+
+    assert first_new_item("weighted") == "hot"
+    assert first_new_item("learned") == ("hot" if fixed_new_order else "z0")
