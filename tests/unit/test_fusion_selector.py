@@ -138,10 +138,8 @@ def test_unproven_group_follows_fixed_weights() -> None:
 
 @pytest.mark.parametrize("fixed_new_order", [True, False])
 def test_new_items_keep_fixed_order_once_proven(fixed_new_order: bool) -> None:
-    # Every group counts as proven, and the rates say that only the first
-    # item of `popular` is the next item among items new to the user. Only with
-    # ``fusion_fixed_new_order`` do those items keep the fixed weights'
-    # order, which puts "hot", the co-visited item, first.
+    # Every group is proven, and the rates reward only the first item of
+    # `popular`. The fixed order puts "hot", the co-visited item, first.
     config = EngineConfig(
         fusion_learn_every=0,
         fusion_min_hits=0,
