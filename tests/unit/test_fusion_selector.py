@@ -108,11 +108,9 @@ def test_engine_without_selection_keeps_learned_scores() -> None:
     assert engine.selector.credit[True].sum() == 0
 
 
-def test_unproven_group_follows_fixed_weights() -> None:
-    # The fusion never learns, so every group keeps the order of the fixed
-    # weights. Items z0..z9 are popular, and "hot" follows "a" in every
-    # session, so the fixed weights put "hot" first.
-    engine = Recommender(EngineConfig(fusion_learn_every=0))
+def _hot_after_a() -> list[Event]:
+    # Items z0..z9 are popular, z0 the most, and "hot" follows "a" in every
+    # session. The last event is the first of user "me", on "a".
     events = []
     for item in range(10):
         for _ in range(20 - item):
@@ -121,7 +119,14 @@ def test_unproven_group_follows_fixed_weights() -> None:
         for item in ("a", "hot"):
             events.append(Event(f"e{len(events)}", "view", f"c{user}", item, T0 + len(events)))
     events.append(Event(f"e{len(events)}", "view", "me", "a", T0 + len(events)))
-    engine.learn(events)
+    return events
+
+
+def test_unproven_group_follows_fixed_weights() -> None:
+    # The fusion never learns, so every group keeps the order of the fixed
+    # weights, which put "hot" first.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn(_hot_after_a())
     scored = engine.candidate_scores("me")
 
     learned = engine.fused(scored, "learned")
@@ -147,15 +152,7 @@ def test_new_items_keep_fixed_order_once_proven(fixed_new_order: bool) -> None:
         fusion_fixed_new_order=fixed_new_order,
     )
     engine = Recommender(config)
-    events = []
-    for item in range(10):
-        for _ in range(20 - item):
-            events.append(Event(f"e{len(events)}", "view", f"p{len(events)}", f"z{item}", T0))
-    for user in range(5):
-        for item in ("a", "hot"):
-            events.append(Event(f"e{len(events)}", "view", f"c{user}", item, T0 + len(events)))
-    events.append(Event(f"e{len(events)}", "view", "me", "a", T0 + len(events)))
-    engine.learn(events)
+    engine.learn(_hot_after_a())
     popular = MODEL_NAMES.index("popular")
     for cold in (True, False):
         engine.fusion.hits[cold][:, 0] = 0.0
