@@ -833,8 +833,8 @@ class Recommender:
         # fixed weights, so that lists are stable while the fusion learns.
         proven = self.fusion.group_hits[scored.cold] >= self.config.fusion_min_hits
         if self.config.fusion_fixed_new_order:
-            # Learned rates ordered the items new to the user worse than the
-            # fixed weights on every stream measured, so they keep that order.
+            # In every evaluation, learned rates ordered the items new to the
+            # user worse than the fixed weights, so that group keeps the fixed order.
             proven[0] = False
         if proven.all():
             return fused

@@ -108,7 +108,7 @@ def test_engine_without_selection_keeps_learned_scores() -> None:
     assert engine.selector.credit[True].sum() == 0
 
 
-def _hot_after_a() -> list[Event]:
+def _covisited_pair_events() -> list[Event]:
     # Items z0..z9 are popular, z0 the most, and "hot" follows "a" in every
     # session. The last event is the first of user "me", on "a".
     events = []
@@ -126,7 +126,7 @@ def test_unproven_group_follows_fixed_weights() -> None:
     # The fusion never learns, so every group keeps the order of the fixed
     # weights, which put "hot" first.
     engine = Recommender(EngineConfig(fusion_learn_every=0))
-    engine.learn(_hot_after_a())
+    engine.learn(_covisited_pair_events())
     scored = engine.candidate_scores("me")
 
     learned = engine.fused(scored, "learned")
@@ -142,7 +142,7 @@ def test_unproven_group_follows_fixed_weights() -> None:
 
 
 @pytest.mark.parametrize("fixed_new_order", [True, False])
-def test_new_items_keep_fixed_order_once_proven(fixed_new_order: bool) -> None:
+def test_new_item_order_once_proven(fixed_new_order: bool) -> None:
     # Every group is proven, and the rates reward only the first item of
     # `popular`. The fixed order puts "hot", the co-visited item, first.
     config = EngineConfig(
@@ -152,7 +152,7 @@ def test_new_items_keep_fixed_order_once_proven(fixed_new_order: bool) -> None:
         fusion_fixed_new_order=fixed_new_order,
     )
     engine = Recommender(config)
-    engine.learn(_hot_after_a())
+    engine.learn(_covisited_pair_events())
     popular = MODEL_NAMES.index("popular")
     for cold in (True, False):
         engine.fusion.hits[cold][:, 0] = 0.0
