@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import pickle
 import random
@@ -149,6 +150,20 @@ def test_engine_old_state_sets_half_life(
     restored = pickle.loads(blob)
     half_life = restored.models["category"].scores.half_life_ms
     assert half_life == restored.config.category_half_life_ms
+
+
+def test_engine_old_config_fixes_new_items(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A state saved before the setting existed has no value for it.
+    old_config = copy.copy(engine.config)
+    object.__delattr__(old_config, "fusion_fixed_new_order")
+    monkeypatch.setattr(engine, "config", old_config)
+    restored = pickle.loads(pickle.dumps(engine))
+    monkeypatch.undo()
+    assert "fusion_fixed_new_order" not in vars(restored.config)
+    assert restored.config.fusion_fixed_new_order is True
+    assert restored.recommend(["u3"])[0]
 
 
 def test_category_counts_ignore_batches() -> None:
