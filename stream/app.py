@@ -396,7 +396,7 @@ class Worker:
             return True
         try:
             moved = await asyncio.wait_for(
-                self.app.consumer._commit(
+                self._consumer().commit_offsets(
                     {TP(tp.topic, tp.partition): offset for tp, offset in changes.items()}
                 ),
                 _ALIGN_TIMEOUT_S,
@@ -405,6 +405,9 @@ class Worker:
         except TimeoutError:
             moved = False
             reason = f"the commit timed out after {_ALIGN_TIMEOUT_S:.0f} s"
+        except KafkaError as exc:
+            moved = False
+            reason = f"the commit failed: {exc!r}"
         if not moved:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.error(
@@ -1231,19 +1234,24 @@ class Worker:
         committable = {TP(t, p): off for (t, p), off in offsets.items() if (t, p) in assigned}
         if not committable:
             return
-        # NOTE: Faust has no public call that commits given offsets; its
-        # consumer's _commit is the one its own commit path ends in.
-        # It waits for the broker without a limit, so a stop during a broker
-        # outage is bounded here. The checkpoint's offsets decide where a
-        # restart begins, so a commit that did not happen loses nothing.
+        # The commit waits for the broker without a limit, so a stop during
+        # a broker outage is bounded here. The checkpoint's offsets decide
+        # where a restart begins, so a commit that did not happen loses
+        # nothing, and the next checkpoint commits again.
         try:
-            ok = await asyncio.wait_for(self.app.consumer._commit(committable), _COMMIT_TIMEOUT_S)
+            ok = await asyncio.wait_for(
+                self._consumer().commit_offsets(committable), _COMMIT_TIMEOUT_S
+            )
         except TimeoutError:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.warning(
                 "offset commit timed out after %.0f s; the checkpoint keeps the offsets",
                 _COMMIT_TIMEOUT_S,
             )
+            return
+        except KafkaError as exc:
+            self.metrics.errors.labels(kind="offset_commit").inc()
+            logger.warning("offset commit failed: %r; the checkpoint keeps the offsets", exc)
             return
         if not ok:
             self.metrics.errors.labels(kind="offset_commit").inc()

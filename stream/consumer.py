@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import OffsetAndMetadata
 from faust.transport.drivers.aiokafka import Consumer
 from faust.types import TP
 
@@ -20,6 +23,39 @@ class HoldingConsumer(Consumer):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.held: set[TP] = set()
+
+    async def commit_offsets(self, offsets: Mapping[TP, int]) -> bool:
+        """Commit ``offsets`` for the group, and return False when a rebalance prevented it.
+
+        Faust's own commit crashes the whole app on any other error, and so
+        stops the worker over a commit that the next checkpoint repeats.
+        This method raises those errors to the caller instead. The commit
+        runs in Faust's consumer thread, because the aiokafka consumer
+        belongs to that thread's event loop.
+        """
+        thread = self._thread
+
+        async def commit() -> bool:
+            consumer = thread._ensure_consumer()
+            assigned = consumer.assignment()
+            batch = {
+                partition: OffsetAndMetadata(offset, "")
+                for tp, offset in offsets.items()
+                if (partition := TopicPartition(tp.topic, tp.partition)) in assigned
+            }
+            if not batch:
+                return False
+            try:
+                await consumer.commit(batch)
+            except (CommitFailedError, IllegalStateError):
+                # aiokafka raises CommitFailedError only when the group has a
+                # new generation, and IllegalStateError for a partition that
+                # was revoked after the check above.
+                return False
+            return True
+
+        result: bool = await thread.call_thread(commit)
+        return result
 
     def hold(self, tps: Iterable[TP]) -> None:
         """Pause fetching from ``tps`` until `release` is called for them."""

@@ -7,7 +7,7 @@ import logging
 from dataclasses import replace
 
 import pytest
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import GroupAuthorizationFailedError, KafkaConnectionError
 from faust.types import TP
 
 from stream.app import Worker
@@ -123,7 +123,7 @@ def test_align_hook_retries_until_broker_is_back(tmp_path, monkeypatch):
         commits.append(offsets)
         return True
 
-    monkeypatch.setattr(worker.app.consumer, "_commit", commit)
+    monkeypatch.setattr(worker.app.consumer, "commit_offsets", commit)
 
     asyncio.run(asyncio.wait_for(worker.align_assigned_offsets(_assigned(worker)), timeout=60))
 
@@ -140,7 +140,7 @@ class _FaustCalls:
         self.assignment = set(assignment)
         self.calls: list[tuple[str, dict]] = []
         monkeypatch.setattr(self.consumer, "assignment", lambda: set(self.assignment))
-        monkeypatch.setattr(self.consumer, "_commit", self._commit)
+        monkeypatch.setattr(self.consumer, "commit_offsets", self._commit)
         monkeypatch.setattr(self.consumer, "_seek", self._seek)
 
     async def _commit(self, offsets: dict) -> bool:
@@ -284,3 +284,30 @@ def test_shutdown_cancels_pending_retry(tmp_path, monkeypatch):
     assert asyncio.run(run()) is True
     assert faust.seeks() == []
     assert tp not in faust.active()
+
+
+def test_refused_commit_keeps_partition_paused(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, monkeypatch, _Consumer(fail_at="none"))
+    _fast_retries(monkeypatch)
+    tp = TP(worker.settings.topic("events.view"), 0)
+    faust = _FaustCalls(worker, monkeypatch, {tp})
+    refusals = [GroupAuthorizationFailedError(), GroupAuthorizationFailedError()]
+
+    async def commit(offsets: dict) -> bool:
+        if refusals:
+            raise refusals.pop()
+        return await faust._commit(offsets)
+
+    monkeypatch.setattr(faust.consumer, "commit_offsets", commit)
+
+    async def run() -> None:
+        await worker.align_assigned_offsets({tp})
+        faust.resume_after_rebalance()
+        assert tp not in faust.active()
+        await _wait_until(lambda: tp in faust.active())
+
+    asyncio.run(run())
+
+    # The group committed offset 100, and the state has read nothing yet.
+    assert faust.calls == [("commit", {tp: 0}), ("seek", {tp: 0})]
+    assert worker.metrics.errors.labels(kind="offset_commit")._value.get() == 2

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from aiokafka.errors import GroupAuthorizationFailedError
 from faust.types import TP
 
 from stream.app import RegistryKeyError, Worker
@@ -58,8 +59,22 @@ def test_offset_commit_gives_up_after_timeout(tmp_path, monkeypatch):
         await asyncio.sleep(3600)
         return True
 
-    monkeypatch.setattr(worker.app.consumer, "_commit", commit_waiting_for_broker)
+    monkeypatch.setattr(worker.app.consumer, "commit_offsets", commit_waiting_for_broker)
     monkeypatch.setattr("stream.app._COMMIT_TIMEOUT_S", 0.2)
+
+    asyncio.run(asyncio.wait_for(worker._commit({("events.view", 0): 10}), timeout=10))
+
+    assert worker.metrics.errors.labels(kind="offset_commit")._value.get() == 1
+
+
+def test_refused_commit_counted_not_raised(tmp_path, monkeypatch):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.assigned = {TP("events.view", 0)}
+
+    async def commit_refused(offsets: object) -> bool:
+        raise GroupAuthorizationFailedError()
+
+    monkeypatch.setattr(worker.app.consumer, "commit_offsets", commit_refused)
 
     asyncio.run(asyncio.wait_for(worker._commit({("events.view", 0): 10}), timeout=10))
 
