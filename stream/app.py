@@ -1251,7 +1251,12 @@ class Worker:
             return
         except KafkaError as exc:
             self.metrics.errors.labels(kind="offset_commit").inc()
-            logger.warning("offset commit failed: %r; the checkpoint keeps the offsets", exc)
+            logger.warning(
+                "offset commit of %d partitions failed: %r; the checkpoint keeps the offsets, "
+                "and the next one commits again",
+                len(committable),
+                exc,
+            )
             return
         if not ok:
             self.metrics.errors.labels(kind="offset_commit").inc()

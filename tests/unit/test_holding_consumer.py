@@ -1,4 +1,4 @@
-"""The group offset commit of the worker's consumer, against a stand-in aiokafka consumer."""
+"""The group offset commit of the worker's consumer, against a fake aiokafka consumer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stream.settings import Settings
 
 
 class _KafkaConsumer:
-    """Stands in for the aiokafka consumer in Faust's consumer thread."""
+    """Fake aiokafka consumer of Faust's consumer thread."""
 
     def __init__(self, assigned: set[TopicPartition], error: Exception | None = None) -> None:
         self.assigned = assigned
@@ -33,7 +33,7 @@ class _KafkaConsumer:
 
 
 def _consumer(tmp_path, monkeypatch, kafka: _KafkaConsumer) -> HoldingConsumer:
-    # The port is never reached: the stand-in replaces the client.
+    # The port is never reached, because the fake replaces the client.
     worker = Worker(replace(Settings(), data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9"))
     consumer = worker.app.consumer
     assert isinstance(consumer, HoldingConsumer)

@@ -286,16 +286,16 @@ def test_shutdown_cancels_pending_retry(tmp_path, monkeypatch):
     assert tp not in faust.active()
 
 
-def test_refused_commit_keeps_partition_paused(tmp_path, monkeypatch):
+def test_rejected_commit_keeps_partition_paused(tmp_path, monkeypatch):
     worker = _worker(tmp_path, monkeypatch, _Consumer(fail_at="none"))
     _fast_retries(monkeypatch)
     tp = TP(worker.settings.topic("events.view"), 0)
     faust = _FaustCalls(worker, monkeypatch, {tp})
-    refusals = [GroupAuthorizationFailedError(), GroupAuthorizationFailedError()]
+    rejections = [GroupAuthorizationFailedError(), GroupAuthorizationFailedError()]
 
     async def commit(offsets: dict) -> bool:
-        if refusals:
-            raise refusals.pop()
+        if rejections:
+            raise rejections.pop()
         return await faust._commit(offsets)
 
     monkeypatch.setattr(faust.consumer, "commit_offsets", commit)

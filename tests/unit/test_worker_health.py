@@ -67,14 +67,14 @@ def test_offset_commit_gives_up_after_timeout(tmp_path, monkeypatch):
     assert worker.metrics.errors.labels(kind="offset_commit")._value.get() == 1
 
 
-def test_refused_commit_counted_not_raised(tmp_path, monkeypatch):
+def test_rejected_commit_counted_not_raised(tmp_path, monkeypatch):
     worker = _worker(tmp_path, "127.0.0.1:9")
     worker.assigned = {TP("events.view", 0)}
 
-    async def commit_refused(offsets: object) -> bool:
+    async def commit_rejected(offsets: object) -> bool:
         raise GroupAuthorizationFailedError()
 
-    monkeypatch.setattr(worker.app.consumer, "commit_offsets", commit_refused)
+    monkeypatch.setattr(worker.app.consumer, "commit_offsets", commit_rejected)
 
     asyncio.run(asyncio.wait_for(worker._commit({("events.view", 0): 10}), timeout=10))
 
