@@ -29,6 +29,8 @@ NO_CATEGORY = -1
 # Scaled decayed scores are rescaled once their multiplier passes 2**60, far
 # below the float64 limit of about 2**1023, so no stored value can overflow.
 _MAX_DECAY_EXPONENT = 60.0
+# The smallest value that a rescale leaves the largest decayed score at.
+_MIN_RESCALED = 1e-250
 
 
 class ModelError(ValueError):
@@ -308,7 +310,15 @@ class DecayedScores:
 
     def _rescale(self, time_ms: int) -> None:
         assert self.reference_ms is not None
-        self._values *= 2.0 ** ((self.reference_ms - time_ms) / self.half_life_ms)
+        factor = 2.0 ** ((self.reference_ms - time_ms) / self.half_life_ms)
+        # A gap of over about a thousand half-lives, as between a backfill of
+        # old events and live traffic, would round every score to 0 and lose
+        # the items' order. The leader is kept at _MIN_RESCALED instead,
+        # which still puts every item of the gap far behind any new event.
+        leader = float(self._values.max(initial=0.0))
+        if leader > 0:
+            factor = max(factor, _MIN_RESCALED / leader)
+        self._values *= factor
         self.reference_ms = time_ms
         logger.debug("rescaled decayed scores to reference %d", time_ms)
 

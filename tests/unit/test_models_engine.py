@@ -477,6 +477,28 @@ def test_decayed_scores_rescale_without_overflow() -> None:
     assert scores.values_at(5000)[1] == pytest.approx(1.0)
 
 
+def test_decayed_scores_keep_order_after_long_gap() -> None:
+    # Nine years of event time are far more halvings than a double survives.
+    scores = DecayedScores(half_life_ms=86_400_000)
+    scores.add(np.array([0, 1, 2]), np.array([1.0, 3.0, 2.0]), np.array([T0, T0, T0]))
+    scores.add(np.array([3]), np.array([1.0]), np.array([T0 + 9 * 365 * 86_400_000]))
+
+    raw = scores.raw()
+
+    assert (raw[:3] > 0).all()
+    assert np.argsort(-raw).tolist() == [3, 1, 2, 0]
+
+
+def test_popular_list_full_after_backfill_gap() -> None:
+    # A backfill of old events, then live traffic years later.
+    engine = _ranked_catalog(30)
+    engine.learn([Event("live", "view", "now", "fresh", T0 + 9 * 365 * 86_400_000)])
+
+    ids = [entry.item_id for entry in engine.popular(20)]
+
+    assert ids == ["fresh"] + [f"i{item}" for item in range(29, 10, -1)]
+
+
 def test_decayed_scores_never_negative() -> None:
     scores = DecayedScores(half_life_ms=1000)
     scores.add(np.array([0, 0]), np.array([1.0, -5.0]), np.array([0, 0]))
