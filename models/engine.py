@@ -295,6 +295,9 @@ _UNKNOWN_FIRST_MS = -1
 # cut back once it doubles, so a user with a million events costs no more
 # than one with 200.
 _HISTORY_KEPT = 100
+# The item fields that an update sets, in the column order of the update times.
+UPDATE_FIELDS = ("in_stock", "price", "category", "title")
+_NEVER_MS = np.iinfo(np.int64).min
 
 
 @dataclass(slots=True)
@@ -407,6 +410,8 @@ class Recommender:
         # the evaluation scores a user right before learned fusion scores the
         # same user from the same state.
         self._last_scored: CandidateScores | None = None
+        # Per item row, the timestamp of the update that last set each of UPDATE_FIELDS.
+        self._update_ms = np.full((0, len(UPDATE_FIELDS)), _NEVER_MS, dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -415,6 +420,8 @@ class Recommender:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_last_scored", None)
+        # States written before update times were kept let the next update of any field win.
+        state.setdefault("_update_ms", np.full((0, len(UPDATE_FIELDS)), _NEVER_MS, dtype=np.int64))
         self.__dict__.update(state)
         if "title" not in self.models:
             self._add_title_model()
@@ -621,19 +628,46 @@ class Recommender:
 
     # Item updates and erasure
 
-    def update_item(self, update: ItemUpdate) -> None:
-        """Apply a change of stock, price, category or title. It shows at the next `recommend`."""
+    def update_item(self, update: ItemUpdate) -> tuple[str, ...]:
+        """Apply a change of stock, price, category or title, and return the fields left stale.
+
+        Updates may arrive out of order, so each field keeps the value of the
+        newest update that set it, by the updates' timestamps. A field of an
+        update older than that one is stale and left as it is, and of two
+        updates with the same timestamp the later one wins. The change shows
+        at the next `recommend`.
+        """
         self._last_scored = None
-        row = self.catalog.add(update.item_id, update.category, update.price)
-        if update.in_stock is not None:
+        row = self.catalog.add(update.item_id)
+        if row >= len(self._update_ms):
+            grown = np.full((max(row + 1, 2 * len(self._update_ms)), len(UPDATE_FIELDS)), _NEVER_MS)
+            grown[: len(self._update_ms)] = self._update_ms
+            self._update_ms = grown
+        given = [name for name in UPDATE_FIELDS if getattr(update, name) is not None]
+        if update.category == "":
+            # An empty category keeps the last one, as a field left out does.
+            given.remove("category")
+        times = self._update_ms[row]
+        fresh = [name for name in given if update.timestamp_ms >= times[UPDATE_FIELDS.index(name)]]
+        for name in fresh:
+            times[UPDATE_FIELDS.index(name)] = update.timestamp_ms
+        self.catalog.add(
+            update.item_id,
+            update.category if "category" in fresh else None,
+            update.price if "price" in fresh else None,
+        )
+        if "in_stock" in fresh:
+            assert update.in_stock is not None
             self.catalog.set_stock(row, update.in_stock)
-        if update.title is not None:
+        if "title" in fresh:
+            assert update.title is not None
             title_model = self.models["title"]
             assert isinstance(title_model, TitleModel)
             title_model.set_title(row, update.title)
         category_model = self.models["category"]
         assert isinstance(category_model, CategoryModel)
         category_model.refresh_items(np.array([row], dtype=np.int64))
+        return tuple(name for name in given if name not in fresh)
 
     def replace_session_ids(self, token: Callable[[str], str]) -> None:
         """Replace every stored session id with ``token`` of it, as ids of new events will be.

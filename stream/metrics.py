@@ -51,6 +51,12 @@ class WorkerMetrics:
             "Item stock, price, category and title updates applied.",
             registry=registry,
         )
+        self.item_update_fields_stale = Counter(
+            "fusionrec_item_update_fields_stale",
+            "Fields of item updates left unapplied because a newer update had set them.",
+            ["field"],
+            registry=registry,
+        )
         self.forgets = Counter(
             "fusionrec_users_forgotten", "Forget requests applied.", registry=registry
         )

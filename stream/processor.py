@@ -247,8 +247,10 @@ class Processor:
             except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
                 outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
-            self.engine.update_item(update)
-            if update.in_stock is False:
+            stale = self.engine.update_item(update)
+            for field in stale:
+                self.metrics.item_update_fields_stale.labels(field=field).inc()
+            if update.in_stock is False and "in_stock" not in stale:
                 row = self.engine.catalog.index.get(update.item_id)
                 if row is not None:
                     outcome.unavailable.append(row)

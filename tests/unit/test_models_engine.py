@@ -150,6 +150,57 @@ def test_out_of_stock_item_leaves_lists() -> None:
     assert "i2" in _ids(engine, "u2")
 
 
+def test_older_update_leaves_newer_fields() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    row = engine.catalog.index["i1"]
+    engine.update_item(ItemUpdate("i1", T0 + 2000, in_stock=False, price=5.0))
+
+    stale = engine.update_item(ItemUpdate("i1", T0 + 1000, in_stock=True, price=9.0, category="c"))
+
+    assert stale == ("in_stock", "price")
+    assert bool(engine.catalog.in_stock[row]) is False
+    assert engine.catalog.prices[row] == 5.0
+    assert engine.catalog.category_name(row) == "c"
+    assert "i1" not in _ids(engine, "u0")
+
+
+def test_update_with_same_time_applies() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    row = engine.catalog.index["i1"]
+    engine.update_item(ItemUpdate("i1", T0, in_stock=False))
+
+    stale = engine.update_item(ItemUpdate("i1", T0, in_stock=True))
+
+    assert stale == ()
+    assert bool(engine.catalog.in_stock[row]) is True
+
+
+def test_update_times_survive_pickle() -> None:
+    engine = Recommender()
+    engine.update_item(ItemUpdate("i1", T0 + 2000, in_stock=False))
+    restored = pickle.loads(pickle.dumps(engine))
+
+    stale = restored.update_item(ItemUpdate("i1", T0 + 1000, in_stock=True))
+
+    assert stale == ("in_stock",)
+
+
+def test_state_without_update_times_accepts_updates() -> None:
+    engine = Recommender()
+    engine.update_item(ItemUpdate("i1", T0 + 2000, in_stock=False))
+    state = engine.__getstate__()
+    del state["_update_ms"]
+    restored = Recommender.__new__(Recommender)
+    restored.__setstate__(state)
+
+    stale = restored.update_item(ItemUpdate("i1", T0 + 1000, in_stock=True))
+
+    assert stale == ()
+    assert bool(restored.catalog.in_stock[restored.catalog.index["i1"]]) is True
+
+
 def test_category_cap_limits_each_category() -> None:
     engine = Recommender(EngineConfig(max_per_category=1))
     events = [_event(n, "u1", f"i{n}", category=f"c{n % 2}") for n in range(10)]

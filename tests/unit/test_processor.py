@@ -415,6 +415,26 @@ def test_sold_out_item_is_reported():
     assert outcome.unavailable == [processor.engine.catalog.index["item-2"]]
 
 
+def test_stale_stock_update_is_counted_not_applied():
+    processor = _processor()
+    processor.process_events(_stream(_warm_events()))
+    newer = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": true}'
+    older = b'{"item_id": "item-2", "timestamp": 1759990000000, "in_stock": false}'
+    messages = [
+        Message("items.updates", 0, 0, b"item-2", newer),
+        Message("items.updates", 0, 1, b"item-2", older),
+    ]
+
+    outcome = processor.process_item_updates(messages)
+
+    row = processor.engine.catalog.index["item-2"]
+    assert outcome.unavailable == []
+    assert bool(processor.engine.catalog.in_stock[row]) is True
+    stale = processor.metrics.item_update_fields_stale.labels(field="in_stock")
+    assert stale._value.get() == 1
+    assert outcome.applied == 2
+
+
 def test_item_update_with_wrong_key_rejected():
     processor = _processor()
     update = b'{"item_id": "item-2", "timestamp": 1760000000000, "in_stock": false}'
