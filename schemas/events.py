@@ -216,6 +216,26 @@ class _NonFiniteNumber:
 
     text: str
 
+    def is_integer(self) -> bool:
+        """Return whether the text is an integer literal, with no fraction or exponent."""
+        return self.text.lstrip("-").isdigit()
+
+
+def _timestamp_out_of_range(text: str) -> SchemaError:
+    # An integer beyond the range of a double is far outside the accepted
+    # years, on the side its sign gives.
+    if text.startswith("-"):
+        msg = (
+            f"timestamp {_cut(text)} is before 2000-01-01; "
+            "expected a later time in epoch milliseconds"
+        )
+        return SchemaError("timestamp_too_old", msg, "timestamp")
+    msg = (
+        f"timestamp {_cut(text)} is after the year 3000; "
+        "expected an earlier time in epoch milliseconds"
+    )
+    return SchemaError("timestamp_in_future", msg, "timestamp")
+
 
 def _finite_or_marker(text: str, convert: Callable[[str], float | int]) -> object:
     if math.isfinite(float(text)):
@@ -264,7 +284,15 @@ def _scalar_error(field: str, value: object) -> SchemaError | None:
     while stack:
         item = stack.pop()
         if isinstance(item, _NonFiniteNumber):
+            if item is value and field == "timestamp" and item.is_integer():
+                return _timestamp_out_of_range(item.text)
             where = "is" if item is value else "contains"
+            if item.is_integer():
+                msg = (
+                    f"{_preview(field)} {where} {_cut(item.text)}, an integer beyond the range "
+                    "of a double; expected a finite number"
+                )
+                return SchemaError("out_of_range", msg, field[:64])
             msg = (
                 f"{_preview(field)} {where} {_cut(item.text)}, which is not a finite double; "
                 "expected a finite number"

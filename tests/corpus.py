@@ -115,8 +115,20 @@ BAD_CASES: list[BadCase] = [
     BadCase(
         "400-digit price",
         dumps(event())[:-1] + b',"price":' + b"9" * 400 + b"}",
-        "not_finite",
+        "out_of_range",
         "price",
+    ),
+    BadCase(
+        "401-digit timestamp",
+        dumps(event(timestamp=0)).replace(b'"timestamp":0', b'"timestamp":1' + b"0" * 400),
+        "timestamp_in_future",
+        "timestamp",
+    ),
+    BadCase(
+        "negative 401-digit timestamp",
+        dumps(event(timestamp=0)).replace(b'"timestamp":0', b'"timestamp":-1' + b"0" * 400),
+        "timestamp_too_old",
+        "timestamp",
     ),
     BadCase("negative price", dumps(event(price=-1.5)), "negative_price", "price"),
     BadCase(
