@@ -643,14 +643,15 @@ class Recommender:
             grown = np.full((max(row + 1, 2 * len(self._update_ms)), len(UPDATE_FIELDS)), _NEVER_MS)
             grown[: len(self._update_ms)] = self._update_ms
             self._update_ms = grown
-        given = [name for name in UPDATE_FIELDS if getattr(update, name) is not None]
+        carried = [name for name in UPDATE_FIELDS if getattr(update, name) is not None]
         if update.category == "":
             # An empty category keeps the last one, as a field left out does.
-            given.remove("category")
+            carried.remove("category")
         times = self._update_ms[row]
-        fresh = [name for name in given if update.timestamp_ms >= times[UPDATE_FIELDS.index(name)]]
+        columns = {name: UPDATE_FIELDS.index(name) for name in carried}
+        fresh = [name for name in carried if update.timestamp_ms >= times[columns[name]]]
         for name in fresh:
-            times[UPDATE_FIELDS.index(name)] = update.timestamp_ms
+            times[columns[name]] = update.timestamp_ms
         self.catalog.add(
             update.item_id,
             update.category if "category" in fresh else None,
@@ -667,7 +668,7 @@ class Recommender:
         category_model = self.models["category"]
         assert isinstance(category_model, CategoryModel)
         category_model.refresh_items(np.array([row], dtype=np.int64))
-        return tuple(name for name in given if name not in fresh)
+        return tuple(name for name in carried if name not in fresh)
 
     def replace_session_ids(self, token: Callable[[str], str]) -> None:
         """Replace every stored session id with ``token`` of it, as ids of new events will be.
