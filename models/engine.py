@@ -636,6 +636,9 @@ class Recommender:
         update older than that one is stale and left as it is, and of two
         updates with the same timestamp the later one wins. The change shows
         at the next `recommend`.
+
+        NOTE: an event that carries a category or price still sets it when
+        learned, whatever its time, and the update times do not record it.
         """
         self._last_scored = None
         row = self.catalog.add(update.item_id)
