@@ -315,9 +315,10 @@ class DecayedScores:
         # old events and live traffic, would round every score to 0 and lose
         # the items' order. The leader is kept at _MIN_RESCALED instead,
         # which still puts every item of the gap far behind any new event.
+        # A leader already below that is left as it is, never raised.
         leader = float(self._values.max(initial=0.0))
         if leader > 0:
-            factor = max(factor, _MIN_RESCALED / leader)
+            factor = min(1.0, max(factor, _MIN_RESCALED / leader))
         self._values *= factor
         self.reference_ms = time_ms
         logger.debug("rescaled decayed scores to reference %d", time_ms)

@@ -540,6 +540,15 @@ def test_decayed_scores_keep_order_after_long_gap() -> None:
     assert np.argsort(-raw).tolist() == [3, 1, 2, 0]
 
 
+def test_decayed_scores_never_rise_on_rescale() -> None:
+    scores = DecayedScores(half_life_ms=1)
+    scores.add(np.array([0]), np.array([1e-260]), np.array([0]))
+    scores.add(np.array([1]), np.array([1.0]), np.array([5000]))
+
+    assert scores.raw()[0] == 1e-260
+    assert scores.raw()[1] == 1.0
+
+
 def test_popular_list_full_after_backfill_gap() -> None:
     # A backfill of old events, then live traffic years later.
     engine = _ranked_catalog(30)
