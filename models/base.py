@@ -59,7 +59,8 @@ def stable_hashes(texts: Iterable[str], salt: int = 0) -> UInt64Array:
     return np.fromiter((stable_hash(text, salt) for text in texts), dtype=np.uint64)
 
 
-def _grow(array: npt.NDArray[GenericT], size: int, fill: object) -> npt.NDArray[GenericT]:
+def grow_rows(array: npt.NDArray[GenericT], size: int, fill: object) -> npt.NDArray[GenericT]:
+    """Return ``array`` with room for ``size`` rows, new rows set to ``fill``, doubling capacity."""
     if size <= len(array):
         return array
     capacity = max(size, 2 * len(array), 16)
@@ -124,10 +125,10 @@ class ItemCatalog:
             self.ids.append(item_id)
             self.index[item_id] = row
             size = row + 1
-            self._categories = _grow(self._categories, size, NO_CATEGORY)
-            self._in_stock = _grow(self._in_stock, size, True)
-            self._prices = _grow(self._prices, size, np.nan)
-            self._hashes = _grow(self._hashes, size, 0)
+            self._categories = grow_rows(self._categories, size, NO_CATEGORY)
+            self._in_stock = grow_rows(self._in_stock, size, True)
+            self._prices = grow_rows(self._prices, size, np.nan)
+            self._hashes = grow_rows(self._hashes, size, 0)
             self._hashes[row] = stable_hash(item_id)
         if category:
             self._categories[row] = self.category_row(category)

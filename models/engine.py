@@ -21,6 +21,7 @@ from models.base import (
     ModelError,
     UInt64Array,
     find_sorted,
+    grow_rows,
     stable_hashes,
 )
 from models.basket import SessionCoOccurrenceModel
@@ -642,10 +643,7 @@ class Recommender:
         """
         self._last_scored = None
         row = self.catalog.add(update.item_id)
-        if row >= len(self._update_ms):
-            grown = np.full((max(row + 1, 2 * len(self._update_ms)), len(UPDATE_FIELDS)), _NEVER_MS)
-            grown[: len(self._update_ms)] = self._update_ms
-            self._update_ms = grown
+        self._update_ms = grow_rows(self._update_ms, row + 1, _NEVER_MS)
         carried = [name for name in UPDATE_FIELDS if getattr(update, name) is not None]
         if update.category == "":
             # An empty category keeps the last one, as a field left out does.
