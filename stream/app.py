@@ -1252,8 +1252,8 @@ class Worker:
         except KafkaError as exc:
             self.metrics.errors.labels(kind="offset_commit").inc()
             logger.warning(
-                "offset commit of %d partitions failed: %r; the checkpoint keeps the offsets, "
-                "and the next one commits again",
+                "offset commit of %d partitions failed (%r), so the checkpoint keeps the "
+                "offsets and the next one commits again",
                 len(committable),
                 exc,
             )

@@ -248,8 +248,8 @@ class Processor:
                 outcome.dead_letters.append(self._decode_failed(message, exc, now_ms))
                 continue
             stale = self.engine.update_item(update)
-            for field in stale:
-                self.metrics.item_update_fields_stale.labels(field=field).inc()
+            for name in stale:
+                self.metrics.item_update_fields_stale.labels(field=name).inc()
             if update.in_stock is False and "in_stock" not in stale:
                 row = self.engine.catalog.index.get(update.item_id)
                 if row is not None:
