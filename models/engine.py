@@ -299,6 +299,9 @@ _HISTORY_KEPT = 100
 # The item fields that an update sets, in the column order of the update times.
 UPDATE_FIELDS = ("in_stock", "price", "category", "title")
 _NEVER_MS = np.iinfo(np.int64).min
+_PRICE_FIELD = UPDATE_FIELDS.index("price")
+_CATEGORY_FIELD = UPDATE_FIELDS.index("category")
+_TITLE_FIELD = UPDATE_FIELDS.index("title")
 
 
 @dataclass(slots=True)
@@ -535,7 +538,7 @@ class Recommender:
             if weight is None:
                 msg = f"event type is {event.type!r}; expected one of {', '.join(EVENT_TYPES)}"
                 raise ModelError(msg)
-            row = self.catalog.add(event.item_id, event.category, event.price)
+            row = self._add_event_item(event)
             items[index] = row
             weights[index] = -purchase_weight if event.is_refund else weight
             times[index] = event.timestamp_ms
@@ -546,6 +549,40 @@ class Recommender:
         return EventBatch(
             events, items, weights, times, categories, first_touch, catalog_size_before
         )
+
+    def _add_event_item(self, event: Event) -> int:
+        """Return the row of the event's item, taking its category, price and title unless stale.
+
+        An event that carries one of these fields sets it as an item update
+        stamped with the event's timestamp would: a field that an update or
+        event stamped later has already set keeps its value.
+        """
+        category = event.category or None
+        price = event.price
+        title = event.title or None
+        row = self.catalog.add(event.item_id)
+        if category is None and price is None and title is None:
+            return row
+        self._update_ms = grow_rows(self._update_ms, row + 1, _NEVER_MS)
+        times = self._update_ms[row]
+        stamp = event.timestamp_ms
+        if category is not None:
+            if stamp >= times[_CATEGORY_FIELD]:
+                times[_CATEGORY_FIELD] = stamp
+            else:
+                category = None
+        if price is not None:
+            if stamp >= times[_PRICE_FIELD]:
+                times[_PRICE_FIELD] = stamp
+            else:
+                price = None
+        if title is not None and stamp >= times[_TITLE_FIELD]:
+            times[_TITLE_FIELD] = stamp
+            title_model = self.models.get("title")
+            if isinstance(title_model, TitleModel):
+                title_model.set_title(row, title)
+        self.catalog.add(event.item_id, category, price)
+        return row
 
     def _first_touches(self, events: Sequence[Event], items: IntArray) -> npt.NDArray[np.bool_]:
         first = np.zeros(len(events), dtype=bool)
@@ -638,8 +675,8 @@ class Recommender:
         updates with the same timestamp the later one wins. The change shows
         at the next `recommend`.
 
-        NOTE: an event that carries a category or price still sets it when
-        learned, whatever its time, and the update times do not record it.
+        An event that carries a category, a price or a title takes part in
+        the same order, as an update of those fields at the event's timestamp.
         """
         self._last_scored = None
         row = self.catalog.add(update.item_id)

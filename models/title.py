@@ -186,13 +186,15 @@ class TitleModel(UserNeighbourScores):
         logger.debug("recomputed title norms of %d items", self._norms_at)
 
     def learn(self, batch: EventBatch) -> None:
-        """Index the titles that events carry and track each user's last items."""
+        """Track each user's last items.
+
+        The engine indexes the titles that events carry before the batch
+        reaches the models, in the order of the events' timestamps.
+        """
         self._version += 1
         items = batch.items.tolist()
         weights = batch.weights.tolist()
         for event, item, weight in zip(batch.events, items, weights, strict=True):
-            if event.title:
-                self.set_title(item, event.title)
             if weight <= 0:
                 continue
             recent = self._recent.setdefault(event.user_id, [])

@@ -201,6 +201,35 @@ def test_state_without_update_times_accepts_updates() -> None:
     assert bool(restored.catalog.in_stock[restored.catalog.index["i1"]]) is True
 
 
+def test_older_event_leaves_newer_update_fields() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", category="c1", price=1.0)])
+    engine.update_item(ItemUpdate("a", T0 + 5000, category="c2", price=2.0, title="tea towel"))
+    row = engine.catalog.index["a"]
+
+    engine.learn([_event(3, "u2", "a", category="c3", price=3.0, title="garden hose")])
+
+    assert engine.catalog.category_name(row) == "c2"
+    assert engine.catalog.prices[row] == 2.0
+    title = engine.models["title"]
+    engine.learn([_event(6, "u3", "b", title="tea towel red")])
+    assert [engine.catalog.ids[r] for r in title.candidates("u3", 5)] == ["a"]
+
+
+def test_newer_event_makes_update_stale() -> None:
+    engine = Recommender()
+    engine.learn([_event(0, "u1", "a", category="c1", price=1.0)])
+    engine.learn([_event(9, "u2", "a", category="c3", price=3.0)])
+    row = engine.catalog.index["a"]
+
+    stale = engine.update_item(ItemUpdate("a", T0 + 5000, category="c2", price=2.0, in_stock=False))
+
+    assert stale == ("price", "category")
+    assert engine.catalog.category_name(row) == "c3"
+    assert engine.catalog.prices[row] == 3.0
+    assert bool(engine.catalog.in_stock[row]) is False
+
+
 def test_category_cap_limits_each_category() -> None:
     engine = Recommender(EngineConfig(max_per_category=1))
     events = [_event(n, "u1", f"i{n}", category=f"c{n % 2}") for n in range(10)]
@@ -761,7 +790,7 @@ def test_category_leaders_follow_moved_item() -> None:
     row = engine.catalog.category_row("c")
     assert [engine.catalog.ids[r] for r in category.top_of(row, 2)] == ["a"]
 
-    engine.update_item(ItemUpdate("a", T0, category="d"))
+    engine.update_item(ItemUpdate("a", T0 + 10_000, category="d"))
     assert len(category.top_of(row, 2)) == 0
 
 
