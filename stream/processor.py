@@ -567,10 +567,32 @@ class Processor:
                 "offset": message.offset,
             },
             "received_at": now_ms,
-            "payload": self._redacted_payload(message, parsed, user_ids),
+            "payload": self._kept_payload(message, parsed, user_ids),
         }
         key = None if message.key is None else self._redact_key(message)
         return key, orjson.dumps(record)
+
+    def _kept_payload(
+        self, message: Message, parsed: Any, user_ids: list[str]
+    ) -> dict[str, Any] | str:
+        """Return the payload that a dead letter keeps, or a note when redacting it failed.
+
+        The message is rejected already, so a fault in the redaction must not
+        stop the batch: the letter then keeps no payload, which is never a
+        raw user id either.
+        """
+        try:
+            return self._redacted_payload(message, parsed, user_ids)
+        except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
+            logger.error(
+                "redacting the payload of the message from %s[%d]@%d failed with %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                type(exc).__name__,
+            )
+            self.metrics.errors.labels(kind="dead_letter_payload").inc()
+            return f"<not kept: redacting it failed with {type(exc).__name__}>"
 
     def _decode_failed(
         self, message: Message, error: Exception, now_ms: int, stage: str = "decode"
@@ -647,8 +669,10 @@ class Processor:
                 obj["user_id"] = (
                     self.pseudonymize(user_id) if isinstance(user_id, str) else "<redacted>"
                 )
-            for user_id in user_ids:
-                obj = _replace_strings(obj, user_id, self.pseudonymize(user_id))
+            # Always walked, also without ids to replace, because it cuts the
+            # nesting that orjson can read but not write back.
+            pairs = [(user_id, self.pseudonymize(user_id)) for user_id in user_ids]
+            obj = _replace_strings(obj, pairs)
             text = orjson.dumps(obj)
             if len(text) <= _PAYLOAD_PREVIEW:
                 return obj
@@ -766,26 +790,33 @@ def _matched_prefix_length(text: str, pattern: str, failure: list[int]) -> int:
     return matched
 
 
-def _replace_strings(value: Any, old: str, new: str, depth: int = 0) -> Any:
-    """Return ``value`` with ``old`` replaced by ``new`` in every string and key it contains.
+def _replace_strings(value: Any, pairs: list[tuple[str, str]], depth: int = 0) -> Any:
+    """Return ``value`` with each ``(old, new)`` of ``pairs`` applied to every string and key.
 
     Below 100 levels of nesting, which no valid message has, whatever is left
-    becomes ``<redacted>``, so a deep payload cannot exhaust the stack.
+    becomes ``<redacted>``, so a deep payload can neither exhaust the stack
+    nor exceed the nesting that orjson writes.
     """
     if isinstance(value, str):
-        return value.replace(old, new)
+        for old, new in pairs:
+            value = value.replace(old, new)
+        return value
     # A numeric user id arrives as a number as often as as a string.
-    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) == old:
-        return new
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        text = str(value)
+        for old, new in pairs:
+            if text == old:
+                return new
+        return value
     if depth >= _MAX_REDACT_DEPTH and isinstance(value, dict | list):
         return "<redacted>"
     if isinstance(value, dict):
         return {
-            _replace_strings(name, old, new): _replace_strings(item, old, new, depth + 1)
+            _replace_strings(name, pairs): _replace_strings(item, pairs, depth + 1)
             for name, item in value.items()
         }
     if isinstance(value, list):
-        return [_replace_strings(item, old, new, depth + 1) for item in value]
+        return [_replace_strings(item, pairs, depth + 1) for item in value]
     return value
 
 

@@ -74,6 +74,22 @@ BAD_CASES: list[BadCase] = [
     BadCase("json number", b"42", "not_object", None),
     BadCase("json null", b"null", "not_object", None),
     BadCase("deeply nested", _nested(2000), "too_deep", None),
+    # orjson 3.13 reads up to 1,024 levels of nesting but writes at most
+    # 254, so the dead letter must cut these 300, also without a key.
+    BadCase(
+        "nested 300 levels, no key",
+        b'{"x": ' + b"[" * 300 + b"]" * 300 + b"}",
+        "unknown_field",
+        "x",
+        key=None,
+    ),
+    BadCase(
+        "nested 300 levels in an id",
+        b'{"event_id": ' + b"[" * 300 + b"]" * 300 + b"}",
+        "wrong_type",
+        "event_id",
+        key=None,
+    ),
     BadCase("nested object as item", dumps(event(item_id={"id": "i1"})), "wrong_type", "item_id"),
     BadCase("nan literal", b'{"event_id":"e","price":NaN}', "not_finite", "price"),
     BadCase("infinity literal", b'{"event_id":"e","price":-Infinity}', "not_finite", "price"),

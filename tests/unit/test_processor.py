@@ -77,6 +77,37 @@ def test_truncated_dead_letter_hides_user_id():
     assert b"alice" not in outcome.dead_letters[0][1]
 
 
+_NESTED_300 = b'{"x": ' + b"[" * 300 + b"]" * 300 + b"}"
+
+
+def test_nested_update_and_forget_become_dead_letters():
+    processor = _processor()
+    updates = processor.process_item_updates([Message("items.updates", 0, 0, None, _NESTED_300)])
+    forgets = processor.process_forget([Message("users.forget", 0, 0, None, _NESTED_300)])
+    assert len(updates.dead_letters) == 1
+    assert len(forgets.dead_letters) == 1
+    assert orjson.loads(forgets.dead_letters[0][1])["reason"] == "unknown_field"
+
+
+def test_failed_redaction_keeps_letter_without_payload(monkeypatch):
+    processor = _processor()
+
+    def fail(*args):
+        raise TypeError("stands in for a fault in the redaction")
+
+    monkeypatch.setattr(processor, "_redacted_payload", fail)
+    good = Event("e-good", "view", "alice", "i1", NOW_MS - 1000)
+    messages = [Message("events.view", 0, 0, b"alice", b"not json"), _message(good, 1)]
+
+    outcome = processor.process_events(messages)
+
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["payload"] == "<not kept: redacting it failed with TypeError>"
+    assert validator("deadletter.schema.json").is_valid(record)
+    assert outcome.applied == 1
+    assert processor.metrics.errors.labels(kind="dead_letter_payload")._value.get() == 1
+
+
 def test_valid_events_around_bad_ones_applied():
     processor = _processor()
     good = _warm_events(users=5)
