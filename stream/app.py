@@ -19,6 +19,7 @@ import pickle
 import re
 import signal
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,9 @@ class Worker:
         self.checkpoint_failed = False
         # Why the worker stopped itself, which makes the process exit with 2.
         self.fatal_error: str | None = None
+        # Set when applying a batch failed part way: the state may hold part
+        # of it, so no checkpoint is written and no later batch is applied.
+        self.state_suspect = False
         # Whether the last checkpoint write failed, and when the next may be tried.
         self.checkpoint_failing = False
         self._checkpoint_retry_at = 0.0
@@ -561,18 +565,50 @@ class Worker:
         while len(self.dead_letters) >= _MAX_LETTERS_OWED and not self._stopping:
             await asyncio.sleep(0.5)
 
+    def _batch_failed(self, kind: str, exc: Exception) -> None:
+        """Stop the worker after a batch failed part way, so that a restart applies it again.
+
+        Faust would restart the agent and go on with the next batch, so the
+        failed one would be lost once a later checkpoint covered its offsets.
+        The worker instead writes no checkpoint from now on and stops, and the
+        restart resumes from the newest checkpoint on disk. Only the type and
+        the stack are logged, because the error's text may quote a message.
+        """
+        self.state_suspect = True
+        self.metrics.errors.labels(kind="batch_failed").inc()
+        self.fatal_error = f"applying a batch of {kind} failed with {type(exc).__name__}"
+        logger.error(
+            "stopping without a checkpoint: %s. A restart applies the batch again from the "
+            "newest checkpoint on disk. Stack:\n%s",
+            self.fatal_error,
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        signal.raise_signal(signal.SIGTERM)
+
     async def on_event_batch(self, events: Sequence[Any]) -> None:
         """Process one batch of Faust events from the event topics."""
         await self._wait_for_letter_room()
         async with self.lock:
-            outcome = self.processor.process_events(_messages(events))
+            if self.state_suspect:
+                return
+            try:
+                outcome = self.processor.process_events(_messages(events))
+            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
+                self._batch_failed("events", exc)
+                return
             self._take(outcome)
 
     async def on_item_batch(self, events: Sequence[Any]) -> None:
         """Apply item updates, then rewrite at once every list that contains a sold-out item."""
         await self._wait_for_letter_room()
         async with self.lock:
-            outcome = self.processor.process_item_updates(_messages(events))
+            if self.state_suspect:
+                return
+            try:
+                outcome = self.processor.process_item_updates(_messages(events))
+            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
+                self._batch_failed("item updates", exc)
+                return
             self._take(outcome)
             if outcome.unavailable:
                 self.rewrite_without(outcome.unavailable)
@@ -616,7 +652,13 @@ class Worker:
     async def on_forget_batch(self, events: Sequence[Any]) -> None:
         """Erase users and delete their lists, then checkpoint so no file keeps them."""
         async with self.lock:
-            outcome = self.processor.process_forget(_messages(events))
+            if self.state_suspect:
+                return
+            try:
+                outcome = self.processor.process_forget(_messages(events))
+            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
+                self._batch_failed("forget requests", exc)
+                return
             self._take(outcome)
             sink = self._require_sink()
             # Queued dead letters carry no event time that would tell which
@@ -1179,6 +1221,9 @@ class Worker:
         every older checkpoint is deleted, which a forget request needs so
         that no file keeps the user.
         """
+        if self.state_suspect:
+            logger.warning("checkpoint (%s) not written: a batch failed part way", reason)
+            return
         if prune:
             self._prune_owed = True
         if final:

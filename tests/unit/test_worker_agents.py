@@ -8,6 +8,7 @@ tests.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 
 import orjson
@@ -82,3 +83,23 @@ async def test_forget_agent_erases_user(worker: Worker) -> None:
     assert not worker.processor.engine.has_user(pseudonym)
     assert pseudonym not in worker.dirty
     assert not worker.dead_letters
+
+
+async def test_failed_batch_stops_without_checkpoint(worker: Worker, monkeypatch) -> None:
+    signals: list[int] = []
+    monkeypatch.setattr("stream.app.signal.raise_signal", signals.append)
+
+    def fail(events: object) -> None:
+        raise RuntimeError("stands in for a fault while learning")
+
+    monkeypatch.setattr(worker.processor.engine, "learn", fail)
+    async with worker.app.agents["fusionrec.events"].test_context() as agent:
+        await agent.put(key=b"u1", value=_event("e1", "u1", "i1"))
+        await agent.put(key=b"u2", value=_event("e2", "u2", "i2"))
+    await worker.checkpoint("interval")
+
+    assert signals == [signal.SIGTERM]
+    assert worker.fatal_error == "applying a batch of events failed with RuntimeError"
+    assert worker.metrics.errors.labels(kind="batch_failed")._value.get() == 1
+    assert worker.store.paths() == []
+    assert not worker.dirty
