@@ -38,12 +38,15 @@ def normalize(scores: FloatArray, mask: BoolMatrix) -> FloatArray:
     low = np.where(mask, scores, np.inf).min(axis=1, initial=np.inf)
     high = np.where(mask, scores, -np.inf).max(axis=1, initial=-np.inf)
     never_negative = low >= 0
-    offset = np.where(never_negative, 0.0, low)
-    span = np.where(never_negative, high, high - low)
+    # Min-max rows are scaled in halves, so that a span beyond the largest
+    # double cannot overflow. Halving is exact, so the quotients are the same.
+    offset = np.where(never_negative, 0.0, low / 2)
+    span = np.where(never_negative, high, high / 2 - low / 2)
+    halved = np.where(never_negative, 1.0, 0.5)
     # A row with nothing to scale by (all zero, or all equal and negative) gets 1.
     flat = ~(span > 0)
     with np.errstate(invalid="ignore"):
-        values = (scores - offset[:, None]) / np.where(flat, 1.0, span)[:, None]
+        values = (scores * halved[:, None] - offset[:, None]) / np.where(flat, 1.0, span)[:, None]
     values[flat] = 1.0
     return np.where(mask, values, 0.0)
 

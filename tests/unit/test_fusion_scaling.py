@@ -79,3 +79,12 @@ def test_subset_ranks_keep_infinite_scores() -> None:
     _, among = ranks_with_subset(scores, mask, np.array([True, True, False, False]))
     assert among is not None
     assert among.tolist() == [[1.0, 2.0, 0.0, 0.0]]
+
+
+def test_normalize_wide_row_stays_in_range() -> None:
+    scores = np.array([[-1e308, 0.0, 1e308]])
+    mask = np.ones_like(scores, dtype=bool)
+
+    values = normalize(scores, mask)
+
+    assert values.tolist() == [[0.0, 0.5, 1.0]]
