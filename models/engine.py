@@ -241,10 +241,10 @@ class EngineConfig:
             msg = f"max_per_category is {self.max_per_category}; expected at least 1 or None"
             raise ModelError(msg)
         missing = set(EVENT_TYPES) - set(self.type_weights)
-        if missing or any(not w > 0 for w in self.type_weights.values()):
+        if missing or any(not (math.isfinite(w) and w > 0) for w in self.type_weights.values()):
             msg = (
                 f"type_weights is {self.type_weights}; "
-                f"expected a weight > 0 for each of {EVENT_TYPES}"
+                f"expected a finite weight > 0 for each of {EVENT_TYPES}"
             )
             raise ModelError(msg)
 
@@ -409,7 +409,6 @@ class Recommender:
             self.catalog.category_row(name) for name in config.rebuyable_categories or ()
         }
         self._users: dict[str, _UserState] = {}
-        self._rng = np.random.default_rng(config.seed + 2)
         # The last user's candidates, kept until the state changes, because
         # the evaluation scores a user right before learned fusion scores the
         # same user from the same state.
@@ -424,6 +423,8 @@ class Recommender:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_last_scored", None)
+        # States written while exploration drew from one shared generator.
+        state.pop("_rng", None)
         # States written before update times were kept let the next update of any field win.
         state.setdefault("_update_ms", np.full((0, len(UPDATE_FIELDS)), _NEVER_MS, dtype=np.int64))
         self.__dict__.update(state)
@@ -982,9 +983,10 @@ class Recommender:
     ) -> None:
         # Candidates that a model of weight above 0 scored but that were not
         # taken were left out on purpose. Those that only models of weight 0
-        # scored are padded like items that no model proposed.
+        # scored are padded like items that no model proposed, unless a list
+        # ordered by such a model already holds them.
         proposed = (scored.mask & (self.weights > 0)[:, None]).any(axis=0)
-        skip = set(scored.items[proposed].tolist()) | set(pad_exclude)
+        skip = set(scored.items[proposed].tolist()) | set(pad_exclude) | set(rows)
         # The first window leaves out the skipped candidates, most of which are
         # not popular, so that the popularity cache stays small.
         window = 4 * k + len(rows) + len(pad_exclude)
@@ -1074,10 +1076,12 @@ class Recommender:
         # carries spares after them, which replace sold-out items.
         visible = min(k, self.config.k)
         n_explore = int(visible * self.config.exploration)
-        rows, values = self.top_rows(scored, scores, k - n_explore)
+        rows, values = self.top_rows(scored, scores, k)
         sources = self._sources(scored, rows)
         if n_explore:
-            self._explore(scored, rows, values, sources, n_explore, visible - n_explore)
+            rows, values, sources = self._explore(
+                scored.user_id, rows, values, sources, n_explore, visible - n_explore, k
+            )
         ids = self.catalog.ids
         return [
             RecommendedItem(ids[row], value, source)
@@ -1110,32 +1114,68 @@ class Recommender:
 
     def _explore(
         self,
-        scored: CandidateScores,
+        user_id: str,
         rows: list[int],
         values: list[float],
         sources: list[tuple[str, ...]],
         n_explore: int,
         position: int,
-    ) -> None:
-        pool = self.models["trending"].candidates(scored.user_id, 10 * n_explore + len(rows))
-        pool = self._blocked(scored.user_id, pool)
-        taken = set(rows)
-        fresh = [row for row in pool.tolist() if row not in taken]
-        if not fresh:
-            return
-        picks = self._rng.choice(len(fresh), size=min(n_explore, len(fresh)), replace=False)
-        picked = [fresh[pick] for pick in sorted(picks.tolist())]
+        k: int,
+    ) -> tuple[list[int], list[float], list[tuple[str, ...]]]:
+        """Return the ranked list with up to ``n_explore`` trending items drawn in at ``position``.
+
+        The draw is seeded by the engine's seed, the user and the user's
+        event count, so it does not depend on which other lists were served
+        before. Explored items obey the list filters and the category cap
+        like the rest, and the list keeps its ``k`` items: the ranked items
+        that a drawn one displaces or that would break the cap make room,
+        and popular items fill any slot still open.
+        """
         at = min(position, len(rows))
-        rows[at:at] = picked
-        sources[at:at] = [("explore",)] * len(picked)
-        values[at:at] = [-math.inf] * len(picked)
+        counts: dict[int, int] = {}
+        for row in rows[:at]:
+            self._within_cap(row, counts)
+        pool = self._leading_rows("trending", user_id, 10 * n_explore, set(rows[:at]), dict(counts))
+        user_hash = int(stable_hashes([user_id])[0])
+        seed = [self.config.seed % 2**64, user_hash, self._users[user_id].events]
+        order = np.random.default_rng(seed).permutation(len(pool)).tolist()
+        picked: list[int] = []
+        for index in order:
+            if self._within_cap(pool[index], counts):
+                picked.append(pool[index])
+                if len(picked) == n_explore:
+                    break
+        if not picked:
+            return rows, values, sources
+        # Drawn items show in their order on the trending list.
+        picked.sort(key=pool.index)
+        out_rows = rows[:at] + picked
+        out_values = values[:at]
+        out_sources = sources[:at] + [("explore",)] * len(picked)
         # Scores stay strictly descending: each explored item scores just
-        # below the entry before it, and the spares after them below those.
+        # below the entry before it, and the ranked items after them below those.
         previous = values[at - 1] if at else 0.0
-        for index in range(at, len(values)):
-            below = math.nextafter(previous, -math.inf)
-            values[index] = below if index < at + len(picked) else min(values[index], below)
-            previous = values[index]
+        for _ in picked:
+            previous = math.nextafter(previous, -math.inf)
+            out_values.append(previous)
+        taken = set(out_rows)
+        for row, value, source in zip(rows[at:], values[at:], sources[at:], strict=True):
+            if len(out_rows) == k:
+                break
+            if row in taken or not self._within_cap(row, counts):
+                continue
+            previous = min(value, math.nextafter(previous, -math.inf))
+            out_rows.append(row)
+            out_values.append(previous)
+            out_sources.append(source)
+            taken.add(row)
+        padding = self._leading_rows("popular", user_id, k - len(out_rows), taken, counts)
+        for row in padding:
+            previous = math.nextafter(previous, -math.inf)
+            out_rows.append(row)
+            out_values.append(previous)
+            out_sources.append(("popular",))
+        return out_rows, out_values, out_sources
 
     def _trending(self, user_id: str, k: int) -> list[RecommendedItem]:
         per_category: dict[int, int] = {}

@@ -464,6 +464,91 @@ def test_exploration_lands_within_shown_items() -> None:
     assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
 
 
+def _two_category_shop() -> list[Event]:
+    events = [
+        _event(3 * item + user, f"o{user}", f"i{item}", category=f"c{item % 2}")
+        for item in range(12)
+        for user in range(3)
+    ]
+    events.append(_event(36, "u1", "i0", category="c0"))
+    return events
+
+
+def test_exploration_keeps_category_cap() -> None:
+    engine = Recommender(EngineConfig(k=4, exploration=0.5, max_per_category=1))
+    engine.learn(_two_category_shop())
+
+    for extra in range(5):
+        engine.learn([_event(40 + extra, "u1", "i0", category="c0")])
+        entries = engine.recommend(["u1"])[0]
+        categories = [
+            engine.catalog.category_name(engine.catalog.index[e.item_id]) for e in entries
+        ]
+
+        assert sorted(categories) == ["c0", "c1"]
+
+
+def test_exploration_keeps_list_at_k() -> None:
+    # Eleven popular items sell out, and three others stay in stock.
+    events = [
+        _event(5 * item + user, f"o{user}", f"hot{item}") for item in range(11) for user in range(5)
+    ]
+    events += [_event(60 + n, "o9", item) for n, item in enumerate("abc")]
+    events.append(_event(70, "u1", "a"))
+    engine = Recommender(EngineConfig(k=2, exploration=0.5))
+    engine.learn(events)
+    for item in range(11):
+        engine.update_item(ItemUpdate(f"hot{item}", T0 + 100_000, in_stock=False))
+
+    entries = engine.recommend(["u1"])[0]
+
+    assert len(entries) == 2
+    assert len({entry.item_id for entry in entries}) == 2
+
+
+def test_exploration_ignores_other_lists_served() -> None:
+    config = EngineConfig(k=4, exploration=0.5, seed=7)
+    quiet, busy = Recommender(config), Recommender(config)
+    quiet.learn(_two_category_shop())
+    busy.learn(_two_category_shop())
+
+    busy.recommend(["o1", "o2", "u1", "o1"])
+
+    assert _ids(quiet, "u1") == _ids(busy, "u1")
+
+
+def test_exploration_draws_again_after_new_events() -> None:
+    engine = Recommender(EngineConfig(k=6, exploration=0.5))
+    engine.learn([_event(n, f"o{n % 5}", f"i{n % 30}") for n in range(300)])
+    engine.learn([_event(300, "u1", "i0")])
+    drawn = set()
+
+    for n in range(8):
+        engine.learn([_event(301 + n, "u1", "i0")])
+        entries = engine.recommend(["u1"])[0]
+        drawn.add(tuple(e.item_id for e in entries if e.sources == ("explore",)))
+
+    assert len(drawn) > 1
+
+
+def test_padding_skips_rows_already_listed() -> None:
+    # Only models of weight 0 score the items that the user never touched.
+    weights = {"popular": 0.0, "trending": 0.0, "mf": 0.0, "context": 0.0}
+    engine = Recommender(EngineConfig(k=5, weights=weights))
+    engine.learn([_event(0, "u1", "a"), _event(1, "u2", "b"), _event(2, "u2", "b")])
+    scored = engine.candidate_scores("u1")
+
+    rows, _ = engine.top_rows(scored, engine.fused(scored, "popular"), 5)
+
+    assert len(rows) == len(set(rows))
+
+
+def test_infinite_type_weight_rejected() -> None:
+    weights = {"view": math.inf, "click": 2.0, "purchase": 4.0}
+    with pytest.raises(ModelError, match="expected a finite weight > 0"):
+        Recommender(EngineConfig(type_weights=weights))
+
+
 def test_user_history_in_learned_order() -> None:
     engine = Recommender()
     engine.learn([_event(0, "u", "b"), _event(1, "u", "a"), _event(2, "u", "b")])
