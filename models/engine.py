@@ -314,6 +314,10 @@ class _UserState:
     session_id: str | None = None
     last_ms: int | None = None
     purchased: dict[int, int] = field(default_factory=dict)
+    # Refunded units that no purchase learned so far covered, with the time
+    # of the latest such refund: a purchase stamped earlier that arrives
+    # later is cancelled by them.
+    refunds: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Time of the earliest event learned, None before any. States saved before
     # it was kept get _UNKNOWN_FIRST_MS, which counts as earlier than any time.
     first_ms: int | None = None
@@ -330,6 +334,33 @@ class _UserState:
 
 
 _USER_STATE_SLOTS = frozenset(_UserState.__slots__)
+
+
+def _count_units(state: _UserState, item: int, quantity: int, timestamp_ms: int) -> None:
+    """Add a purchase's units to the user's balance of ``item``, or take a refund's off.
+
+    A refund beyond the units bought so far is kept, so that a purchase
+    stamped no later than it, which arrives after it, nets out. A purchase
+    stamped after it was a new one and counts in full.
+    """
+    if quantity > 0:
+        owed = state.refunds.get(item)
+        if owed is not None and timestamp_ms <= owed[1]:
+            cancelled = min(quantity, owed[0])
+            quantity -= cancelled
+            if owed[0] > cancelled:
+                state.refunds[item] = (owed[0] - cancelled, owed[1])
+            else:
+                del state.refunds[item]
+        if quantity > 0:
+            state.purchased[item] = state.purchased.get(item, 0) + quantity
+        return
+    units = state.purchased.pop(item, 0) + quantity
+    if units > 0:
+        state.purchased[item] = units
+    elif units < 0:
+        before = state.refunds.get(item, (0, timestamp_ms))
+        state.refunds[item] = (before[0] - units, max(before[1], timestamp_ms))
 
 
 class Recommender:
@@ -433,6 +464,8 @@ class Recommender:
         for user_state in self._users.values():
             if not hasattr(user_state, "first_ms"):
                 user_state.first_ms = _UNKNOWN_FIRST_MS
+            if not hasattr(user_state, "refunds"):
+                user_state.refunds = {}
             if not hasattr(user_state, "events"):
                 # Older states kept every event in the history.
                 user_state.events = len(user_state.history)
@@ -628,11 +661,7 @@ class Recommender:
             if event.type == "purchase":
                 # A purchase without a quantity is one unit, and a refund's is negative.
                 quantity = 1 if event.quantity is None else event.quantity
-                units = state.purchased.get(item, 0) + quantity
-                if units > 0:
-                    state.purchased[item] = units
-                else:
-                    state.purchased.pop(item, None)
+                _count_units(state, item, quantity, event.timestamp_ms)
 
     def _is_late(self, state: _UserState, event: Event) -> bool:
         # An out-of-order event with another session id, or without ids more

@@ -139,6 +139,38 @@ def test_partial_refund_keeps_item_excluded() -> None:
     assert "i3" in _ids(engine, "u1")
 
 
+def test_refund_arriving_first_cancels_purchase() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.learn([_event(101, "u1", "i3", "purchase", quantity=-1)])
+    engine.learn([_event(100, "u1", "i3", "purchase", quantity=1)])
+    assert "i3" in _ids(engine, "u1")
+
+
+def test_purchase_after_unmatched_refund_excluded() -> None:
+    # The refund is of a purchase from before the stream began.
+    engine = Recommender()
+    engine.learn(_shop())
+    engine.learn([_event(100, "u1", "i3", "purchase", quantity=-1)])
+    engine.learn([_event(101, "u1", "i3", "purchase", quantity=1)])
+    assert "i3" not in _ids(engine, "u1")
+
+
+def test_state_without_refunds_restores() -> None:
+    engine = Recommender()
+    engine.learn(_shop())
+    state = engine.__getstate__()
+    for user_state in state["_users"].values():
+        del user_state.refunds
+    restored = Recommender.__new__(Recommender)
+    restored.__setstate__(state)
+
+    restored.learn([_event(101, "u1", "i3", "purchase", quantity=-1)])
+    restored.learn([_event(100, "u1", "i3", "purchase", quantity=1)])
+
+    assert "i3" in _ids(restored, "u1")
+
+
 def test_out_of_stock_item_leaves_lists() -> None:
     engine = Recommender()
     engine.learn(_shop())
