@@ -1156,9 +1156,9 @@ class Recommender:
         The draw is seeded by the engine's seed, the user and the user's
         event count, so it does not depend on which other lists were served
         before. Explored items obey the list filters and the category cap
-        like the rest, and the list keeps its ``k`` items: the ranked items
-        that a drawn one displaces or that would break the cap make room,
-        and popular items fill any slot still open.
+        like the rest. The list keeps its ``k`` items: ranked items that a
+        drawn one displaces or that would break the cap make room, and
+        popular items fill any slot still open.
         """
         at = min(position, len(rows))
         counts: dict[int, int] = {}

@@ -35,7 +35,7 @@ from faust.web import Request, Response, View
 from redis.exceptions import RedisError
 
 from schemas import RecommendationList
-from stream.checkpoint import CheckpointStore
+from stream.checkpoint import CheckpointStore, format_error
 from stream.consumer import HoldingConsumer
 from stream.kafka import client_options, ssl_context
 from stream.metrics import WorkerMetrics
@@ -182,7 +182,10 @@ class Worker:
         state, path = restored
         # Letters first, so that users erased while the state loads lose theirs.
         self._load_dead_letters(state.get("dead_letters"))
-        self.processor.load_state(state)
+        try:
+            self.processor.load_state(state)
+        except Exception as exc:  # noqa: BLE001 - the file is intact, so its format is at fault
+            raise format_error(path, exc) from exc
         self._drop_letters_of_forgotten()
         owed = self._load_pending(state.get("pending_lists"))
         self.last_checkpoint = time.monotonic()

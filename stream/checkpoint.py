@@ -34,6 +34,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or fails its integrity check."""
 
 
+class CheckpointFormatError(RuntimeError):
+    """A checkpoint passes its integrity check, but this version cannot load its state.
+
+    The file is intact, so the worker stops instead of falling back to an
+    older file or to an empty state, either of which would drop the file's
+    state without a word.
+    """
+
+
+def format_error(path: Path, exc: Exception) -> CheckpointFormatError:
+    """Return the error for checkpoint ``path`` whose state failed to load with ``exc``."""
+    msg = (
+        f"checkpoint {path} passes its integrity check but this version of fusionrec "
+        f"cannot load it ({type(exc).__name__}: {exc}). Start the version that wrote it, "
+        f"or move the checkpoint files out of {path.parent} to start from an empty state"
+    )
+    return CheckpointFormatError(msg)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """Path, sequence number, size and write time of one checkpoint."""
@@ -121,11 +140,17 @@ class CheckpointStore:
         if not hmac.compare_digest(digest, hmac.digest(self._key, payload, hashlib.sha256)):
             msg = f"checkpoint {path} fails its integrity check (altered, or another key)"
             raise CheckpointError(msg)
-        state: dict[str, Any] = pickle.loads(payload)  # noqa: S301 - verified by HMAC above
+        try:
+            state: dict[str, Any] = pickle.loads(payload)  # noqa: S301 - verified by HMAC above
+        except Exception as exc:  # noqa: BLE001 - any failure here is a format this version lacks
+            raise format_error(path, exc) from exc
         return state
 
     def restore(self) -> tuple[dict[str, Any], Path] | None:
-        """Return the newest valid checkpoint and its path, skipping invalid ones."""
+        """Return the newest valid checkpoint and its path, skipping invalid ones.
+
+        A valid file that this version cannot load raises `CheckpointFormatError`.
+        """
         for _, path in self.paths():
             try:
                 state = self.read(path)

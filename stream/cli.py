@@ -42,12 +42,17 @@ _MODULE_COMMANDS = {
 
 def _worker(args: argparse.Namespace) -> int:
     from stream.app import GroupBusyError, RegistryKeyError, Worker
+    from stream.checkpoint import CheckpointFormatError
 
     settings = Settings.from_env()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(settings)
-    worker.restore()
+    try:
+        worker.restore()
+    except CheckpointFormatError as exc:
+        print(f"fusionrec worker: {exc}", file=sys.stderr)
+        return 2
     try:
         loop.run_until_complete(worker.check_registry_key())
         # Both run before Faust joins the group, so that no event is consumed

@@ -8,7 +8,7 @@ import re
 import orjson
 import pytest
 
-from stream.checkpoint import CheckpointError, CheckpointStore
+from stream.checkpoint import CheckpointError, CheckpointFormatError, CheckpointStore
 from stream.dedup import DedupWindow
 from stream.logs import JsonFormatter, configure_logging
 from stream.privacy import Pseudonymizer, load_pseudonymizer
@@ -217,6 +217,36 @@ def test_altered_checkpoint_is_detected(tmp_path):
 def test_checkpoint_of_other_key_is_rejected(tmp_path):
     CheckpointStore(tmp_path, b"k" * 32).write({"n": 1})
     assert CheckpointStore(tmp_path, b"j" * 32).restore() is None
+
+
+class _Retired:
+    """Stands in for a class that a later version no longer has."""
+
+
+def test_unloadable_checkpoint_stops_restore(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, b"k" * 32)
+    store.write({"n": 1})
+    newest = store.write({"n": 2, "old": _Retired()})
+    monkeypatch.delattr(f"{__name__}._Retired")
+
+    with pytest.raises(CheckpointFormatError) as caught:
+        store.restore()
+
+    assert str(newest.path) in str(caught.value)
+    assert "cannot load it (AttributeError" in str(caught.value)
+
+
+def test_worker_restore_names_unloadable_state(tmp_path):
+    from dataclasses import replace
+
+    from stream.app import Worker
+
+    settings = replace(Settings(), data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9")
+    worker = Worker(settings)
+    worker.store.write({"version": -1})
+
+    with pytest.raises(CheckpointFormatError, match="ValueError: checkpoint state version -1"):
+        Worker(settings).restore()
 
 
 def test_pseudonym_is_keyed():
