@@ -1013,7 +1013,7 @@ class Recommender:
         # Candidates that a model of weight above 0 scored but that were not
         # taken were left out on purpose. Those that only models of weight 0
         # scored are padded like items that no model proposed, unless a list
-        # ordered by such a model already holds them.
+        # ordered by such a model already contains them.
         proposed = (scored.mask & (self.weights > 0)[:, None]).any(axis=0)
         skip = set(scored.items[proposed].tolist()) | set(pad_exclude) | set(rows)
         # The first window leaves out the skipped candidates, most of which are
