@@ -127,8 +127,12 @@ class Worker:
         self.sink: RedisSink | None = None
         # Users whose list must be recomputed: pseudonym to the shop's user id.
         self.dirty: dict[str, str] = {}
-        # Users whose list was cut short by sold-out items: pseudonym to Redis key.
+        # Users whose list was cut short by sold-out items, or that a restored
+        # checkpoint owes to Redis: pseudonym to Redis key.
         self._short: dict[str, str] = {}
+        # The users of `_short` that a restored checkpoint owes, whose lists
+        # may never have reached Redis and so get a plain write.
+        self._owed: set[str] = set()
         self.served = ServedLists(settings.k + settings.spare_items)
         # Dead letters that the broker has not confirmed, by sequence number,
         # oldest first. Checkpoints carry them, so none is lost in a crash.
@@ -206,7 +210,9 @@ class Worker:
             if user_id:
                 keys.add(self.processor.redis_key(user_id, pseudonym))
         if self.sink is not None:
-            keys.update(key for key, value in self.sink.pending.items() if value is not None)
+            # A batch in flight may still fail, and this checkpoint commits
+            # the offsets of the events behind it.
+            keys.update(self.sink.owed_keys())
         keys.discard(self.processor.popular_key)
         return sorted(keys)
 
@@ -221,6 +227,7 @@ class Worker:
             pseudonym = ident if by_pseudonym else self.processor.pseudonymize(ident)
             self.dirty.setdefault(pseudonym, "")
             self._short[pseudonym] = key
+            self._owed.add(pseudonym)
         return len(keys)
 
     def _load_dead_letters(self, sealed: bytes | None) -> None:
@@ -641,7 +648,9 @@ class Worker:
         for entry in rewritten:
             sink.put_existing(entry.key, entry.payload)
             if entry.short:
-                self.dirty[entry.pseudonym] = ""
+                # A user with an event waiting keeps the user id, so that the
+                # refresh writes a new list and renews its TTL.
+                self.dirty.setdefault(entry.pseudonym, "")
                 self._short[entry.pseudonym] = entry.key
         if rewritten:
             logger.info(
@@ -673,6 +682,7 @@ class Worker:
                     continue
                 self.dirty.pop(pseudonym, None)
                 self._short.pop(pseudonym, None)
+                self._owed.discard(pseudonym)
                 self.served.forget(pseudonym)
                 sink.delete(key)
         if outcome.forgotten:
@@ -767,11 +777,19 @@ class Worker:
                     self._registry_owed[token] = stamp
             erased = processor.merge_forgotten(merged)
             self._drop_letters_of_forgotten()
-            for pseudonym in list(self.dirty):
+            sink = self._require_sink()
+            for pseudonym in {*self.dirty, *self._short, *self.served.pseudonyms()}:
                 forgotten = processor.forget_token(pseudonym) in processor.forgotten
-                if forgotten and not processor.engine.has_user(pseudonym):
-                    self.dirty.pop(pseudonym)
-                    self._short.pop(pseudonym, None)
+                if not forgotten or processor.engine.has_user(pseudonym):
+                    continue
+                # The refresher may have queued or written the user's list
+                # before the registry could be read, under a key that may
+                # contain the user id.
+                self.dirty.pop(pseudonym, None)
+                self._owed.discard(pseudonym)
+                for key in (self._short.pop(pseudonym, None), self.served.forget(pseudonym)):
+                    if key is not None:
+                        sink.delete(key)
             self._registry_merged = True
         if erased:
             logger.info("erased %d users named by the forget registry in Redis", erased)
@@ -996,15 +1014,22 @@ class Worker:
         item_row = self.processor.engine.catalog.index.get
         expires_at = time.time() + self.settings.ttl_s
         for entry in self.processor.refresh(plain, keys=short):
+            owed = entry.pseudonym in self._owed
+            self._owed.discard(entry.pseudonym)
             if entry.pseudonym in short and entry.pseudonym in self.served:
                 # A list cut short by a sold-out item: the user sent no event,
                 # so it keeps its expiry and is not written once Redis has
-                # expired it. A list owed by a checkpoint is not in the index
-                # until it is written, so it gets a plain write.
+                # expired it.
                 expiry = self.served.expires_at(entry.pseudonym)
                 self.served.record(entry.pseudonym, entry.key, entry.items, item_row, expiry)
                 sink.put_existing(entry.key, entry.payload)
+            elif entry.pseudonym in short and not owed:
+                # Cut short, and its key expired before the recomputation: the
+                # user's next event writes a new list.
+                continue
             else:
+                # New events of the user, or a list owed by a checkpoint,
+                # which is not in the index until it is written.
                 self.served.record(entry.pseudonym, entry.key, entry.items, item_row, expires_at)
                 sink.put(entry.key, entry.payload)
         return len(chunk)

@@ -64,6 +64,10 @@ class ServedLists:
     def __contains__(self, pseudonym: object) -> bool:
         return pseudonym in self._rows
 
+    def pseudonyms(self) -> list[str]:
+        """Return the pseudonyms of every user with a list in the index."""
+        return list(self._rows)
+
     def record(
         self,
         pseudonym: str,
@@ -94,15 +98,18 @@ class ServedLists:
             self._sources[row, position] = self._source_id(entry.sources)
             position += 1
 
-    def forget(self, pseudonym: str) -> None:
-        """Drop the list of ``pseudonym``."""
+    def forget(self, pseudonym: str) -> str | None:
+        """Drop the list of ``pseudonym``; return its Redis key, or None when it had none."""
         row = self._rows.pop(pseudonym, None)
-        if row is not None:
-            self._items[row] = _EMPTY
-            self._expires[row] = math.inf
-            self._keys[row] = None
-            self._pseudonyms[row] = None
-            self._free.append(row)
+        if row is None:
+            return None
+        key = self._keys[row]
+        self._items[row] = _EMPTY
+        self._expires[row] = math.inf
+        self._keys[row] = None
+        self._pseudonyms[row] = None
+        self._free.append(row)
+        return key
 
     def expires_at(self, pseudonym: str) -> float:
         """Return when the list of ``pseudonym`` expires, in epoch seconds, or inf when unknown."""

@@ -69,8 +69,8 @@ class RedisSink:
         self.metrics = metrics
         self.client = redis_client(settings)
         self.pending: Pending = {}
-        # Keys of the batch being written, out of `pending` until Redis replies.
-        self._in_flight: set[str] = set()
+        # The batch being written, out of `pending` until Redis replies.
+        self._in_flight: Pending = {}
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -81,6 +81,12 @@ class RedisSink:
     def unwritten(self, key: str) -> bool:
         """Return whether a write or deletion of ``key`` is queued or still in flight."""
         return key in self.pending or key in self._in_flight
+
+    def owed_keys(self) -> list[str]:
+        """Return the keys whose list is queued or in flight, deletions left out."""
+        owed = [key for key, value in self.pending.items() if value is not None]
+        owed += [key for key, value in self._in_flight.items() if value is not None]
+        return owed
 
     def put(self, key: str, payload: bytes) -> None:
         """Queue ``payload`` as the new value of ``key``."""
@@ -145,7 +151,7 @@ class RedisSink:
             if len(keys) == batch_size:
                 break
         batch = {key: self.pending.pop(key) for key in keys}
-        self._in_flight = set(batch)
+        self._in_flight = batch
         self.metrics.pending_lists.set(len(self.pending))
         started = time.perf_counter()
         try:
@@ -160,12 +166,18 @@ class RedisSink:
                 replies = await pipe.execute()
         except (RedisError, OSError, asyncio.CancelledError):
             for key, payload in batch.items():
-                self.pending.setdefault(key, payload)
+                queued = self.pending.get(key, payload)
+                if isinstance(queued, Existing) and not isinstance(payload, Existing):
+                    # The failed write never landed, so the rewrite queued
+                    # meanwhile must not depend on it: a failed plain write
+                    # stays plain, with the newer list, and a deletion stays.
+                    queued = None if payload is None else queued.payload
+                self.pending[key] = queued
             self.metrics.pending_lists.set(len(self.pending))
-            self._in_flight = set()
+            self._in_flight = {}
             await self._discard_connections()
             raise
-        self._in_flight = set()
+        self._in_flight = {}
         self.metrics.redis_write_seconds.observe(time.perf_counter() - started)
         # Only user lists count, and a SET XX over an expired key wrote nothing.
         user_prefix = f"{self.settings.redis_key_prefix}user:"

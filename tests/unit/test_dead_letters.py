@@ -59,6 +59,9 @@ class _Sink:
 
     put_existing = put
 
+    def owed_keys(self) -> list[str]:
+        return list(self.pending)
+
 
 def _worker(tmp_path, monkeypatch, topic: _Topic) -> Worker:
     settings = replace(

@@ -88,9 +88,13 @@ class _Sink:
 
     def __init__(self) -> None:
         self.keys: list[str] = []
+        self.pending: dict[str, bytes] = {}
 
     def put(self, key: str, payload: bytes) -> None:
         self.keys.append(key)
+
+    def owed_keys(self) -> list[str]:
+        return list(self.pending)
 
 
 def test_timer_goes_on_while_checkpoint_waits(tmp_path, monkeypatch):
@@ -155,7 +159,6 @@ def test_failed_checkpoint_waits_an_interval(tmp_path, monkeypatch):
 def test_unknown_partition_count_is_not_ready(tmp_path, monkeypatch, caplog):
     worker = _worker(tmp_path, "127.0.0.1:9")
     sink = _Sink()
-    sink.pending = {}  # type: ignore[attr-defined]
     worker.sink = sink  # type: ignore[assignment]
     worker.served_ready = True
     topics = worker._source_topics()
@@ -218,7 +221,6 @@ def test_registry_of_other_key_fails_start_check(tmp_path):
 def test_failed_prune_keeps_checkpoint_written(tmp_path, monkeypatch):
     worker = _worker(tmp_path, "127.0.0.1:9")
     sink = _Sink()
-    sink.pending = {}  # type: ignore[attr-defined]
     worker.sink = sink  # type: ignore[assignment]
     committed: list[dict[tuple[str, int], int]] = []
 
