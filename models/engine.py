@@ -60,6 +60,9 @@ MODEL_NAMES = (
     "context",
     "title",
 )
+# The largest model weight. Fused scores then stay far inside the range of
+# float32, the precision in which the worker indexes the lists it served.
+MAX_WEIGHT = 1e6
 DEFAULT_WEIGHTS: dict[str, float] = {
     "popular": 0.05,
     "trending": 0.05,
@@ -192,8 +195,8 @@ class EngineConfig:
             msg = f"weights name unknown models {sorted(unknown)}; expected some of {MODEL_NAMES}"
             raise ModelError(msg)
         for name, weight in self.model_weights().items():
-            if not math.isfinite(weight) or weight < 0:
-                msg = f"weight of {name} is {weight}; expected a finite number >= 0"
+            if not math.isfinite(weight) or not 0 <= weight <= MAX_WEIGHT:
+                msg = f"weight of {name} is {weight}; expected a number in [0, {MAX_WEIGHT:g}]"
                 raise ModelError(msg)
         if not 0.0 <= self.exploration < 1.0:
             msg = f"exploration is {self.exploration}; expected a share in [0, 1)"

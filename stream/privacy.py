@@ -116,7 +116,11 @@ def load_pseudonymizer(settings: Settings, *, create: bool = False) -> Pseudonym
     with the checkpoints.
     """
     if settings.pseudonym_key:
-        return Pseudonymizer(_key_bytes(settings.pseudonym_key))
+        key = _key_bytes(settings.pseudonym_key)
+        if len(key) < MIN_KEY_BYTES:
+            msg = f"FUSIONREC_PSEUDONYM_KEY is {len(key)} bytes; {_KEY_FILE_EXPECTED}"
+            raise SettingsError(msg)
+        return Pseudonymizer(key)
     path = Path(settings.pseudonym_key_file or settings.data_path / "pseudonym.key")
     if path.exists():
         return _read_key_file(path)
@@ -163,7 +167,13 @@ def _read_key_file(path: Path) -> Pseudonymizer:
 
 
 def _key_bytes(text: str) -> bytes:
+    """Return the key that ``text`` gives: its hex digits when they make a key, else its bytes.
+
+    Text such as "12345678901234567890" is also valid hex, but too short a
+    key as hex, so it is taken as the 20 bytes of text that it is.
+    """
     try:
-        return bytes.fromhex(text)
+        key = bytes.fromhex(text)
     except ValueError:
         return text.encode()
+    return key if len(key) >= MIN_KEY_BYTES else text.encode()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from redis.connection import parse_url
+
 from models.base import ModelError
-from models.engine import MODEL_NAMES, EngineConfig
+from models.engine import MAX_WEIGHT, MODEL_NAMES, EngineConfig
 from models.fusion import FUSION_STRATEGIES
 
 PREFIX = "FUSIONREC_"
@@ -165,6 +168,15 @@ class Settings:
         if not 0.0 <= self.exploration < 1.0:
             msg = f"{PREFIX}EXPLORATION is {self.exploration}; expected a share in [0, 1)"
             raise SettingsError(msg)
+        if not self.app_id.strip():
+            msg = f"{PREFIX}APP_ID is {self.app_id!r}; expected a non-empty id, such as 'fusionrec'"
+            raise SettingsError(msg)
+        for name in ("user_rate_limit_per_s", "item_repeat_rate_per_s"):
+            rate = getattr(self, name)
+            if rate < MIN_RATE_PER_S:
+                # Slower rates round to 0 per millisecond, the limiter's unit.
+                msg = f"{PREFIX}{name.upper()} is {rate}; expected at least {MIN_RATE_PER_S}"
+                raise SettingsError(msg)
         non_negative = {
             "max_future_skew_s": self.max_future_skew_s,
             "max_per_category": self.max_per_category,
@@ -202,8 +214,11 @@ class Settings:
                     f"{', '.join(MODEL_NAMES)}"
                 )
                 raise SettingsError(msg)
-            if not math.isfinite(weight) or weight < 0:
-                msg = f"{PREFIX}WEIGHTS gives {name} the weight {weight}; expected a number >= 0"
+            if not math.isfinite(weight) or not 0 <= weight <= MAX_WEIGHT:
+                msg = (
+                    f"{PREFIX}WEIGHTS gives {name} the weight {weight}; "
+                    f"expected a number in [0, {MAX_WEIGHT:g}]"
+                )
                 raise SettingsError(msg)
         try:
             self.engine_config().validate()
@@ -228,12 +243,21 @@ class Settings:
         )
 
     def _validate_redis(self) -> None:
-        scheme = urlsplit(self.redis_url).scheme
+        expected = (
+            "expected a URL starting with redis://, rediss:// or unix://, "
+            "such as redis://127.0.0.1:6379/0"
+        )
+        try:
+            scheme = urlsplit(self.redis_url).scheme
+            if scheme in _REDIS_SCHEMES:
+                # The client's own parser, which the sink uses later, so that
+                # a bad port fails here and not in the running worker.
+                parse_url(self.redis_url)
+        except ValueError as exc:
+            msg = f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r} ({exc}); {expected}"
+            raise SettingsError(msg) from exc
         if scheme not in _REDIS_SCHEMES:
-            msg = (
-                f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r}; expected a URL "
-                "starting with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
-            )
+            msg = f"{PREFIX}REDIS_URL is {_mask_url_password(self.redis_url)!r}; {expected}"
             raise SettingsError(msg)
         _check_positive(
             {
@@ -321,6 +345,9 @@ class Settings:
 
 # The shortest list expiry accepted, in seconds.
 MIN_TTL_S = 60
+# The slowest rate limit accepted, in events per second: one event in about
+# 12 days.
+MIN_RATE_PER_S = 1e-6
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -367,8 +394,15 @@ def _mask_url_password(url: str) -> str:
     'redis://127.0.0.1:6379/0?password=***&db=1'
     >>> _mask_url_password("redis://127.0.0.1:6379/0")
     'redis://127.0.0.1:6379/0'
+    >>> _mask_url_password("redis://:secret@[::1/0")
+    'redis://***@[::1/0'
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # Too malformed to parse: every user-info part and password goes.
+        masked = re.sub(r"//[^/]*@", "//***@", url)
+        return re.sub(r"(?i)(password=)[^&]*", r"\1***", masked)
     if parts.password is not None:
         user = parts.username or ""
         host = parts.netloc.rpartition("@")[2]
@@ -420,7 +454,7 @@ SETTINGS_DOC: dict[str, str] = {
     "kafka_ssl_keyfile": "Key of the client certificate.",
     "topic_prefix": "Prefix put before every topic name, to share one cluster.",
     "partitions": "Partition count of every topic that the project creates.",
-    "app_id": "Faust application id, which is also the Kafka consumer group.",
+    "app_id": "Faust application id, which is also the Kafka consumer group; not empty.",
     "consumer_session_timeout_s": "Kafka consumer session timeout, in seconds.",
     "consumer_heartbeat_s": "Kafka consumer heartbeat interval, in seconds.",
     "redis_url": "Redis URL; rediss:// turns on TLS.",
@@ -440,7 +474,7 @@ SETTINGS_DOC: dict[str, str] = {
     "fusion": "Fusion strategy: weighted, rrf or learned; empty means the model default.",
     "weights": (
         "Per-model weights for weighted fusion, as name=number,... with the names popular, "
-        "trending, category, covisit, basket, recent, mf, context and title."
+        "trending, category, covisit, basket, recent, mf, context and title, each in [0, 1e6]."
     ),
     "repeat_purchases": "exclude: purchased items leave the user's list; allow: they stay.",
     "rebuyable_categories": "Comma-separated categories whose purchases stay in lists.",
@@ -461,9 +495,13 @@ SETTINGS_DOC: dict[str, str] = {
         "checkpoint interval plus 86400."
     ),
     "dedup_max_entries": "Most event ids remembered, whatever their age.",
-    "user_rate_limit_per_s": "Sustained events per second of event time that one user may send.",
+    "user_rate_limit_per_s": (
+        "Sustained events per second of event time that one user may send; at least 1e-6."
+    ),
     "user_rate_burst": "Events one user may send at once above the sustained rate.",
-    "item_repeat_rate_per_s": "Sustained events per second of event time of one user on one item.",
+    "item_repeat_rate_per_s": (
+        "Sustained events per second of event time of one user on one item; at least 1e-6."
+    ),
     "item_repeat_burst": "Events one user may send on one item at once.",
     "item_repeat_max_pairs": "User-item pairs whose repeat budget is remembered.",
     "data_dir": "Folder of checkpoints.",

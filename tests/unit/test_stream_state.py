@@ -290,11 +290,27 @@ def test_binary_pseudonym_key_file_rejected(tmp_path, default_file):
 
 def test_short_pseudonym_key_file_rejected(tmp_path):
     path = tmp_path / "pseudonym.key"
-    path.write_text("deadbeefdeadbeef\n")
-    with pytest.raises(SettingsError, match="8 bytes") as caught:
+    path.write_text("deadbeefdeadbe\n")
+    with pytest.raises(SettingsError, match="14 bytes") as caught:
         load_pseudonymizer(Settings(pseudonym_key_file=str(path)))
     assert str(path) in str(caught.value)
     assert "deadbeef" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["12345678901234567890", "deadbeefdeadbeef"])
+def test_digit_text_key_taken_as_text(tmp_path, text):
+    # Valid hex, but too short a key as hex: the text itself is the key.
+    path = tmp_path / "pseudonym.key"
+    path.write_text(text + "\n")
+
+    loaded = load_pseudonymizer(Settings(pseudonym_key_file=str(path)))
+
+    assert loaded("u1") == Pseudonymizer(text.encode())("u1")
+
+
+def test_short_pseudonym_key_setting_named():
+    with pytest.raises(SettingsError, match="FUSIONREC_PSEUDONYM_KEY is 5 bytes"):
+        load_pseudonymizer(Settings(pseudonym_key="short"))
 
 
 def test_recs_by_pseudonym_needs_key_file(tmp_path, monkeypatch, capsys):
@@ -326,6 +342,26 @@ def test_settings_from_env():
 def test_settings_reject_bad_number():
     with pytest.raises(SettingsError, match="FUSIONREC_K"):
         Settings.from_env({"FUSIONREC_K": "many"})
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        (
+            {"FUSIONREC_REDIS_URL": "redis://127.0.0.1:abc/0"},
+            "REDIS_URL is 'redis://127.0.0.1:abc/0'",
+        ),
+        ({"FUSIONREC_REDIS_URL": "redis://127.0.0.1:99999/0"}, "Port out of range"),
+        ({"FUSIONREC_REDIS_URL": "redis://[::1/0"}, "Invalid IPv6 URL"),
+        ({"FUSIONREC_APP_ID": "  "}, "FUSIONREC_APP_ID is '  '; expected a non-empty id"),
+        ({"FUSIONREC_USER_RATE_LIMIT_PER_S": "5e-324"}, "USER_RATE_LIMIT_PER_S is 5e-324"),
+        ({"FUSIONREC_ITEM_REPEAT_RATE_PER_S": "1e-9"}, "ITEM_REPEAT_RATE_PER_S is 1e-09"),
+        ({"FUSIONREC_WEIGHTS": "popular=1e39"}, "expected a number in \\[0, 1e\\+06\\]"),
+    ],
+)
+def test_settings_reject_unusable_values(env, named):
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
 
 
 def test_settings_reject_short_dedup_window():
@@ -377,7 +413,7 @@ def test_url_password_used_without_setting():
         ("KAFKA_SECURITY_PROTOCOL", "ssl", "expected one of 'PLAINTEXT'"),
         ("LOG_LEVEL", "verbose", "expected one of 'debug'"),
         ("WEIGHTS", "mf=1,popularity=0.2", "WEIGHTS names 'popularity'"),
-        ("WEIGHTS", "mf=-1", "expected a number >= 0"),
+        ("WEIGHTS", "mf=-1", "expected a number in"),
         ("USER_RATE_BURST", "0.5", "expected at least 1 event"),
         ("ITEM_REPEAT_BURST", "0.5", "expected at least 1 event"),
         ("CONSUMER_SESSION_TIMEOUT_S", "0", "expected a positive number"),
