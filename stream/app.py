@@ -575,21 +575,31 @@ class Worker:
         while len(self.dead_letters) >= _MAX_LETTERS_OWED and not self._stopping:
             await asyncio.sleep(0.5)
 
-    def _batch_failed(self, kind: str, exc: Exception) -> None:
+    def _batch_failed(self, kind: str, exc: BaseException) -> None:
         """Stop the worker after a batch failed part way, so that a restart applies it again.
 
         Faust would restart the agent and go on with the next batch, so the
         failed one would be lost once a later checkpoint covered its offsets.
-        The worker instead writes no checkpoint from now on and stops, and the
-        restart resumes from the newest checkpoint on disk. Only the type and
-        the stack are logged, because the error's text may quote a message.
         """
-        self.state_suspect = True
         self.metrics.errors.labels(kind="batch_failed").inc()
-        self.fatal_error = f"applying a batch of {kind} failed with {type(exc).__name__}"
+        self._stop_on_fault(f"applying a batch of {kind} failed", exc)
+
+    def _stop_on_fault(self, what: str, exc: BaseException) -> None:
+        """Stop the worker without a checkpoint after a fault in its code.
+
+        The state or the lists owed may then hold part of a step, so the
+        worker writes no checkpoint from now on and stops with exit code 2,
+        and the restart resumes from the newest checkpoint on disk. Only the
+        type and the stack are logged, because the error's text may quote a
+        message and so a user id.
+        """
+        if self.state_suspect:
+            return
+        self.state_suspect = True
+        self.fatal_error = f"{what} with {type(exc).__name__}"
         logger.error(
-            "stopping without a checkpoint: %s. A restart applies the batch again from the "
-            "newest checkpoint on disk. Stack:\n%s",
+            "stopping without a checkpoint: %s. A restart resumes from the newest "
+            "checkpoint on disk. Stack:\n%s",
             self.fatal_error,
             "".join(traceback.format_tb(exc.__traceback__)),
         )
@@ -1173,6 +1183,21 @@ class Worker:
         self.metrics.errors.labels(kind="background_task").inc()
         logger.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    def _stop_when_task_fails(self, task: asyncio.Task[Any]) -> None:
+        """Stop the worker when a task it cannot run without ends with an error.
+
+        Without the refresher, the Redis writer or the dead-letter sender the
+        worker would go on learning and reporting ready while lists or
+        letters stop flowing, and a refresh that failed part way has already
+        taken its users off the set of those to recompute.
+        """
+        self._log_task_failure(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        self._stop_on_fault(f"background task {task.get_name()} failed", exc)
+
     async def watch_brokers(self) -> None:
         """Probe the bootstrap brokers every few seconds until the worker stops."""
         while not self._stopping:
@@ -1402,6 +1427,7 @@ class Worker:
         sink = self._require_sink()
         if self._sink_task is None:
             self._sink_task = asyncio.create_task(sink.run(), name="fusionrec-redis-sink")
+            self._sink_task.add_done_callback(self._stop_when_task_fails)
 
     async def shutdown(self) -> None:
         """Finish the current batch, write pending lists, checkpoint, close Redis."""
@@ -1541,7 +1567,7 @@ class Worker:
                 asyncio.create_task(self.letter_sender(), name="fusionrec-dead-letters")
             )
             for task in self._background:
-                task.add_done_callback(self._log_task_failure)
+                task.add_done_callback(self._stop_when_task_fails)
 
         @app.timer(interval=1.0)
         async def periodic() -> None:

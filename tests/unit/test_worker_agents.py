@@ -8,6 +8,7 @@ tests.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from dataclasses import replace
 
@@ -103,3 +104,24 @@ async def test_failed_batch_stops_without_checkpoint(worker: Worker, monkeypatch
     assert worker.metrics.errors.labels(kind="batch_failed")._value.get() == 1
     assert worker.store.paths() == []
     assert not worker.dirty
+
+
+async def test_failed_refresher_stops_worker(worker: Worker, monkeypatch) -> None:
+    signals: list[int] = []
+    monkeypatch.setattr("stream.app.signal.raise_signal", signals.append)
+
+    def fail(limit: int | None = None) -> int:
+        raise RuntimeError("stands in for a fault while scoring")
+
+    monkeypatch.setattr(worker, "refresh_some", fail)
+    worker.dirty["pseudonym-1"] = "user-1"
+    task = asyncio.create_task(worker.refresher(), name="fusionrec-refresher")
+    task.add_done_callback(worker._stop_when_task_fails)
+    await asyncio.wait([task], timeout=5)
+    await asyncio.sleep(0)
+    await worker.checkpoint("interval")
+
+    assert signals == [signal.SIGTERM]
+    assert worker.fatal_error == "background task fusionrec-refresher failed with RuntimeError"
+    assert worker.metrics.errors.labels(kind="background_task")._value.get() == 1
+    assert worker.store.paths() == []
