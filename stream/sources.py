@@ -374,11 +374,17 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             )
             yield Rejection("unknown_behavior_type", detail, line_no)
             continue
-        if not row[user_col] or not row[item_col]:
+        # Stripped as the other formats' ids are, so " 1" and "1" are one user.
+        user_id, item_id = row[user_col].strip(), row[item_col].strip()
+        if not user_id or not item_id:
             yield Rejection("empty_id", _empty_id_detail(row, col), line_no)
             continue
+        seconds = row[time_col].strip()
         try:
-            timestamp_ms = parse_timestamp(int(row[time_col]) * 1000)
+            # int() alone would also take "1_511_544_074" and non-ASCII digits.
+            if not (seconds.isascii() and seconds.isdigit()):
+                raise ValueError(seconds)
+            timestamp_ms = parse_timestamp(int(seconds) * 1000)
         except (ValueError, SchemaError):
             detail = (
                 f"timestamp {_quote(row[time_col])} is invalid; "
@@ -390,10 +396,10 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
             Event(
                 event_id=_row_id(name, line_no, row),
                 type=event_type,
-                user_id=row[user_col],
-                item_id=row[item_col],
+                user_id=user_id,
+                item_id=item_id,
                 timestamp_ms=timestamp_ms,
-                category=row[cat_col] or None,
+                category=row[cat_col].strip() or None,
             ),
             line_no,
         )

@@ -477,6 +477,21 @@ def test_no_valid_row_error_names_earliest_line(tmp_path: Path) -> None:
         read_events(path, "online-retail", refunds=False)
 
 
+def test_taobao_ids_stripped_and_odd_digits_rejected(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "taobao.csv",
+        "user_id,item_id,category_id,behavior_type,timestamp\n"
+        " 1,100 , 7,pv,1511544070\n"
+        "1,101,7,pv,1_511_544_071\n"
+        "1,102,7,pv,\u0661\u0665\u0661\u0661\u0665\u0664\u0664\u0660\u0667\u0662\n",
+    )
+
+    result = read_events(path, "taobao")
+
+    assert [(e.user_id, e.item_id, e.category) for e in result.events] == [("1", "100", "7")]
+    assert result.skipped == {"invalid_timestamp": 2}
+
+
 def test_quoted_taobao_fields_unquoted(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "quoted.csv",
