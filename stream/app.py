@@ -1022,6 +1022,10 @@ class Worker:
                 short[pseudonym] = key
         sink = self._require_sink()
         item_row = self.processor.engine.catalog.index.get
+        # NOTE: Redis starts the TTL when the write lands, so a write held back
+        # by an outage expires that much later than the index expects. The
+        # index then drops the list early, and a sold-out item can stay in it
+        # for the length of the outage at the end of its TTL.
         expires_at = time.time() + self.settings.ttl_s
         for entry in self.processor.refresh(plain, keys=short):
             owed = entry.pseudonym in self._owed
