@@ -20,7 +20,7 @@ import re
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -605,32 +605,39 @@ class Worker:
         )
         signal.raise_signal(signal.SIGTERM)
 
+    def _apply(
+        self,
+        kind: str,
+        process: Callable[[Iterable[Message]], BatchOutcome],
+        events: Sequence[Any],
+    ) -> BatchOutcome | None:
+        """Apply a batch with ``process`` under the lock; return None when it was not applied.
+
+        After a batch failed part way, no later batch is applied, because the
+        worker is stopping to apply the failed one again from a checkpoint.
+        """
+        if self.state_suspect:
+            return None
+        try:
+            outcome = process(_messages(events))
+        except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
+            self._batch_failed(kind, exc)
+            return None
+        self._take(outcome)
+        return outcome
+
     async def on_event_batch(self, events: Sequence[Any]) -> None:
         """Process one batch of Faust events from the event topics."""
         await self._wait_for_letter_room()
         async with self.lock:
-            if self.state_suspect:
-                return
-            try:
-                outcome = self.processor.process_events(_messages(events))
-            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
-                self._batch_failed("events", exc)
-                return
-            self._take(outcome)
+            self._apply("events", self.processor.process_events, events)
 
     async def on_item_batch(self, events: Sequence[Any]) -> None:
         """Apply item updates, then rewrite at once every list that contains a sold-out item."""
         await self._wait_for_letter_room()
         async with self.lock:
-            if self.state_suspect:
-                return
-            try:
-                outcome = self.processor.process_item_updates(_messages(events))
-            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
-                self._batch_failed("item updates", exc)
-                return
-            self._take(outcome)
-            if outcome.unavailable:
+            outcome = self._apply("item updates", self.processor.process_item_updates, events)
+            if outcome is not None and outcome.unavailable:
                 self.rewrite_without(outcome.unavailable)
                 # Users with no list of their own read the popular list, so
                 # it drops the sold-out items now rather than at its next timer.
@@ -674,14 +681,9 @@ class Worker:
     async def on_forget_batch(self, events: Sequence[Any]) -> None:
         """Erase users and delete their lists, then checkpoint so no file keeps them."""
         async with self.lock:
-            if self.state_suspect:
+            outcome = self._apply("forget requests", self.processor.process_forget, events)
+            if outcome is None:
                 return
-            try:
-                outcome = self.processor.process_forget(_messages(events))
-            except Exception as exc:  # noqa: BLE001 - the worker stops instead of losing the batch
-                self._batch_failed("forget requests", exc)
-                return
-            self._take(outcome)
             sink = self._require_sink()
             # Queued dead letters carry no event time that would tell which
             # came after the request, so every named user loses them.
