@@ -103,7 +103,12 @@ class CoVisitationModel(UserNeighbourScores):
                 if previous == item:
                     del recent[position]
                     break
-            recent.append((item, time_ms))
+            # In time order, so that a late event does not become the user's
+            # newest item; one older than all the items kept drops out.
+            position = len(recent)
+            while position and recent[position - 1][1] > time_ms:
+                position -= 1
+            recent.insert(position, (item, time_ms))
             del recent[: -self.window_items]
 
     def _add(self, source: int, target: int, amount: float) -> None:

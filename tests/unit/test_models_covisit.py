@@ -35,3 +35,16 @@ def test_covisit_skips_late_event_outside_window() -> None:
     )
     assert _neighbours(engine, "old") == set()
     assert "old" not in _neighbours(engine, "b")
+
+
+def test_late_event_not_newest_item() -> None:
+    engine = Recommender()
+    engine.learn(
+        [Event(f"e{n}", "view", "u1", item, T0 + n * 1000) for n, item in enumerate("abc")]
+    )
+
+    engine.learn([Event("late", "view", "u1", "old", T0 - DAY_MS)])
+    engine.learn([Event("later", "view", "u1", "mid", T0 + 1500)])
+
+    items = engine.models["covisit"].user_items("u1")
+    assert [engine.catalog.ids[row] for row in items] == ["c", "mid", "b", "a", "old"]
