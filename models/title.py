@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import re
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 # A word is a run of three or more letters. Digits, punctuation and shorter
 # runs such as "of" or sizes like "6" would link too many unrelated items.
 _WORD = re.compile(r"[^\W\d_]{3,}")
+# The event time given to the items of a state saved before times were kept.
+_OLDEST_MS = -(2**63)
 
 
 def title_words(title: str) -> list[str]:
@@ -101,7 +104,8 @@ class TitleModel(UserNeighbourScores):
         self._item_words: dict[int, tuple[int, ...]] = {}
         self._norms = np.zeros(0, dtype=np.float64)
         self._norms_at = 0
-        self._recent: dict[str, list[int]] = {}
+        # Each user's last items with their event times, oldest first.
+        self._recent: dict[str, list[tuple[int, int]]] = {}
 
     @property
     def n_titled(self) -> int:
@@ -194,18 +198,34 @@ class TitleModel(UserNeighbourScores):
         self._version += 1
         items = batch.items.tolist()
         weights = batch.weights.tolist()
-        for event, item, weight in zip(batch.events, items, weights, strict=True):
+        times = batch.times.tolist()
+        for event, item, weight, time_ms in zip(batch.events, items, weights, times, strict=True):
             if weight <= 0:
                 continue
             recent = self._recent.setdefault(event.user_id, [])
-            if item in recent:
-                recent.remove(item)
-            recent.append(item)
+            for position, (previous, _) in enumerate(recent):
+                if previous == item:
+                    del recent[position]
+                    break
+            # In time order, so that a late event does not become the user's
+            # newest item; one older than all the items kept drops out.
+            position = len(recent)
+            while position and recent[position - 1][1] > time_ms:
+                position -= 1
+            recent.insert(position, (item, time_ms))
             del recent[: -self.recent_items]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # States saved before the times were kept list bare items, which
+        # count as older than any event.
+        for user_id, recent in state.get("_recent", {}).items():
+            if recent and isinstance(recent[0], int):
+                state["_recent"][user_id] = [(item, _OLDEST_MS) for item in recent]
+        self.__dict__.update(state)
 
     def user_items(self, user_id: str) -> list[int]:
         """Return the user's last items, newest first."""
-        return list(reversed(self._recent.get(user_id, ())))
+        return [item for item, _ in reversed(self._recent.get(user_id, ()))]
 
     def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []

@@ -298,3 +298,27 @@ def test_old_state_gains_title_model() -> None:
     restored.learn([_buy(13, "u2", "x", "alarm clock blue"), _buy(14, "u1", "a", "alarm clock")])
     sources = {entry.item_id: entry.sources for entry in restored.recommend(["u1"])[0]}
     assert "title" in sources["x"]
+
+
+def test_late_event_not_newest_title_item() -> None:
+    engine = Recommender()
+    engine.learn([_buy(n, "u1", item) for n, item in enumerate("abc")])
+
+    engine.learn([Event("late", "purchase", "u1", "old", T0 - 86_400_000)])
+
+    title = engine.models["title"]
+    assert [engine.catalog.ids[row] for row in title.user_items("u1")] == ["c", "b", "a", "old"]
+
+
+def test_state_with_bare_recent_items_restores() -> None:
+    engine = Recommender()
+    engine.learn([_buy(n, "u1", item) for n, item in enumerate("ab")])
+    title = engine.models["title"]
+    state = title.__dict__.copy()
+    state["_recent"] = {"u1": [item for item, _ in title._recent["u1"]]}
+    restored = TitleModel.__new__(TitleModel)
+    restored.__setstate__(state)
+
+    restored.learn(engine._batch([_buy(5, "u1", "c")]))
+
+    assert [engine.catalog.ids[row] for row in restored.user_items("u1")] == ["c", "b", "a"]
