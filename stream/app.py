@@ -82,6 +82,9 @@ _MAX_LETTERS_OWED = 10_000
 # The field of the forget registry that contains the check value of the key
 # its tokens were derived with. Tokens are hex, so no token has this name.
 _REGISTRY_CHECK_FIELD = "key-check"
+# How often the worker checks whether Redis restarted and so may have lost
+# the lists it wrote.
+_RESTART_CHECK_S = 5.0
 
 
 class RegistryKeyError(RuntimeError):
@@ -168,6 +171,10 @@ class Worker:
         self._registry_merged = False
         # Whether the served-list index has been rebuilt from Redis since start.
         self.served_ready = False
+        # The run id of the Redis server that the lists were written to, which
+        # changes when the server restarts; None until first read.
+        self._redis_run_id: str | None = None
+        self._restart_checked = 0.0
         # Whether a bootstrap broker replied to a metadata request at the last probe.
         self.broker_reachable = True
         self._interval_checkpoint: asyncio.Task[None] | None = None
@@ -731,6 +738,57 @@ class Worker:
             if self._registry_owed.get(token) == stamp:
                 del self._registry_owed[token]
 
+    async def _server_run_id(self) -> str:
+        """Return the run id of the Redis server, empty when the server does not report one."""
+        info = await self._require_sink().client.info("server")
+        return str(info.get("run_id", ""))
+
+    async def check_redis_kept(self) -> bool:
+        """Rewrite every list when Redis restarted since the last check; return False then.
+
+        A Redis server restarted without persistence has lost every list
+        the worker wrote and the forget registry, and nothing else would
+        write them again before each user's next event. A restart with
+        persistence kept them, and writing them again only costs time. The
+        server's run id, which changes at each start, tells a restart.
+        """
+        try:
+            run_id = await self._server_run_id()
+        except (RedisError, OSError) as exc:
+            # The sink notices an outage and retries on its own.
+            logger.debug("Redis run id not read: %r", exc)
+            return True
+        if run_id == self._redis_run_id:
+            return True
+        self._redis_run_id = run_id
+        async with self.lock:
+            self._rewrite_all_lists()
+        return False
+
+    def _rewrite_all_lists(self) -> None:
+        """Queue every served list, the popular list and the forget registry for Redis again."""
+        owed = 0
+        for pseudonym in self.served.pseudonyms():
+            key = self.served.forget(pseudonym)
+            if key is None:
+                continue
+            # Out of the index, so that the refresh writes it whole and not
+            # only over a key that exists.
+            self._short[pseudonym] = key
+            self._owed.add(pseudonym)
+            self.dirty.setdefault(pseudonym, "")
+            owed += 1
+        self._registry_owed.update(self.processor.forgotten)
+        self._require_sink().put(self.processor.popular_key, self.processor.popular_list())
+        self.metrics.errors.labels(kind="redis_restarted").inc()
+        logger.warning(
+            "Redis restarted, and may have lost what the worker wrote; writing %d lists, "
+            "the popular list and %d forget tokens again",
+            owed,
+            len(self._registry_owed),
+        )
+        self._wake_refresher()
+
     async def check_registry_key(self) -> None:
         """Raise `RegistryKeyError` when the forget registry in Redis comes from another key.
 
@@ -839,7 +897,10 @@ class Worker:
             try:
                 if not self._registry_merged:
                     await self._merge_registry()
+                # Read before the lists, which are then those of this server.
+                run_id = await self._server_run_id()
                 loaded, deleted = await self._load_served()
+                self._redis_run_id = run_id
                 break
             except RegistryKeyError as exc:
                 logger.error("stopping: %s", exc)
@@ -1158,6 +1219,9 @@ class Worker:
                 self.served.expire(time.time())
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
+        if now - self._restart_checked >= _RESTART_CHECK_S and self._redis_run_id is not None:
+            self._restart_checked = now
+            await self.check_redis_kept()
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         if self.assigned and self.partitions_total is None:
             # A consumer that joins a group can get its assignment before the

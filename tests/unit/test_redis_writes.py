@@ -276,3 +276,44 @@ def test_registry_merge_deletes_queued_list(tmp_path):
     assert sink.pending["recs:user:carol"] is None
     assert "recs:user:carol" not in worker._pending_keys()
     assert pseudonym not in worker.served
+
+
+class _RestartingRedis(_FakeRedis):
+    """Adds the server's run id, which a restart changes, to the in-memory Redis."""
+
+    run_id = "first"
+
+    async def info(self, section: str) -> dict[str, str]:
+        return {"run_id": self.run_id}
+
+
+def test_restarted_redis_gets_every_list_again(tmp_path):
+    worker = Worker(_settings(tmp_path))
+    sink, _ = _sink(worker.settings)
+    fake = _RestartingRedis()
+    sink.client = fake  # type: ignore[assignment]
+    worker.sink = sink
+    asyncio.run(worker.on_event_batch([_view(n, f"user-{n}", "hot") for n in range(3)]))
+    worker.refresh_some()
+
+    async def run() -> tuple[bool, bool]:
+        worker._redis_run_id = await worker._server_run_id()
+        while sink.pending:
+            await sink.flush_once()
+        kept = await worker.check_redis_kept()
+        # Redis restarts without persistence.
+        fake.values.clear()
+        fake.run_id = "second"
+        restarted = await worker.check_redis_kept()
+        worker.refresh_some()
+        while sink.pending:
+            await sink.flush_once()
+        return kept, restarted
+
+    kept, restarted = asyncio.run(run())
+
+    assert kept is True
+    assert restarted is False
+    assert {f"recs:user:user-{n}" for n in range(3)} <= set(fake.values)
+    assert "recs:popular" in fake.values
+    assert worker.metrics.errors.labels(kind="redis_restarted")._value.get() == 1
