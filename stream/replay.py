@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import bisect
 import logging
+import math
 import os
 import sys
 import time
@@ -53,6 +54,9 @@ CLI_DESCRIPTION = (
 
 # Deliveries awaited at once; bounds the memory of pending futures.
 MAX_IN_FLIGHT = 20_000
+# Seconds without a confirmed delivery after which a replay gives up: the
+# producer retries a batch for as long as the broker stays away.
+DELIVERY_TIMEOUT_S = 30.0
 
 
 class ReplayError(RuntimeError):
@@ -117,6 +121,11 @@ class ReplaySummary:
     failed: Counter[str] = field(default_factory=Counter)
     by_topic: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    # Events left out at the start with --skip.
+    skip: int = 0
+    # Where a replay that stopped on failed deliveries can resume, as the
+    # --skip value: every event before it was delivered.
+    resume_from: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the summary as one JSON-ready object with nested counts."""
@@ -137,6 +146,8 @@ class ReplaySummary:
             "failed": dict(sorted(self.failed.items())),
             "by_topic": dict(sorted(self.by_topic.items())),
             "elapsed_s": round(self.elapsed_s, 3),
+            "skip": self.skip,
+            "resume_from": self.resume_from,
         }
 
     def to_text(self) -> str:
@@ -161,6 +172,8 @@ class ReplaySummary:
             lines.append(f"failed      {sum(self.failed.values())}")
             for error, count in sorted(self.failed.items()):
                 lines.append(f"  {error:<{width}} {count}")
+        if self.resume_from is not None:
+            lines.append(f"resume with --skip {self.resume_from}")
         lines.append(f"elapsed     {self.elapsed_s:.1f} s")
         return "\n".join(lines)
 
@@ -183,10 +196,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=None, metavar="N", help="produce only the first N events"
     )
     parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out the first N events, to resume a replay that stopped (default: 0)",
+    )
+    parser.add_argument(
         "--bootstrap-servers",
         default=None,
         metavar="HOST:PORT[,...]",
         help="Kafka brokers (default: FUSIONREC_KAFKA_BOOTSTRAP, then 127.0.0.1:9092)",
+    )
+    parser.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=DELIVERY_TIMEOUT_S,
+        metavar="SECONDS",
+        help=(
+            "give up when the broker confirms no delivery for this long "
+            f"(default: {DELIVERY_TIMEOUT_S:g})"
+        ),
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -194,20 +224,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fusionrec replay``; return 0 on success, 1 on failed deliveries, 2 on bad input."""
-    if args.limit is not None and args.limit < 0:
-        print(f"fusionrec replay: --limit is {args.limit}; expected 0 or more", file=sys.stderr)
-        return 2
-    if args.rate is not None and not args.rate > 0:
-        print(
-            f"fusionrec replay: --rate is {args.rate}; expected a positive number", file=sys.stderr
-        )
-        return 2
+    for flag, value in (("--limit", args.limit), ("--skip", args.skip)):
+        if value is not None and value < 0:
+            return _reject(args, f"{flag} is {value}; expected 0 or more")
+    for flag, value in (("--rate", args.rate), ("--delivery-timeout", args.delivery_timeout)):
+        if value is not None and not 0 < value < math.inf:
+            return _reject(args, f"{flag} is {value}; expected a positive number")
     if args.bootstrap_servers is not None:
         try:
             check_bootstrap(args.bootstrap_servers, "--bootstrap-servers")
         except SettingsError as exc:
-            print(f"fusionrec replay: {exc}", file=sys.stderr)
-            return 2
+            return _reject(args, str(exc))
     # A dry run connects to no service, and the flag replaces the variable,
     # whose value then needs no check.
     environ = dict(os.environ)
@@ -221,19 +248,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = read_events(args.path, args.fmt)
     except (SourceError, OSError, UnicodeDecodeError) as exc:
-        print(f"fusionrec replay: cannot read {args.path}: {exc}", file=sys.stderr)
-        return 2
+        return _reject(args, f"cannot read {args.path}: {exc}")
     _skip_future(loaded, time.time() + settings.max_future_skew_s)
     if not loaded.events:
         first = loaded.examples["timestamp_in_future"][0]
-        print(
-            f"fusionrec replay: none of the {loaded.rows_read} rows of {args.path} is an "
-            f"event the worker would take (skipped: {dict(loaded.skipped)}; first: {first})",
-            file=sys.stderr,
+        return _reject(
+            args,
+            f"none of the {loaded.rows_read} rows of {args.path} is an event the worker "
+            f"would take (skipped: {dict(loaded.skipped)}; first: {first})",
         )
-        return 2
     summary = _summary_of(args, loaded)
-    events = loaded.events if args.limit is None else loaded.events[: args.limit]
+    summary.skip = args.skip
+    events = loaded.events[args.skip :]
+    if args.limit is not None:
+        events = events[: args.limit]
     summary.selected = len(events)
 
     if args.dry_run:
@@ -249,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
                     summary,
                     rate_per_s=args.rate,
                     progress=not args.no_progress,
+                    delivery_timeout_s=args.delivery_timeout,
                 )
             )
         except ReplayError as exc:
@@ -256,6 +285,14 @@ def run(args: argparse.Namespace) -> int:
             summary.elapsed_s = time.monotonic() - started
             _print_summary(summary, as_json=args.json)
             return 1
+        except KeyboardInterrupt:
+            print(
+                "fusionrec replay: interrupted; the summary counts the deliveries confirmed",
+                file=sys.stderr,
+            )
+            summary.elapsed_s = time.monotonic() - started
+            _print_summary(summary, as_json=args.json)
+            return 130
     summary.elapsed_s = time.monotonic() - started
     _print_summary(summary, as_json=args.json)
     return 1 if summary.failed else 0
@@ -269,41 +306,74 @@ async def produce_events(
     *,
     rate_per_s: float | None = None,
     progress: bool = True,
+    delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
 ) -> None:
     """Send ``events`` in order to their topics and count deliveries in ``summary``.
+
+    The replay stops at the first batch with a failed delivery, or with
+    deliveries that the broker has not confirmed after
+    ``delivery_timeout_s`` without progress, instead of sending the rest of
+    the file to a broker that takes nothing. ``summary.resume_from`` then gives the
+    --skip value that resumes it: every event before that one was
+    delivered, and of those after it, only the ones of the same batch may
+    be sent twice, which the worker drops as duplicates by event id.
 
     Raises
     ------
     ReplayError
-        If the broker cannot be reached or an event topic does not exist.
+        If the broker cannot be reached, an event topic does not exist, or
+        a delivery failed.
 
     """
     producer = await _start_producer(settings, bootstrap)
     try:
         await _check_topics(producer, settings, bootstrap)
         bucket = TokenBucket(rate_per_s, burst=max(1.0, rate_per_s / 10)) if rate_per_s else None
-        in_flight: list[tuple[asyncio.Future[Any], str]] = []
+        in_flight: list[tuple[asyncio.Future[Any], str, int]] = []
         with tqdm(
             total=len(events), unit="ev", file=sys.stderr, disable=not progress, smoothing=0.1
         ) as bar:
-            for event in events:
+            for index, event in enumerate(events, start=summary.skip):
                 if bucket is not None:
                     wait_s = bucket.take()
                     if wait_s > 0:
                         await asyncio.sleep(wait_s)
                 topic = settings.topic(EVENT_TOPICS[event.type])
-                future = await producer.send(
-                    topic,
-                    orjson.dumps(event.to_json()),
-                    key=event.user_id.encode("utf-8"),
-                )
-                in_flight.append((future, topic))
-                if len(in_flight) >= MAX_IN_FLIGHT:
-                    await _collect(in_flight, summary, bar)
-            await producer.flush()
-            await _collect(in_flight, summary, bar)
+                try:
+                    future = await producer.send(
+                        topic,
+                        orjson.dumps(event.to_json()),
+                        key=event.user_id.encode("utf-8"),
+                    )
+                except KafkaError as exc:
+                    # Not taken at all, as when no broker gives the metadata.
+                    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    failed.set_exception(exc)
+                    future = failed
+                in_flight.append((future, topic, index))
+                if len(in_flight) >= MAX_IN_FLIGHT or future.done() and future.exception():
+                    await _collect(in_flight, summary, bar, delivery_timeout_s)
+                    _stop_on_failure(summary)
+            await _collect(in_flight, summary, bar, delivery_timeout_s)
+            _stop_on_failure(summary)
     finally:
-        await producer.stop()
+        try:
+            # Stopping flushes what the producer still holds, which waits for
+            # as long as the broker stays away.
+            await asyncio.wait_for(producer.stop(), delivery_timeout_s)
+        except TimeoutError:
+            logger.warning("producer not stopped within %.0f s; leaving it", delivery_timeout_s)
+
+
+def _stop_on_failure(summary: ReplaySummary) -> None:
+    if summary.resume_from is None:
+        return
+    msg = (
+        f"{sum(summary.failed.values())} deliveries failed, so the replay stopped after "
+        f"{summary.produced} delivered events; once the broker takes events again, resume "
+        f"with --skip {summary.resume_from}"
+    )
+    raise ReplayError(msg)
 
 
 async def _start_producer(settings: Settings, bootstrap: str) -> AIOKafkaProducer:
@@ -351,14 +421,34 @@ async def _check_topics(producer: AIOKafkaProducer, settings: Settings, bootstra
 
 
 async def _collect(
-    in_flight: list[tuple[asyncio.Future[Any], str]], summary: ReplaySummary, bar: tqdm
+    in_flight: list[tuple[asyncio.Future[Any], str, int]],
+    summary: ReplaySummary,
+    bar: tqdm,
+    timeout_s: float,
 ) -> None:
-    results = await asyncio.gather(*(future for future, _ in in_flight), return_exceptions=True)
+    """Wait for the deliveries of ``in_flight`` and count them; give up after a stall.
+
+    A delivery still unconfirmed once ``timeout_s`` passed without any other
+    delivery confirmed counts as failed with ``DeliveryTimeout``.
+    """
+    pending = {future for future, _, _ in in_flight}
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=timeout_s)
+        if not done:
+            break
     first_error: BaseException | None = None
-    for (_, topic), result in zip(in_flight, results, strict=True):
-        if isinstance(result, BaseException):
-            summary.failed[type(result).__name__] += 1
-            first_error = first_error or result
+    for future, topic, index in in_flight:
+        if not future.done():
+            error: BaseException | None = TimeoutError(f"no delivery confirmed for {timeout_s:g} s")
+            name = "DeliveryTimeout"
+        else:
+            error = future.exception()
+            name = type(error).__name__
+        if error is not None:
+            summary.failed[name] += 1
+            first_error = first_error or error
+            if summary.resume_from is None or index < summary.resume_from:
+                summary.resume_from = index
         else:
             summary.produced += 1
             summary.by_topic[topic] += 1
@@ -405,6 +495,15 @@ def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:
         skipped=Counter(loaded.skipped),
         skipped_examples={reason: list(found) for reason, found in loaded.examples.items()},
     )
+
+
+def _reject(args: argparse.Namespace, message: str) -> int:
+    """Report input that the replay cannot use, also as JSON with --json; return 2."""
+    print(f"fusionrec replay: {message}", file=sys.stderr)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps({"error": message, "exit_code": 2}) + b"\n")
+        sys.stdout.flush()
+    return 2
 
 
 def _print_summary(summary: ReplaySummary, *, as_json: bool) -> None:

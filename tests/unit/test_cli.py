@@ -91,6 +91,33 @@ def test_dry_run_ignores_service_settings(
     assert summary["events"] == 1
 
 
+def test_replay_json_reports_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["replay", str(tmp_path / "missing.jsonl"), "--format", "jsonl", "--json"]
+
+    assert main(argv) == 2
+
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["exit_code"] == 2
+    assert report["error"].startswith("cannot read ")
+
+
+def test_replay_skip_leaves_out_first_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "events.jsonl"
+    events = [Event(f"e{n}", "view", "u1", "i1", 1_760_000_000_000 + n) for n in range(5)]
+    path.write_bytes(b"".join(orjson.dumps(event.to_json()) + b"\n" for event in events))
+    argv = ["replay", str(path), "--format", "jsonl", "--dry-run", "--json", "--skip", "3"]
+
+    assert main([*argv, "--no-progress"]) == 0
+
+    summary = orjson.loads(capsys.readouterr().out)
+    assert summary["selected"] == 2
+    assert summary["skip"] == 3
+
+
 def test_replay_checks_kafka_bootstrap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,8 +1,15 @@
-"""The terminal summary that ``fusionrec replay`` prints."""
+"""The summary that ``fusionrec replay`` prints, and where a failed replay stops."""
 
+import asyncio
 from collections import Counter
 
+import pytest
+from aiokafka.errors import KafkaTimeoutError
+
+from schemas import Event
+from stream import replay
 from stream.replay import ReplaySummary
+from stream.settings import Settings
 
 
 def _count_column(lines: list[str], names: list[str]) -> set[int]:
@@ -35,3 +42,83 @@ def test_counts_align_across_sections() -> None:
     lines = summary.to_text().splitlines()
     names = [*summary.by_topic, *summary.skipped, *summary.failed]
     assert len(_count_column(lines, names)) == 1
+
+
+class _FailingProducer:
+    """Takes events until ``broken_at``; from there on every delivery fails."""
+
+    def __init__(self, broken_at: int, silent: bool = False) -> None:
+        self.broken_at = broken_at
+        self.silent = silent
+        self.sent = 0
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.sent < self.broken_at:
+            future.set_result(None)
+        elif not self.silent:
+            future.set_exception(KafkaTimeoutError("batch expired"))
+        # A silent broker leaves the delivery unconfirmed.
+        self.sent += 1
+        return future
+
+    async def flush(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def _replay(monkeypatch, producer: _FailingProducer, summary: ReplaySummary) -> None:
+    async def start(settings: Settings, bootstrap: str) -> _FailingProducer:
+        return producer
+
+    async def topics_exist(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(replay, "_start_producer", start)
+    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+    events = [Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n) for n in range(50)]
+    asyncio.run(
+        replay.produce_events(
+            events[summary.skip :],
+            Settings(),
+            "127.0.0.1:9",
+            summary,
+            progress=False,
+            delivery_timeout_s=0.2,
+        )
+    )
+
+
+def test_replay_stops_at_first_failed_delivery(monkeypatch) -> None:
+    producer = _FailingProducer(broken_at=20)
+    summary = ReplaySummary(path="events.jsonl", fmt="jsonl", dry_run=False, skip=5)
+
+    with pytest.raises(replay.ReplayError, match="resume with --skip 25") as caught:
+        _replay(monkeypatch, producer, summary)
+
+    assert "after 20 delivered events" in str(caught.value)
+    assert producer.sent == 21
+    assert summary.produced == 20
+    assert summary.resume_from == 25
+
+
+def test_resumed_replay_counts_from_skip(monkeypatch) -> None:
+    summary = ReplaySummary(path="events.jsonl", fmt="jsonl", dry_run=False, skip=25)
+
+    _replay(monkeypatch, _FailingProducer(broken_at=10**9), summary)
+
+    assert summary.produced == 25
+    assert summary.resume_from is None
+    assert summary.to_json()["skip"] == 25
+
+
+def test_replay_gives_up_on_silent_broker(monkeypatch) -> None:
+    summary = ReplaySummary(path="events.jsonl", fmt="jsonl", dry_run=False)
+
+    with pytest.raises(replay.ReplayError, match="resume with --skip 30"):
+        _replay(monkeypatch, _FailingProducer(broken_at=30, silent=True), summary)
+
+    assert summary.produced == 30
+    assert summary.failed == {"DeliveryTimeout": 20}

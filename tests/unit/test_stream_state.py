@@ -10,7 +10,7 @@ import pytest
 
 from stream.checkpoint import CheckpointError, CheckpointFormatError, CheckpointStore
 from stream.dedup import DedupWindow
-from stream.logs import JsonFormatter, configure_logging
+from stream.logs import JsonFormatter, RepeatLimit, configure_logging
 from stream.privacy import Pseudonymizer, load_pseudonymizer
 from stream.ratelimit import UserRateLimiter
 from stream.settings import Service, Settings, SettingsError
@@ -598,3 +598,20 @@ def test_pair_limit_forgets_several_users_at_once():
         limiter.allow(user, "i", 0)
     limiter.forget_users({"a", "c"})
     assert limiter.users() == {"b"}
+
+
+def test_repeat_limit_counts_held_back_lines():
+    now = [0.0]
+    limit = RepeatLimit(interval_s=5.0, clock=lambda: now[0])
+
+    def record(node: int) -> logging.LogRecord:
+        fields = {"name": "aiokafka", "msg": "Unable connect to node %s", "args": (node,)}
+        return logging.makeLogRecord(fields)
+
+    passed = [limit.filter(record(n)) for n in range(4)]
+    now[0] = 6.0
+    later = record(9)
+
+    assert passed == [True, False, False, False]
+    assert limit.filter(later) is True
+    assert later.getMessage() == "Unable connect to node 9 (3 more like this in the last 6 s)"
