@@ -95,6 +95,14 @@ class GroupBusyError(RuntimeError):
     """Another member kept the consumer group busy for longer than a worker waits at start."""
 
 
+class BrokerUnreachableError(RuntimeError):
+    """No bootstrap broker replied for as long as a worker waits at start."""
+
+
+# How long a starting worker waits for its broker, as when both start together.
+_START_WAIT_S = 60.0
+
+
 @dataclass(slots=True)
 class _Letter:
     """A dead letter on its way to the broker."""
@@ -249,6 +257,30 @@ class Worker:
             [entry[2] if len(entry) > 2 else now for entry in entries],
         )
 
+    async def _wait_for_topics(self, wait_s: float = _START_WAIT_S) -> dict[str, list[int]]:
+        """Return the partitions of the source topics, waiting up to ``wait_s`` for a broker."""
+        deadline = time.monotonic() + wait_s
+        pause_s = 1.0
+        while True:
+            try:
+                return await topic_partitions(self.settings, self._source_topics())
+            except (KafkaError, OSError) as exc:
+                if time.monotonic() + pause_s > deadline:
+                    msg = (
+                        f"no Kafka broker at {self.settings.kafka_bootstrap} replied within "
+                        f"{wait_s:.0f} s ({exc!r}); start the broker, or set "
+                        "FUSIONREC_KAFKA_BOOTSTRAP to its address"
+                    )
+                    raise BrokerUnreachableError(msg) from exc
+                logger.warning(
+                    "Kafka at %s not reachable yet (%r); trying again in %.0f s",
+                    self.settings.kafka_bootstrap,
+                    exc,
+                    pause_s,
+                )
+                await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, 10.0)
+
     async def align_committed_offsets(self, timeout_s: float | None = None) -> None:
         """Commit the restored offsets for the group before Faust joins it.
 
@@ -260,7 +292,7 @@ class Worker:
             timeout_s if timeout_s is not None else 2 * settings.consumer_session_timeout_s + 30
         )
         deadline = time.monotonic() + waited_s
-        layout = await topic_partitions(settings, self._source_topics())
+        layout = await self._wait_for_topics()
         tps = [TopicPartition(name, p) for name, parts in layout.items() for p in parts]
         if not tps:
             logger.warning("no source topic exists; create them with `fusionrec topics --create`")

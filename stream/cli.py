@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import importlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,10 +42,14 @@ _MODULE_COMMANDS = {
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from stream.app import GroupBusyError, RegistryKeyError, Worker
+    from stream.app import BrokerUnreachableError, GroupBusyError, RegistryKeyError, Worker
     from stream.checkpoint import CheckpointFormatError
 
     settings = Settings.from_env()
+    problem = _local_problem(settings)
+    if problem is not None:
+        print(f"fusionrec worker: {problem}", file=sys.stderr)
+        return 2
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(settings)
@@ -62,7 +67,7 @@ def _worker(args: argparse.Namespace) -> int:
     except RegistryKeyError as exc:
         print(f"fusionrec worker: {exc}", file=sys.stderr)
         return 2
-    except GroupBusyError as exc:
+    except (GroupBusyError, BrokerUnreachableError) as exc:
         print(f"fusionrec worker: {exc}", file=sys.stderr)
         return 1
 
@@ -77,6 +82,36 @@ def _worker(args: argparse.Namespace) -> int:
     if worker.fatal_error is not None:
         return 2
     return 1 if worker.checkpoint_failed else 0
+
+
+def _local_problem(settings: Settings) -> str | None:
+    """Return why the worker cannot use its data folder or web port here, or None.
+
+    Both would otherwise fail deep inside Faust, with a traceback that names
+    neither setting.
+    """
+    folder = settings.data_path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return f"FUSIONREC_DATA_DIR is {str(folder)!r}, which is not a writable folder ({reason})"
+    with socket.socket() as listener:
+        # As the web server binds: a connection of an earlier run still in
+        # TIME_WAIT does not block the port, a listening server does.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((settings.web_host, settings.web_port))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            return (
+                f"FUSIONREC_WEB_PORT is {settings.web_port}, which cannot be bound on "
+                f"{settings.web_host} ({reason}); stop what uses it or choose another port"
+            )
+    return None
 
 
 def build_faust_worker(

@@ -11,6 +11,7 @@ import pytest
 
 from schemas import Event
 from stream.cli import build_faust_worker, main
+from stream.settings import Settings
 
 
 def _closed_port() -> int:
@@ -247,3 +248,38 @@ def test_recs_without_redis_one_line(
     assert lines[0].endswith("; start it with `make services-up` or set FUSIONREC_REDIS_URL")
     assert ".)." not in lines[0]
     assert ".;" not in lines[0]
+
+
+def test_worker_names_unusable_data_dir(tmp_path: Path) -> None:
+    from stream.cli import _local_problem
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    problem = _local_problem(Settings(data_dir=str(blocker)))
+
+    assert problem is not None
+    assert problem.startswith(f"FUSIONREC_DATA_DIR is '{blocker}', which is not a writable folder")
+
+
+def test_worker_names_busy_web_port(tmp_path: Path) -> None:
+    from stream.cli import _local_problem
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        problem = _local_problem(Settings(data_dir=str(tmp_path), web_port=port))
+
+    assert problem is not None
+    assert problem.startswith(f"FUSIONREC_WEB_PORT is {port}, which cannot be bound")
+
+
+def test_worker_gives_up_on_absent_broker(tmp_path: Path) -> None:
+    from stream.app import BrokerUnreachableError, Worker
+
+    worker = Worker(Settings(data_dir=str(tmp_path), kafka_bootstrap="127.0.0.1:9"))
+
+    with pytest.raises(BrokerUnreachableError, match="no Kafka broker at 127.0.0.1:9 replied"):
+        asyncio.run(worker._wait_for_topics(wait_s=0.5))
