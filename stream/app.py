@@ -782,7 +782,7 @@ class Worker:
         the worker wrote and the forget registry, and nothing else would
         write them again before each user's next event. A restart with
         persistence kept them, and writing them again only costs time. The
-        server's run id, which changes at each start, tells a restart.
+        server's run id changes at each start, so a new one shows a restart.
         """
         try:
             run_id = await self._server_run_id()
@@ -1290,8 +1290,8 @@ class Worker:
 
         Without the refresher, the Redis writer or the dead-letter sender the
         worker would go on learning and reporting ready while lists or
-        letters stop flowing, and a refresh that failed part way has already
-        taken its users off the set of those to recompute.
+        letters stop flowing. A refresh that failed part way has also taken
+        its users off the set of those to recompute.
         """
         self._log_task_failure(task)
         if task.cancelled() or task.exception() is None:
