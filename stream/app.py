@@ -183,6 +183,7 @@ class Worker:
         # changes when the server restarts; None until first read.
         self._redis_run_id: str | None = None
         self._restart_checked = 0.0
+        self._restart_check: asyncio.Task[bool] | None = None
         # Whether a bootstrap broker replied to a metadata request at the last probe.
         self.broker_reachable = True
         self._interval_checkpoint: asyncio.Task[None] | None = None
@@ -1251,9 +1252,16 @@ class Worker:
                 self.served.expire(time.time())
         if self._registry_owed and not sink.in_outage:
             await self._write_registry()
-        if now - self._restart_checked >= _RESTART_CHECK_S and self._redis_run_id is not None:
+        checking = self._restart_check is not None and not self._restart_check.done()
+        check_due = now - self._restart_checked >= _RESTART_CHECK_S
+        if check_due and not checking and self._redis_run_id is not None and not sink.in_outage:
             self._restart_checked = now
-            await self.check_redis_kept()
+            # A task, because a hung Redis makes the read wait for the socket
+            # timeout, and the timer must go on meanwhile.
+            self._restart_check = asyncio.create_task(
+                self.check_redis_kept(), name="fusionrec-redis-restart-check"
+            )
+            self._restart_check.add_done_callback(self._log_task_failure)
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
         if self.assigned and self.partitions_total is None:
             # A consumer that joins a group can get its assignment before the
