@@ -266,13 +266,15 @@ class Worker:
             try:
                 return await topic_partitions(self.settings, self._source_topics())
             except (KafkaError, OSError) as exc:
-                if time.monotonic() + pause_s > deadline:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
                     msg = (
                         f"no Kafka broker at {self.settings.kafka_bootstrap} replied within "
                         f"{wait_s:.0f} s ({exc!r}); start the broker, or set "
                         "FUSIONREC_KAFKA_BOOTSTRAP to its address"
                     )
                     raise BrokerUnreachableError(msg) from exc
+                pause_s = min(pause_s, remaining_s)
                 logger.warning(
                     "Kafka at %s not reachable yet (%r); trying again in %.0f s",
                     self.settings.kafka_bootstrap,

@@ -57,6 +57,8 @@ MAX_IN_FLIGHT = 20_000
 # Seconds without a confirmed delivery after which a replay gives up: the
 # producer retries a batch for as long as the broker stays away.
 DELIVERY_TIMEOUT_S = 30.0
+# The longest wait for the producer to stop once the replay ends.
+_STOP_WAIT_S = 5.0
 
 
 class ReplayError(RuntimeError):
@@ -357,12 +359,14 @@ async def produce_events(
             await _collect(in_flight, summary, bar, delivery_timeout_s)
             _stop_on_failure(summary)
     finally:
+        # Stopping flushes what the producer still holds, which waits for as
+        # long as the broker stays away, and what it holds then is counted as
+        # failed already.
+        stop_s = min(delivery_timeout_s, _STOP_WAIT_S)
         try:
-            # Stopping flushes what the producer still holds, which waits for
-            # as long as the broker stays away.
-            await asyncio.wait_for(producer.stop(), delivery_timeout_s)
+            await asyncio.wait_for(producer.stop(), stop_s)
         except TimeoutError:
-            logger.warning("producer not stopped within %.0f s; leaving it", delivery_timeout_s)
+            logger.warning("producer not stopped within %.0f s; leaving it", stop_s)
 
 
 def _stop_on_failure(summary: ReplaySummary) -> None:
