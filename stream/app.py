@@ -1265,6 +1265,7 @@ class Worker:
             )
             self._restart_check.add_done_callback(self._log_task_failure)
         self.metrics.checkpoint_age.set(now - self.last_checkpoint)
+        self.metrics.users_to_refresh.set(len(self.dirty))
         if self.assigned and self.partitions_total is None:
             # A consumer that joins a group can get its assignment before the
             # topics' metadata, and until then it cannot tell whether it was

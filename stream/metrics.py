@@ -92,6 +92,11 @@ class WorkerMetrics:
             "Lists computed but not yet written to Redis.",
             registry=registry,
         )
+        self.users_to_refresh = Gauge(
+            "fusionrec_users_to_refresh",
+            "Users whose list the worker still has to compute.",
+            registry=registry,
+        )
         self.checkpoint_age = Gauge(
             "fusionrec_checkpoint_age_seconds",
             "Seconds since the last checkpoint was written or restored.",

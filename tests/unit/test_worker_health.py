@@ -251,3 +251,13 @@ def test_failed_prune_keeps_checkpoint_written(tmp_path, monkeypatch):
 
     assert not older.exists()
     assert len(worker.store.paths()) == 1
+
+
+def test_tick_reports_users_to_refresh(tmp_path):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.sink = _Sink()  # type: ignore[assignment]
+    worker.dirty = {"pseudonym-1": "user-1", "pseudonym-2": ""}
+
+    asyncio.run(worker.tick())
+
+    assert worker.metrics.users_to_refresh._value.get() == 2
