@@ -13,6 +13,7 @@ checkpoint, which covers the fall-back to an older checkpoint.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import pickle
@@ -1106,7 +1107,7 @@ class Worker:
         if limit is None or limit >= len(self.dirty):
             chunk, self.dirty = self.dirty, {}
         else:
-            keys = list(self.dirty)[:limit]
+            keys = list(itertools.islice(self.dirty, limit))
             chunk = {key: self.dirty.pop(key) for key in keys}
         # Lists cut short by a sold-out item have no user id at hand (the
         # user sent no event), so they are recomputed under their known key.

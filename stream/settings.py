@@ -168,6 +168,12 @@ class Settings:
         if not 0.0 <= self.exploration < 1.0:
             msg = f"{PREFIX}EXPLORATION is {self.exploration}; expected a share in [0, 1)"
             raise SettingsError(msg)
+        if not _TOPIC_PREFIX.fullmatch(self.topic_prefix):
+            msg = (
+                f"{PREFIX}TOPIC_PREFIX is {self.topic_prefix!r}; expected at most 200 of the "
+                "characters that Kafka allows in topic names: letters, digits, '.', '_' and '-'"
+            )
+            raise SettingsError(msg)
         if not self.app_id.strip():
             msg = f"{PREFIX}APP_ID is {self.app_id!r}; expected a non-empty id, such as 'fusionrec'"
             raise SettingsError(msg)
@@ -266,6 +272,11 @@ class Settings:
                 "redis_retry_max_s": self.redis_retry_max_s,
             }
         )
+        if self.ttl_s > MAX_TTL_S:
+            # Redis rejects an expiry beyond the range of its millisecond
+            # clock, and the sink would take that for an endless outage.
+            msg = f"{PREFIX}TTL_S is {self.ttl_s}; expected at most {MAX_TTL_S} seconds (10 years)"
+            raise SettingsError(msg)
         if self.ttl_s < MIN_TTL_S:
             # recs:popular is written with this TTL and rebuilt every few
             # seconds, so a shorter TTL would let it vanish between rebuilds.
@@ -343,8 +354,12 @@ class Settings:
         return out
 
 
-# The shortest list expiry accepted, in seconds.
+# The shortest and the longest list expiry accepted, in seconds.
 MIN_TTL_S = 60
+MAX_TTL_S = 10 * 365 * 86_400
+# The characters of Kafka topic names, leaving room for the longest name
+# after the prefix within Kafka's limit of 249 characters.
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{0,200}")
 # The slowest rate limit accepted, in events per second: one event in about
 # 12 days.
 MIN_RATE_PER_S = 1e-6
@@ -452,7 +467,10 @@ SETTINGS_DOC: dict[str, str] = {
     "kafka_ssl_cafile": "CA bundle that signs the broker certificates.",
     "kafka_ssl_certfile": "Client certificate for mutual TLS.",
     "kafka_ssl_keyfile": "Key of the client certificate.",
-    "topic_prefix": "Prefix put before every topic name, to share one cluster.",
+    "topic_prefix": (
+        "Prefix put before every topic name, to share one cluster: up to 200 letters, "
+        "digits, '.', '_' or '-'."
+    ),
     "partitions": "Partition count of every topic that the project creates.",
     "app_id": "Faust application id, which is also the Kafka consumer group; not empty.",
     "consumer_session_timeout_s": "Kafka consumer session timeout, in seconds.",
@@ -465,7 +483,7 @@ SETTINGS_DOC: dict[str, str] = {
     ),
     "redis_key_by": "user_id (the shop's id, default) or pseudonym (the keyed HMAC).",
     "ttl_s": (
-        "Expiry of every user list, in seconds (at least 60), renewed whenever the user's "
+        "Expiry of every user list, in seconds (60 to 315360000), renewed whenever the user's "
         "own events recompute the list."
     ),
     "redis_write_batch": "Lists written per Redis pipeline.",

@@ -354,6 +354,8 @@ def test_settings_reject_bad_number():
         ({"FUSIONREC_REDIS_URL": "redis://127.0.0.1:99999/0"}, "Port out of range"),
         ({"FUSIONREC_REDIS_URL": "redis://[::1/0"}, "Invalid IPv6 URL"),
         ({"FUSIONREC_APP_ID": "  "}, "FUSIONREC_APP_ID is '  '; expected a non-empty id"),
+        ({"FUSIONREC_TOPIC_PREFIX": "bad prefix/"}, "TOPIC_PREFIX is 'bad prefix/'"),
+        ({"FUSIONREC_TTL_S": "10000000000000000"}, "TTL_S is 10000000000000000; expected at most"),
         ({"FUSIONREC_USER_RATE_LIMIT_PER_S": "5e-324"}, "USER_RATE_LIMIT_PER_S is 5e-324"),
         ({"FUSIONREC_ITEM_REPEAT_RATE_PER_S": "1e-9"}, "ITEM_REPEAT_RATE_PER_S is 1e-09"),
         ({"FUSIONREC_WEIGHTS": "popular=1e39"}, "expected a number in \\[0, 1e\\+06\\]"),
