@@ -57,7 +57,7 @@ MAX_IN_FLIGHT = 20_000
 # Seconds without a confirmed delivery after which a replay gives up: the
 # producer retries a batch for as long as the broker stays away.
 DELIVERY_TIMEOUT_S = 30.0
-# The longest wait for the producer to stop once the replay ends.
+# The maximum wait for the producer to stop once the replay ends.
 _STOP_WAIT_S = 5.0
 
 
@@ -359,8 +359,8 @@ async def produce_events(
             await _collect(in_flight, summary, bar, delivery_timeout_s)
             _stop_on_failure(summary)
     finally:
-        # Stopping flushes what the producer still holds, which waits for as
-        # long as the broker stays away, and what it holds then is counted as
+        # Stopping flushes what the producer still contains, which waits for as
+        # long as the broker stays away, and what it contains then is counted as
         # failed already.
         stop_s = min(delivery_timeout_s, _STOP_WAIT_S)
         try:

@@ -180,7 +180,8 @@ class Settings:
         for name in ("user_rate_limit_per_s", "item_repeat_rate_per_s"):
             rate = getattr(self, name)
             if rate < MIN_RATE_PER_S:
-                # Slower rates round to 0 per millisecond, the limiter's unit.
+                # The limiter divides by the rate per millisecond, which far
+                # smaller rates round to 0.
                 msg = f"{PREFIX}{name.upper()} is {rate}; expected at least {MIN_RATE_PER_S}"
                 raise SettingsError(msg)
         non_negative = {
