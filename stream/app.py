@@ -18,6 +18,7 @@ import logging
 import math
 import pickle
 import re
+import shutil
 import signal
 import time
 import traceback
@@ -1366,9 +1367,14 @@ class Worker:
         make the checkpoint fail, and its offsets are still committed.
         """
         failed = 0
-        for _, path in self.store.paths()[1:]:
+        # Invalid files set aside at restore may still hold a forgotten user.
+        older = [path for _, path in self.store.paths()[1:]] + self.store.set_aside()
+        for path in older:
             try:
-                path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
             except OSError as exc:
                 failed += 1
                 logger.error("older checkpoint %s not deleted (%r)", path.name, exc)

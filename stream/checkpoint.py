@@ -28,6 +28,7 @@ MAGIC = b"FRCK"
 VERSION = 1
 _HEADER = struct.Struct(">4sBQ32s")
 _NAME = re.compile(r"^checkpoint-(\d{20})\.bin$")
+_SET_ASIDE = re.compile(r"^checkpoint-(\d{20})\.bin\.invalid$")
 
 
 class CheckpointError(RuntimeError):
@@ -81,6 +82,12 @@ class CheckpointStore:
             if match:
                 found.append((int(match.group(1)), path))
         return sorted(found, reverse=True)
+
+    def set_aside(self) -> list[Path]:
+        """Return the invalid checkpoint files that `restore` renamed."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(path for path in self.folder.iterdir() if _SET_ASIDE.match(path.name))
 
     def write(self, state: dict[str, Any]) -> CheckpointInfo:
         """Write ``state`` as the next checkpoint and delete the oldest beyond ``keep``."""
@@ -147,15 +154,25 @@ class CheckpointStore:
         return state
 
     def restore(self) -> tuple[dict[str, Any], Path] | None:
-        """Return the newest valid checkpoint and its path, skipping invalid ones.
+        """Return the newest valid checkpoint and its path, setting invalid ones aside.
 
-        A valid file that this version cannot load raises `CheckpointFormatError`.
+        An invalid file is renamed with the suffix ``.invalid``, where it is
+        kept for a look but no longer counts among the checkpoints kept:
+        otherwise an invalid file numbered above the valid ones would outlive
+        them. A valid file that this version cannot load raises
+        `CheckpointFormatError`.
         """
         for _, path in self.paths():
             try:
                 state = self.read(path)
             except CheckpointError as exc:
-                logger.error("skipping invalid checkpoint: %s", exc)
+                aside = path.with_name(f"{path.name}.invalid")
+                try:
+                    path.rename(aside)
+                except OSError as rename_error:
+                    logger.error("skipping invalid checkpoint: %s (%r)", exc, rename_error)
+                else:
+                    logger.error("skipping invalid checkpoint, renamed to %s: %s", aside.name, exc)
                 continue
             return state, path
         return None

@@ -202,6 +202,23 @@ def test_torn_checkpoint_falls_back(tmp_path):
     with pytest.raises(CheckpointError, match="payload bytes"):
         store.read(info.path)
     assert store.restore()[0] == {"n": 1}
+    assert store.set_aside() == [info.path.with_name(info.path.name + ".invalid")]
+
+
+def test_invalid_checkpoints_no_longer_counted(tmp_path):
+    store = CheckpointStore(tmp_path, b"k" * 32, keep=2)
+    store.write({"n": 1})
+    (tmp_path / "checkpoint-00000000000000000200.bin").write_bytes(b"")
+    (tmp_path / "checkpoint-00000000000000000300.bin").mkdir()
+
+    assert store.restore()[0] == {"n": 1}
+    store.write({"n": 2})
+
+    assert [state for state in (store.read(path) for _, path in store.paths())] == [
+        {"n": 2},
+        {"n": 1},
+    ]
+    assert len(store.set_aside()) == 2
 
 
 def test_altered_checkpoint_is_detected(tmp_path):

@@ -261,3 +261,16 @@ def test_tick_reports_users_to_refresh(tmp_path):
     asyncio.run(worker.tick())
 
     assert worker.metrics.users_to_refresh._value.get() == 2
+
+
+def test_prune_deletes_checkpoints_set_aside(tmp_path):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    worker.store.write({"n": 1})
+    folder = worker.store.folder
+    (folder / "checkpoint-00000000000000000007.bin.invalid").write_bytes(b"torn")
+    (folder / "checkpoint-00000000000000000008.bin.invalid").mkdir()
+
+    worker._prune_older_checkpoints()
+
+    assert worker.store.set_aside() == []
+    assert len(worker.store.paths()) == 1
