@@ -87,6 +87,8 @@ _REGISTRY_CHECK_FIELD = "key-check"
 # How often the worker checks whether Redis restarted and so may have lost
 # the lists it wrote.
 _RESTART_CHECK_S = 5.0
+# The longest pause between two tries of writing the forget registry.
+_REGISTRY_RETRY_MAX_S = 30.0
 
 
 class RegistryKeyError(RuntimeError):
@@ -179,6 +181,9 @@ class Worker:
         # Forget tokens that the registry in Redis still lacks, with their times.
         self._registry_owed: dict[str, int] = {}
         self._registry_merged = False
+        # When the timer may try the registry again, and the pause after that.
+        self._registry_retry_at = 0.0
+        self._registry_pause_s = 1.0
         # Whether the served-list index has been rebuilt from Redis since start.
         self.served_ready = False
         # The run id of the Redis server that the lists were written to, which
@@ -764,13 +769,20 @@ class Worker:
             await sink.client.hset(self.forgotten_key, mapping={**owed, **check})
         except (RedisError, OSError) as exc:
             self.metrics.errors.labels(kind="redis_forget_registry").inc()
+            # The timer tries again after a pause that doubles up to 30 s, so
+            # that a Redis the sink has not yet found down is not asked, and
+            # this line not logged, every second.
+            self._registry_retry_at = time.monotonic() + self._registry_pause_s
             logger.warning(
-                "forget registry not written to Redis (%r); %d tokens kept for a retry, "
-                "and the checkpoint has them",
+                "forget registry not written to Redis (%r); %d tokens kept for a retry "
+                "in %.0f s, and the checkpoint has them",
                 exc,
                 len(owed),
+                self._registry_pause_s,
             )
+            self._registry_pause_s = min(2 * self._registry_pause_s, _REGISTRY_RETRY_MAX_S)
             return
+        self._registry_pause_s = 1.0
         for token, stamp in owed.items():
             if self._registry_owed.get(token) == stamp:
                 del self._registry_owed[token]
@@ -1254,7 +1266,7 @@ class Worker:
                 self._last_popular = now
                 sink.put(self.processor.popular_key, self.processor.popular_list())
                 self.served.expire(time.time())
-        if self._registry_owed and not sink.in_outage:
+        if self._registry_owed and not sink.in_outage and now >= self._registry_retry_at:
             await self._write_registry()
         checking = self._restart_check is not None and not self._restart_check.done()
         check_due = now - self._restart_checked >= _RESTART_CHECK_S

@@ -274,3 +274,33 @@ def test_prune_deletes_checkpoints_set_aside(tmp_path):
 
     assert worker.store.set_aside() == []
     assert len(worker.store.paths()) == 1
+
+
+class _DownRedis:
+    """Stands in for a Redis client whose every call fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def hset(self, key: str, mapping: dict[str, object]) -> int:
+        self.calls += 1
+        raise OSError("connection refused")
+
+
+def test_registry_retries_back_off(tmp_path):
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    sink = _Sink()
+    client = _DownRedis()
+    sink.client = client  # type: ignore[attr-defined]
+    worker.sink = sink  # type: ignore[assignment]
+    worker._registry_owed = {"ab" * 16: 1_700_000_000_000}
+
+    async def ticks(count: int) -> None:
+        for _ in range(count):
+            await worker.tick()
+
+    asyncio.run(ticks(5))
+
+    assert client.calls == 1
+    assert worker._registry_pause_s == 2.0
+    assert worker.metrics.errors.labels(kind="redis_forget_registry")._value.get() == 1
