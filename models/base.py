@@ -325,6 +325,29 @@ class DecayedScores:
         logger.debug("rescaled decayed scores to reference %d", time_ms)
 
 
+def add_in_time_order(recent: list[tuple[int, int]], item: int, time_ms: int, keep: int) -> None:
+    """Move ``item`` to its place by ``time_ms`` in ``recent``, oldest first, keeping ``keep``.
+
+    A late event takes its place by time instead of becoming the newest
+    item, and one older than all the items kept drops out.
+
+    >>> recent = [(1, 10), (2, 30)]
+    >>> add_in_time_order(recent, 3, 20, keep=3)
+    >>> add_in_time_order(recent, 1, 40, keep=3)
+    >>> recent
+    [(3, 20), (2, 30), (1, 40)]
+    """
+    for position, (previous, _) in enumerate(recent):
+        if previous == item:
+            del recent[position]
+            break
+    position = len(recent)
+    while position and recent[position - 1][1] > time_ms:
+        position -= 1
+    recent.insert(position, (item, time_ms))
+    del recent[:-keep]
+
+
 def find_sorted(rows: IntArray, items: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:
     """Return where each of ``items`` sits in the ascending ``rows``, and whether it is there.
 

@@ -11,6 +11,7 @@ from models.base import (
     IntArray,
     ModelError,
     UserNeighbourScores,
+    add_in_time_order,
     neighbour_row,
     sum_by_row,
 )
@@ -99,17 +100,7 @@ class CoVisitationModel(UserNeighbourScores):
                     continue
                 self._add(previous, item, scale / gap)
                 self._add(item, previous, self.backward * scale / gap)
-            for position, (previous, _) in enumerate(recent):
-                if previous == item:
-                    del recent[position]
-                    break
-            # In time order, so that a late event does not become the user's
-            # newest item; one older than all the items kept drops out.
-            position = len(recent)
-            while position and recent[position - 1][1] > time_ms:
-                position -= 1
-            recent.insert(position, (item, time_ms))
-            del recent[: -self.window_items]
+            add_in_time_order(recent, item, time_ms, self.window_items)
 
     def _add(self, source: int, target: int, amount: float) -> None:
         row = self._rows.get(source)

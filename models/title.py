@@ -16,6 +16,7 @@ from models.base import (
     IntArray,
     ModelError,
     UserNeighbourScores,
+    add_in_time_order,
     sum_by_row,
 )
 
@@ -203,17 +204,7 @@ class TitleModel(UserNeighbourScores):
             if weight <= 0:
                 continue
             recent = self._recent.setdefault(event.user_id, [])
-            for position, (previous, _) in enumerate(recent):
-                if previous == item:
-                    del recent[position]
-                    break
-            # In time order, so that a late event does not become the user's
-            # newest item; one older than all the items kept drops out.
-            position = len(recent)
-            while position and recent[position - 1][1] > time_ms:
-                position -= 1
-            recent.insert(position, (item, time_ms))
-            del recent[: -self.recent_items]
+            add_in_time_order(recent, item, time_ms, self.recent_items)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # States saved before the times were kept list bare items, which

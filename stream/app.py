@@ -87,7 +87,7 @@ _REGISTRY_CHECK_FIELD = "key-check"
 # How often the worker checks whether Redis restarted and so may have lost
 # the lists it wrote.
 _RESTART_CHECK_S = 5.0
-# The longest pause between two tries of writing the forget registry.
+# The maximum pause between two tries of writing the forget registry.
 _REGISTRY_RETRY_MAX_S = 30.0
 
 
