@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AnyStr, overload
 
 import orjson
 
@@ -70,6 +70,8 @@ _USER_ID_IN_TEXT = re.compile(
 # Keys shorter than this are not searched for in the text of a payload,
 # because replacing every "7" or "42" would garble it.
 _MIN_KEY_TO_REDACT = 3
+# User ids shorter than this are replaced only where they form a whole word.
+_WORD_ID_LENGTH = 8
 # Marks a state whose session ids are keyed hashes from Processor.session_token.
 _SESSION_IDS_HASHED = "hmac-sha256"
 _MAX_REDACT_DEPTH = 100
@@ -671,7 +673,10 @@ class Processor:
                 )
             # Always walked, also without ids to replace, because it cuts the
             # nesting that orjson can read but not write back.
-            pairs = [(user_id, self.pseudonymize(user_id)) for user_id in user_ids]
+            pairs = [
+                (_whole_id_pattern(user_id), user_id, self.pseudonymize(user_id))
+                for user_id in user_ids
+            ]
             obj = _replace_strings(obj, pairs)
             text = orjson.dumps(obj)
             if len(text) <= _PAYLOAD_PREVIEW:
@@ -692,7 +697,7 @@ class Processor:
         key = message.key
         if key and self._user_key(message) is not None:
             pseudonym = self.pseudonymize(key.decode("utf-8", "replace")).encode()
-            cut = cut.replace(key, pseudonym)
+            cut = _sub_literal(_whole_id_pattern(key), pseudonym, cut)
         return self._hide_user_ids(cut.decode("utf-8", "replace"), user_ids)
 
     def _user_key(self, message: Message) -> str | None:
@@ -708,7 +713,8 @@ class Processor:
         """Return ``text`` with each user id, whole or cut short, replaced by its pseudonym."""
         for user_id in user_ids:
             pseudonym = self.pseudonymize(user_id)
-            text = _replace_cut_prefix(text.replace(user_id, pseudonym), user_id, pseudonym)
+            text = _sub_literal(_whole_id_pattern(user_id), pseudonym, text)
+            text = _replace_cut_prefix(text, user_id, pseudonym)
         return text
 
 
@@ -752,6 +758,10 @@ def _replace_cut_prefix(text: str, user_id: str, pseudonym: str) -> str:
         if failure is None:
             failure = _failure_function(user_id)
         length = _matched_prefix_length(window, user_id, failure)
+        # Try the next shorter start of the id that ends here until one begins
+        # a word, the rule that `_whole_id_pattern` applies to a whole id.
+        while length >= _MIN_KEY_TO_REDACT and not _starts_word(text, end - length, user_id):
+            length = failure[length - 1]
         if length >= _MIN_KEY_TO_REDACT:
             text = text[: end - length] + pseudonym + text[end:]
     return text
@@ -790,23 +800,26 @@ def _matched_prefix_length(text: str, pattern: str, failure: list[int]) -> int:
     return matched
 
 
-def _replace_strings(value: Any, pairs: list[tuple[str, str]], depth: int = 0) -> Any:
-    """Return ``value`` with each ``(old, new)`` of ``pairs`` applied to every string and key.
+def _replace_strings(
+    value: Any, pairs: list[tuple[re.Pattern[str], str, str]], depth: int = 0
+) -> Any:
+    """Return ``value`` with each user id of ``pairs`` replaced in every string and key.
 
-    Below 100 levels of nesting, which no valid message has, whatever is left
+    A pair is the id's `_whole_id_pattern`, the id and its pseudonym. Below
+    100 levels of nesting, which no valid message has, whatever is left
     becomes ``<redacted>``, so a deep payload can neither exhaust the stack
     nor exceed the nesting that orjson writes.
     """
     if isinstance(value, str):
-        for old, new in pairs:
-            value = value.replace(old, new)
+        for pattern, _, pseudonym in pairs:
+            value = _sub_literal(pattern, pseudonym, value)
         return value
     # A numeric user id arrives as a number as often as as a string.
     if isinstance(value, int | float) and not isinstance(value, bool):
         text = str(value)
-        for old, new in pairs:
-            if text == old:
-                return new
+        for _, user_id, pseudonym in pairs:
+            if text == user_id:
+                return pseudonym
         return value
     if depth >= _MAX_REDACT_DEPTH and isinstance(value, dict | list):
         return "<redacted>"
@@ -818,6 +831,49 @@ def _replace_strings(value: Any, pairs: list[tuple[str, str]], depth: int = 0) -
     if isinstance(value, list):
         return [_replace_strings(item, pairs, depth + 1) for item in value]
     return value
+
+
+@overload
+def _whole_id_pattern(user_id: str) -> re.Pattern[str]: ...
+@overload
+def _whole_id_pattern(user_id: bytes) -> re.Pattern[bytes]: ...
+def _whole_id_pattern(user_id: str | bytes) -> re.Pattern[str] | re.Pattern[bytes]:
+    """Return a pattern that finds ``user_id`` in a text, unless it is part of a longer word.
+
+    A short id is often a word too, and replacing the user ``view`` inside
+    ``review`` would garble the letter. So an id shorter than 8 characters
+    that starts with a letter or digit matches only where no letter or digit
+    comes before it, and likewise at its end. Punctuation and the underscore
+    separate words, so ``alice-s1`` still hides ``alice``. A longer id, such
+    as an e-mail address or a UUID, matches wherever it appears, because a
+    word containing it by chance is far less likely than a field that glues
+    it to other text.
+    """
+    if isinstance(user_id, bytes):
+        body = re.escape(user_id)
+        if len(user_id.decode("utf-8", "replace")) >= _WORD_ID_LENGTH:
+            return re.compile(body)
+        head = rb"(?<![A-Za-z0-9])" if user_id[:1].isalnum() else b""
+        tail = rb"(?![A-Za-z0-9])" if user_id[-1:].isalnum() else b""
+        return re.compile(head + body + tail)
+    if len(user_id) >= _WORD_ID_LENGTH:
+        return re.compile(re.escape(user_id))
+    head_text = r"(?<![^\W_])" if user_id[:1].isalnum() else ""
+    tail_text = r"(?![^\W_])" if user_id[-1:].isalnum() else ""
+    return re.compile(head_text + re.escape(user_id) + tail_text)
+
+
+def _sub_literal(pattern: re.Pattern[AnyStr], replacement: AnyStr, text: AnyStr) -> AnyStr:
+    """Return ``text`` with every match of ``pattern`` replaced by ``replacement`` as it is."""
+    # A function as the replacement keeps re from reading escapes in it.
+    return pattern.sub(lambda _: replacement, text)
+
+
+def _starts_word(text: str, start: int, user_id: str) -> bool:
+    """Tell whether `_whole_id_pattern` lets ``user_id`` begin at ``start`` of ``text``."""
+    if start == 0 or len(user_id) >= _WORD_ID_LENGTH:
+        return True
+    return not (user_id[:1].isalnum() and text[start - 1].isalnum())
 
 
 def _quoted(text: str, limit: int = 64) -> str:

@@ -25,8 +25,13 @@ def _reference(text: str, user_id: str, pseudonym: str) -> str:
     ends = [match.start() for match in marks] + [len(text)]
     for end in reversed(ends):
         for length in range(min(len(user_id) - 1, end), _MIN_KEY_TO_REDACT - 1, -1):
-            if text[end - length : end] == user_id[:length]:
-                text = text[: end - length] + pseudonym + text[end:]
+            start = end - length
+            glued = start > 0 and user_id[0].isalnum() and text[start - 1].isalnum()
+            if glued and len(user_id) < 8:
+                # A short id inside a longer word is not the id.
+                continue
+            if text[start:end] == user_id[:length]:
+                text = text[:start] + pseudonym + text[end:]
                 break
     return text
 

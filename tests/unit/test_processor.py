@@ -713,6 +713,25 @@ def test_dead_letter_hides_user_id_without_its_key(key, extra, caplog):
     assert "alice" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event_id": "e1", "type": "click", "user_id": "view", "item_id": "i1", '
+        b'"timestamp": 1, "session_id": "view-s1", "title": "a review", "price": "x"}',
+        b"not json: a review from view, session view-s1",
+    ],
+    ids=["parsed", "unparsed"],
+)
+def test_dead_letter_keeps_words_that_contain_short_user_id(raw):
+    processor = _processor()
+    outcome = processor.process_events([Message("events.click", 0, 0, b"view", raw)])
+    payload = orjson.dumps(orjson.loads(outcome.dead_letters[0][1])["payload"]).decode()
+    pseudonym = processor.pseudonymize("view")
+    assert "review" in payload
+    assert f"{pseudonym}-s1" in payload
+    assert payload.replace("review", "").count("view") == 0
+
+
 def test_unparsed_keyless_dead_letter_hides_repeated_user_id():
     processor = _processor()
     raw = b'{"user_id": "alice@example.com", "session_id": "alice@example.com-s1",'
