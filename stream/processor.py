@@ -9,13 +9,15 @@ runs.
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import itertools
+import json
 import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, overload
 
@@ -571,7 +573,7 @@ class Processor:
             "received_at": now_ms,
             "payload": self._kept_payload(message, parsed, user_ids),
         }
-        key = None if message.key is None else self._redact_key(message)
+        key = None if message.key is None else self._redact_key(message, user_ids)
         return key, orjson.dumps(record)
 
     def _kept_payload(
@@ -617,10 +619,12 @@ class Processor:
         detail = f"{step} the message failed with {type(error).__name__}; expected a valid message"
         return self._dead_letter(message, SchemaError(f"{stage}_failed", detail), now_ms)
 
-    def _redact_key(self, message: Message) -> bytes:
-        if message.topic == self.settings.topic(ITEMS_TOPIC):
-            return message.key or b""
+    def _redact_key(self, message: Message, user_ids: list[str]) -> bytes:
         text = (message.key or b"").decode("utf-8", "replace")
+        # An item update is keyed by its item id, but an event sent to the
+        # item topic by mistake is keyed by its user id.
+        if message.topic == self.settings.topic(ITEMS_TOPIC) and text not in user_ids:
+            return message.key or b""
         return self.pseudonymize(text).encode()
 
     def _parsed_value(self, message: Message) -> Any:
@@ -637,17 +641,20 @@ class Processor:
         """Return the user ids that a dead letter of ``message`` must not quote, longest first.
 
         The message key is the user id when the producer keyed the message
-        as the contract requires. The value's ``user_id`` is the user id too,
-        also when the key is missing or differs from it, or when an event
-        went to the item topic, whose key is an item id.
+        as the contract requires. The value's ``user_id`` fields, at any
+        depth and also as numbers, name user ids too, also when the key is
+        missing or differs from them, or when an event went to the item
+        topic, whose key is an item id.
         """
         found: set[str] = set()
         user_key = self._user_key(message)
         if user_key is not None:
             found.add(user_key)
-        if isinstance(parsed, dict):
-            user_id = parsed.get("user_id")
-            if isinstance(user_id, str):
+        if isinstance(parsed, dict | list):
+            # An envelope, such as a CloudEvents "data" field, nests the event.
+            for user_id in _nested_user_ids(parsed):
+                if len(found) >= _MAX_USER_IDS_HIDDEN:
+                    break
                 found.add(user_id)
         elif message.value is not None:
             text = message.value[: self.settings.max_message_bytes]
@@ -698,7 +705,11 @@ class Processor:
         if key and self._user_key(message) is not None:
             pseudonym = self.pseudonymize(key.decode("utf-8", "replace")).encode()
             cut = _sub_literal(_whole_id_pattern(key), pseudonym, cut)
-        return self._hide_user_ids(cut.decode("utf-8", "replace"), user_ids)
+        # A cut inside a character of the id would leave U+FFFD after its
+        # start, which then no longer reads as the start of the id.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = decoder.decode(cut, final=len(raw) <= _PAYLOAD_PREVIEW)
+        return self._hide_user_ids(text, user_ids)
 
     def _user_key(self, message: Message) -> str | None:
         """Return the message key as the user id to hide, or None when it is no user's id."""
@@ -713,8 +724,12 @@ class Processor:
         """Return ``text`` with each user id, whole or cut short, replaced by its pseudonym."""
         for user_id in user_ids:
             pseudonym = self.pseudonymize(user_id)
-            text = _sub_literal(_whole_id_pattern(user_id), pseudonym, text)
-            text = _replace_cut_prefix(text, user_id, pseudonym)
+            # Error messages quote values as JSON, which escapes a backslash,
+            # a quote or a control character of the id.
+            quoted = json.dumps(user_id, ensure_ascii=False)[1:-1]
+            for form in dict.fromkeys((user_id, quoted)):
+                text = _sub_literal(_whole_id_pattern(form), pseudonym, text)
+                text = _replace_cut_prefix(text, form, pseudonym)
         return text
 
 
@@ -798,6 +813,23 @@ def _matched_prefix_length(text: str, pattern: str, failure: list[int]) -> int:
         if pattern[matched] == char:
             matched += 1
     return matched
+
+
+def _nested_user_ids(value: Any, depth: int = 0) -> Iterator[str]:
+    """Yield the value of every ``user_id`` field in ``value``, a number as its digits."""
+    if depth >= _MAX_REDACT_DEPTH:
+        return
+    if isinstance(value, dict):
+        user_id = value.get("user_id")
+        if isinstance(user_id, str):
+            yield user_id
+        elif isinstance(user_id, int) and not isinstance(user_id, bool):
+            yield str(user_id)
+        for item in value.values():
+            yield from _nested_user_ids(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _nested_user_ids(item, depth + 1)
 
 
 def _replace_strings(
