@@ -119,6 +119,12 @@ class Event:
     category: str | None = None
     title: str | None = None
 
+    def __post_init__(self) -> None:
+        # Producers often send "" for a value they lack. An empty session id
+        # would join all of a user's events, days apart, into one session.
+        if self.session_id == "":
+            self.session_id = None
+
     @property
     def is_refund(self) -> bool:
         """Whether this is a purchase with a negative quantity."""
@@ -521,7 +527,11 @@ def _iso_to_millis(text: str, field: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
-        msg = f"{field} {_shown(text)} is not an ISO 8601 date-time"
+        msg = (
+            f"{field} {_shown(text)} is not a real date and time; expected a day that "
+            "its month has, an hour from 00 to 23 and an offset under 24 hours, "
+            "as in 2024-05-01T10:00:00+02:00"
+        )
         raise SchemaError("invalid_timestamp", msg, field) from exc
     if moment.tzinfo is None or moment.utcoffset() is None:
         msg = (

@@ -184,3 +184,43 @@ def test_basket_rejects_invalid_settings() -> None:
         SessionCoOccurrenceModel(score_items=0)
     with pytest.raises(ModelError, match="half_life_ms is 0"):
         SessionCoOccurrenceModel(half_life_ms=0)
+
+
+def _basket_candidates(session_id: str | None) -> list[str]:
+    # u1 views "a" and, ten days later, "b", both under the same session id.
+    # u2 then views "a". Ten days apart is no basket, so the session model
+    # must not propose "b" to u2.
+    engine = Recommender()
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0, session_id=session_id),
+            Event("e2", "view", "u1", "b", T0 + 10 * 86_400_000, session_id=session_id),
+            Event("e3", "view", "u2", "a", T0 + 10 * 86_400_000 + 1, session_id="s2"),
+        ]
+    )
+    rows = engine.models["basket"].candidates("u2", 5)
+    return [engine.catalog.ids[row] for row in rows]
+
+
+def test_absent_session_id_pairs_nothing():
+    assert _basket_candidates(None) == []
+
+
+def test_empty_session_id_counts_as_absent():
+    # Producers often write "" for a value they lack. An empty session_id
+    # counts as none, as an empty category or title does, so events days
+    # apart form no basket.
+    assert _basket_candidates("") == []
+
+
+def test_empty_session_id_splits_sessions_by_gap():
+    engine = Recommender()
+    engine.learn(
+        [
+            Event("e1", "view", "u1", "a", T0, session_id=""),
+            Event("e2", "view", "u1", "b", T0 + 10 * 86_400_000, session_id=""),
+        ]
+    )
+    groups = engine.candidate_scores("u1").groups.tolist()
+    # "a" was touched in an earlier session (2), "b" in the current one (1).
+    assert sorted(groups) == [1, 2]

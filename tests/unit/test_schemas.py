@@ -422,3 +422,20 @@ def test_stored_list_with_bad_entry_rejected(entry, reason):
     with pytest.raises((TypeError, ValueError)) as caught:
         RecommendationList.from_json(raw)
     assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["2024-02-30T10:00:00Z", "2024-01-01T24:00:00Z", "2024-01-01T10:00:00+24:00"],
+    ids=["february 30", "hour 24", "offset 24 h"],
+)
+def test_impossible_date_time_detail_says_expected(timestamp):
+    # The text has the ISO 8601 shape but names no real moment, and the
+    # detail says what to send instead.
+    event = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1"}
+    raw = orjson.dumps(event | {"timestamp": timestamp})
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == "invalid_timestamp"
+    assert timestamp in caught.value.detail
+    assert "expected" in caught.value.detail
