@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +189,9 @@ class Worker:
         # The run id of the Redis server that the lists were written to, which
         # changes when the server restarts; None until first read.
         self._redis_run_id: str | None = None
+        # Set when Redis restarted until a scan has deleted the lists of
+        # forgotten users that an older snapshot brought back.
+        self._forgotten_scan_owed = False
         self._restart_checked = 0.0
         self._restart_check: asyncio.Task[bool] | None = None
         # Whether a bootstrap broker replied to a metadata request at the last probe.
@@ -210,9 +213,11 @@ class Worker:
         # Letters first, so that users erased while the state loads lose theirs.
         self._load_dead_letters(state.get("dead_letters"))
         try:
-            self.processor.load_state(state)
+            erased = self.processor.load_state(state)
         except Exception as exc:  # noqa: BLE001 - the file is intact, so its format is at fault
             raise format_error(path, exc) from exc
+        if erased:
+            self._owe_pruned_checkpoint()
         self._drop_letters_of_forgotten()
         owed = self._load_pending(state.get("pending_lists"))
         self.last_checkpoint = time.monotonic()
@@ -807,12 +812,53 @@ class Worker:
             # The sink notices an outage and retries on its own.
             logger.debug("Redis run id not read: %r", exc)
             return True
-        if run_id == self._redis_run_id:
-            return True
-        self._redis_run_id = run_id
-        async with self.lock:
-            self._rewrite_all_lists()
-        return False
+        kept = run_id == self._redis_run_id
+        if not kept:
+            self._redis_run_id = run_id
+            async with self.lock:
+                self._rewrite_all_lists()
+            # A server that loaded an older snapshot brought back lists
+            # deleted since, also those of users forgotten meanwhile.
+            self._forgotten_scan_owed = True
+        if self._forgotten_scan_owed:
+            try:
+                deleted = await self._delete_forgotten_lists()
+            except (RedisError, OSError) as exc:
+                logger.warning(
+                    "lists of forgotten users not looked for in Redis (%r); trying again "
+                    "at the next check",
+                    exc,
+                )
+                return kept
+            self._forgotten_scan_owed = False
+            if deleted:
+                logger.info("deleted %d lists of forgotten users found in Redis", deleted)
+        return kept
+
+    async def _delete_forgotten_lists(self) -> int:
+        """Delete every list in Redis whose user a forget request erased; return how many."""
+        sink = self._require_sink()
+        deleted = 0
+        async for keys in self._user_keys():
+            async with self.lock:
+                for key in keys:
+                    if self._erased(self._pseudonym_of(key)):
+                        sink.delete(key)
+                        deleted += 1
+        return deleted
+
+    def _erased(self, pseudonym: str) -> bool:
+        """Return whether a forget request erased the user and no later event brought them back."""
+        processor = self.processor
+        forgotten = processor.forget_token(pseudonym) in processor.forgotten
+        return forgotten and not processor.engine.has_user(pseudonym)
+
+    def _pseudonym_of(self, key: str) -> str:
+        """Return the pseudonym of the user whose list is under ``key``."""
+        ident = key[len(f"{self.settings.redis_key_prefix}user:") :]
+        if self.settings.redis_key_by == "pseudonym":
+            return ident
+        return self.processor.pseudonymize(ident)
 
     def _rewrite_all_lists(self) -> None:
         """Queue every served list, the popular list and the forget registry for Redis again."""
@@ -898,8 +944,7 @@ class Worker:
             self._drop_letters_of_forgotten()
             sink = self._require_sink()
             for pseudonym in {*self.dirty, *self._short, *self.served.pseudonyms()}:
-                forgotten = processor.forget_token(pseudonym) in processor.forgotten
-                if not forgotten or processor.engine.has_user(pseudonym):
+                if not self._erased(pseudonym):
                     continue
                 # The refresher may have queued or written the user's list
                 # before the registry could be read, under a key that may
@@ -911,9 +956,19 @@ class Worker:
                         sink.delete(key)
             self._registry_merged = True
         if erased:
+            self._owe_pruned_checkpoint()
             logger.info("erased %d users named by the forget registry in Redis", erased)
         await self._write_registry()
         return len(registry)
+
+    def _owe_pruned_checkpoint(self) -> None:
+        """Have the next interval checkpoint written, and every older one deleted.
+
+        Users were erased outside a forget batch, and the checkpoint files
+        on disk still contain them.
+        """
+        self._changed_since_checkpoint = True
+        self._prune_owed = True
 
     def _check_registry_key(self, stored: bytes | None) -> None:
         """Raise `RegistryKeyError` when the registry's tokens come from another key."""
@@ -981,10 +1036,18 @@ class Worker:
 
     async def _load_served(self) -> tuple[int, list[str]]:
         """Scan Redis for user lists; return how many were loaded and the keys deleted."""
-        sink = self._require_sink()
-        prefix = f"{self.settings.redis_key_prefix}user:"
         loaded = 0
         deleted: list[str] = []
+        async for keys in self._user_keys():
+            loaded += await self._load_served_keys(keys, deleted)
+        if deleted:
+            logger.info("deleted %d lists of forgotten users found in Redis", len(deleted))
+        return loaded, deleted
+
+    async def _user_keys(self) -> AsyncIterator[list[str]]:
+        """Yield the keys of the user lists in Redis, in batches of up to 1,000."""
+        sink = self._require_sink()
+        prefix = f"{self.settings.redis_key_prefix}user:"
         batch: list[str] = []
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
         async for raw_key in sink.client.scan_iter(pattern, count=1000):
@@ -994,20 +1057,14 @@ class Worker:
                 logger.warning("skipped a key under %s that is not UTF-8", prefix)
                 continue
             if len(batch) == 1000:
-                loaded += await self._load_served_keys(batch, deleted)
+                yield batch
                 batch = []
         if batch:
-            loaded += await self._load_served_keys(batch, deleted)
-        if deleted:
-            logger.info("deleted %d lists of forgotten users found in Redis", len(deleted))
-        return loaded, deleted
+            yield batch
 
     async def _load_served_keys(self, keys: list[str], deleted: list[str]) -> int:
         """Record the lists under ``keys``; return how many, and add deleted keys to ``deleted``."""
         sink = self._require_sink()
-        processor = self.processor
-        prefix_length = len(f"{self.settings.redis_key_prefix}user:")
-        by_pseudonym = self.settings.redis_key_by == "pseudonym"
         async with sink.client.pipeline(transaction=False) as pipe:
             pipe.mget(keys)
             for key in keys:
@@ -1015,17 +1072,16 @@ class Worker:
             values, *ttls_ms = await pipe.execute()
         now_s = time.time()
         loaded = 0
-        catalog = processor.engine.catalog
+        recomputed = 0
+        catalog = self.processor.engine.catalog
         for key, raw, ttl_ms in zip(keys, values, ttls_ms, strict=True):
             # PTTL is -2 for a key that has gone and -1 for one without expiry.
             if raw is None or ttl_ms == -2:
                 continue
             expires_at = math.inf if ttl_ms < 0 else now_s + ttl_ms / 1000
-            ident = key[prefix_length:]
-            pseudonym = ident if by_pseudonym else processor.pseudonymize(ident)
-            forgotten = processor.forget_token(pseudonym) in processor.forgotten
+            pseudonym = self._pseudonym_of(key)
             # A user who came back after the request has a state and a new list.
-            if forgotten and not processor.engine.has_user(pseudonym):
+            if self._erased(pseudonym):
                 sink.delete(key)
                 deleted.append(key)
                 continue
@@ -1038,6 +1094,17 @@ class Worker:
                 logger.warning("skipped a value in Redis that is not a valid list: %r", exc)
                 continue
             loaded += 1
+            if any(entry.item_id not in catalog.index for entry in value.items):
+                # A list written after the restored checkpoint can name items
+                # that its catalog lacks, which the index leaves out, so a sale
+                # of one would miss the list. It is computed again instead,
+                # from items of the catalog, and keeps its TTL.
+                self._short[pseudonym] = key
+                self.dirty.setdefault(pseudonym, "")
+                recomputed += 1
+        if recomputed:
+            logger.info("computing %d lists again that name items new to the state", recomputed)
+            self._wake_refresher()
         return loaded
 
     async def _wait_written(self, keys: list[str]) -> None:

@@ -171,7 +171,7 @@ def drill_stock_fanout(base: Settings, folder: Path, sizes: list[int]) -> list[d
         try:
             worker.wait_ready()
             holders = _build_holding_lists(settings, size, "hot", start_ms)
-            update = {"item_id": "hot", "timestamp": start_ms + 10_000_000, "in_stock": False}
+            update = {"item_id": "hot", "timestamp": start_ms + 3_000_000, "in_stock": False}
             elapsed = asyncio.run(_time_sold_out(settings, update, holders))
             left = asyncio.run(_count_holders(settings, users, "hot"))
             results.append(
@@ -212,7 +212,9 @@ def drill_stock_while_stopped(base: Settings, folder: Path, size: int) -> dict[s
         holders = _build_holding_lists(settings, size, "gone", start_ms)
     finally:
         worker.terminate()
-    update = {"item_id": "gone", "timestamp": start_ms + 10_000_000, "in_stock": False}
+    # Stamped after every event of the drill and before the worker's clock,
+    # which rejects updates stamped ahead of it.
+    update = {"item_id": "gone", "timestamp": start_ms + 3_000_000, "in_stock": False}
     asyncio.run(_produce(settings, [(ITEMS_TOPIC, b"gone", orjson.dumps(update))]))
     starting = time.monotonic()
     worker = WorkerProcess(settings, log).start()

@@ -245,6 +245,9 @@ class Processor:
                         "expected the item_id as the Kafka key"
                     )
                     raise SchemaError("key_mismatch", msg, "item_id")
+                # Each field keeps its newest update, so an update stamped
+                # ahead would make every real one stale until that time.
+                self._check_not_future(update.timestamp_ms, now_ms)
             except SchemaError as exc:
                 outcome.dead_letters.append(self._dead_letter(message, exc, now_ms))
                 continue
@@ -447,8 +450,12 @@ class Processor:
             "session_ids": _SESSION_IDS_HASHED,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Replace the state with a restored checkpoint."""
+    def load_state(self, state: dict[str, Any]) -> int:
+        """Replace the state with a restored checkpoint; return how many users it erased.
+
+        The users erased are those of forget requests known before the load
+        and newer than the checkpoint.
+        """
         if state.get("version") != STATE_VERSION:
             msg = f"checkpoint state version {state.get('version')!r}; expected {STATE_VERSION}"
             raise ValueError(msg)
@@ -467,7 +474,7 @@ class Processor:
             self.engine.replace_session_ids(self.session_token)
             logger.info("replaced the session ids of a checkpoint of an older version by hashes")
         self._apply_settings()
-        self.merge_forgotten(newer)
+        return self.merge_forgotten(newer)
 
     def _apply_settings(self) -> None:
         """Apply the current list and admission settings to a restored state.

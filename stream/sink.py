@@ -85,7 +85,12 @@ class RedisSink:
     def owed_keys(self) -> list[str]:
         """Return the keys whose list is queued or in flight, deletions left out."""
         owed = [key for key, value in self.pending.items() if value is not None]
-        owed += [key for key, value in self._in_flight.items() if value is not None]
+        # A key whose deletion is queued behind its write is not owed.
+        owed += [
+            key
+            for key, value in self._in_flight.items()
+            if value is not None and key not in self.pending
+        ]
         return owed
 
     def put(self, key: str, payload: bytes) -> None:

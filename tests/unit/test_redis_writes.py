@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -285,6 +287,11 @@ class _RestartingRedis(_FakeRedis):
 
     async def info(self, section: str) -> dict[str, str]:
         return {"run_id": self.run_id}
+
+    async def scan_iter(self, match: str, count: int) -> AsyncIterator[bytes]:
+        for key in list(self.values):
+            if fnmatch.fnmatchcase(key, match):
+                yield key.encode()
 
 
 def test_restarted_redis_gets_every_list_again(tmp_path):
