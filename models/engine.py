@@ -777,6 +777,23 @@ class Recommender:
             return None, None
         return state.first_ms, state.last_ms
 
+    def count_purchases(self, events: Sequence[Event]) -> None:
+        """Count the units of purchases and refunds that the models do not learn.
+
+        A worker keeps events beyond its flood limits out of the models, but
+        the buyer's list must still leave out what they bought, and a refund
+        must bring the item back. Only the buyer's balance of units changes.
+        """
+        for event in events:
+            if event.type != "purchase":
+                continue
+            state = self._users.get(event.user_id)
+            if state is None:
+                state = self._users[event.user_id] = _UserState()
+            row = self.catalog.add(event.item_id)
+            quantity = 1 if event.quantity is None else event.quantity
+            _count_units(state, row, quantity, event.timestamp_ms)
+
     def has_user(self, user_id: str) -> bool:
         """Return whether the engine has learned any event of the user."""
         return user_id in self._users

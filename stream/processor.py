@@ -165,6 +165,8 @@ class Processor:
         """Apply a batch of messages from the event topics, in order."""
         outcome = BatchOutcome()
         accepted: list[Event] = []
+        # Purchases that the flood limits keep out of the models.
+        held: list[Event] = []
         now_ms = int(self.clock() * 1000)
 
         consumed: Counter[str] = Counter()
@@ -190,7 +192,7 @@ class Processor:
                 continue
 
             try:
-                pseudonym = self._admit(event)
+                pseudonym, learn = self._admit(event)
             except Exception as exc:  # noqa: BLE001 - one message must not stop the stream
                 outcome.dead_letters.append(self._decode_failed(message, exc, now_ms, "admit"))
                 continue
@@ -200,7 +202,7 @@ class Processor:
             event.user_id = pseudonym
             if event.session_id is not None:
                 event.session_id = self.session_token(event.session_id)
-            accepted.append(event)
+            (accepted if learn else held).append(event)
 
         if self._limited_since_sweep >= _SWEEP_EVERY_EVENTS:
             # Without this, the limiter would keep a budget for every user
@@ -223,6 +225,9 @@ class Processor:
                 self.counts[f"applied:{event_type}"] += count
             self.counts["applied"] += len(accepted)
             outcome.applied = len(accepted)
+        if held:
+            # After the batch is learned, so that the items are in the catalog.
+            self.engine.count_purchases(held)
         return outcome
 
     # -- item updates and forget requests -----------------------------------
@@ -510,27 +515,34 @@ class Processor:
         self.offsets[tp] = message.offset + 1
         return True
 
-    def _admit(self, event: Event) -> str | None:
-        """Return the pseudonym of a decoded event to learn, or None when it is dropped."""
+    def _admit(self, event: Event) -> tuple[str | None, bool]:
+        """Return the pseudonym of an event, None when it is dropped, and whether to learn it.
+
+        An event beyond the flood limits is not learned. A purchase or a
+        refund beyond them still counts for the buyer's list, which must
+        leave out what the user bought, so it comes back with False.
+        """
         pseudonym = self.pseudonymize(event.user_id)
         if self.forgotten:
             forgotten_at = self.forgotten.get(self.forget_token(pseudonym))
             if forgotten_at is not None and event.timestamp_ms <= forgotten_at:
                 self._drop("forgotten_user")
-                return None
+                return None, False
         if not self.dedup.add(event.event_id, pseudonym, event.timestamp_ms):
             self.metrics.duplicates.inc()
             self.counts["duplicate"] += 1
-            return None
+            return None, False
         self._newest_event_ms = max(self._newest_event_ms, event.timestamp_ms)
         self._limited_since_sweep += 1
         if not self.limiter.allow(pseudonym, event.timestamp_ms):
             self._drop("rate_limited")
-            return None
-        if not self.repeats.allow(pseudonym, event.item_id, event.timestamp_ms):
+        elif not self.repeats.allow(pseudonym, event.item_id, event.timestamp_ms):
             self._drop("item_repeat_limited")
-            return None
-        return pseudonym
+        else:
+            return pseudonym, True
+        if event.type == "purchase":
+            return pseudonym, False
+        return None, False
 
     def _check_not_future(self, timestamp_ms: int, now_ms: int) -> None:
         if timestamp_ms > now_ms + int(self.settings.max_future_skew_s * 1000):

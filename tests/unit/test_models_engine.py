@@ -983,3 +983,14 @@ def test_century_gap_keeps_scores_finite():
         scored = engine.candidate_scores(user)
         assert np.isfinite(scored.raw).all()
         assert np.isfinite(engine.fused(scored, "learned")).all()
+
+
+def test_counted_purchase_of_new_user_leaves_list():
+    # A purchase that the worker keeps out of the models still counts for
+    # the buyer, also one with no event learned yet.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn([Event(f"e{n}", "view", f"u{n}", "hot", T0 + n) for n in range(5)])
+    engine.count_purchases([Event("p1", "purchase", "buyer", "hot", T0 + 10, quantity=2)])
+    listed = [entry.item_id for entry in engine.recommend(["buyer"])[0]]
+    assert engine.has_user("buyer")
+    assert "hot" not in listed

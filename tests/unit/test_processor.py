@@ -220,6 +220,27 @@ def test_flooding_user_is_rate_limited():
     assert "spam-item" not in [e["item_id"] for e in after][:5]
 
 
+@pytest.mark.parametrize("refund", [False, True], ids=["purchase", "purchase and refund"])
+def test_flood_limited_purchase_still_leaves_list(refund):
+    # The user views one item past the repeat limit and then buys it. The
+    # purchase is beyond the limit too and is not learned, but the item must
+    # leave the buyer's list, and a refund beyond the limit brings it back.
+    processor = _processor()
+    events = _warm_events()
+    burst = int(processor.settings.item_repeat_burst)
+    start = NOW_MS - 60_000
+    events += [Event(f"v-{n}", "view", "buyer", "item-3", start + n) for n in range(burst + 5)]
+    events.append(Event("buy", "purchase", "buyer", "item-3", start + 1000, quantity=1))
+    if refund:
+        events.append(Event("back", "purchase", "buyer", "item-3", start + 2000, quantity=-1))
+    outcome = processor.process_events(_stream(events))
+    lists = {entry.key: orjson.loads(entry.payload) for entry in processor.refresh(outcome.dirty)}
+    items = [item["item_id"] for item in lists["recs:user:buyer"]["items"]]
+    assert processor.counts["item_repeat_limited"] == 5 + (2 if refund else 1)
+    assert processor.counts["applied:purchase"] == 0
+    assert ("item-3" in items) is refund
+
+
 def test_forgotten_user_is_erased_and_dropped():
     processor = _processor()
     events = _warm_events()
