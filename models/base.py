@@ -329,17 +329,20 @@ def add_in_time_order(recent: list[tuple[int, int]], item: int, time_ms: int, ke
     """Move ``item`` to its place by ``time_ms`` in ``recent``, oldest first, keeping ``keep``.
 
     A late event takes its place by time instead of becoming the newest
-    item, and one older than all the items kept drops out.
+    item, and one older than all the items kept drops out. An item kept
+    already keeps the newer of its two times.
 
     >>> recent = [(1, 10), (2, 30)]
     >>> add_in_time_order(recent, 3, 20, keep=3)
     >>> add_in_time_order(recent, 1, 40, keep=3)
+    >>> add_in_time_order(recent, 2, 5, keep=3)
     >>> recent
     [(3, 20), (2, 30), (1, 40)]
     """
-    for position, (previous, _) in enumerate(recent):
+    for position, (previous, previous_ms) in enumerate(recent):
         if previous == item:
             del recent[position]
+            time_ms = max(time_ms, previous_ms)
             break
     position = len(recent)
     while position and recent[position - 1][1] > time_ms:

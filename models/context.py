@@ -139,8 +139,7 @@ class ContextModel:
         value = self.classifier._weights.get(f"category={category}")
         self._category_weights[index] = value or 0.0
 
-    def _features(self, context: _Context, item: int) -> dict[str, float]:
-        category = int(self.catalog.categories[item])
+    def _features(self, context: _Context, item: int, category: int) -> dict[str, float]:
         seen = item in context.seen
         features: dict[str, float] = {
             f"category={category}": 1.0,
@@ -176,14 +175,19 @@ class ContextModel:
                 self._users.move_to_end(event.user_id)
             self._positives += 1
             if context.hour >= 0 and self._positives % self.learn_every == 0:
-                self._learn_one(context, item, True)
-                if negatives[index] != item:
-                    self._learn_one(context, negatives[index], False)
+                # The event's own item takes its category as of the event, so
+                # a later event of the batch that changes it does not count.
+                self._learn_one(context, item, True, categories[index])
+                negative = negatives[index]
+                if negative != item:
+                    self._learn_one(
+                        context, negative, False, int(self.catalog.categories[negative])
+                    )
             self._move(context, event.type, event.timestamp_ms, item, categories[index])
 
-    def _learn_one(self, context: _Context, item: int, label: bool) -> None:
-        self.classifier.learn_one(self._features(context, item), label)
-        self._sync_category(int(self.catalog.categories[item]))
+    def _learn_one(self, context: _Context, item: int, label: bool, category: int) -> None:
+        self.classifier.learn_one(self._features(context, item, category), label)
+        self._sync_category(category)
 
     def _sample_negatives(self, batch: EventBatch) -> IntArray:
         # The ring is rebuilt after a tenth of the catalog's size in events (at

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -270,9 +270,9 @@ def evaluate(
     results = {name: StrategyResult(name) for name in names}
     bucket_events = max(1, math.ceil(len(events) / buckets))
     history: dict[str, set[int]] = {}
-    if "learned" not in names and config.fusion != "learned":
-        # Nothing reads the learned fusion, so it need not learn.
-        config = replace(config, fusion_learn_every=0)
+    # The learned fusion learns also when no strategy reads it, because the
+    # events it learns from end batches, and matrix factorization takes one
+    # step per batch.
     engine = Recommender(config)
     step = 0
 

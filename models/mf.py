@@ -29,6 +29,11 @@ Float32Array = npt.NDArray[np.float32]
 # Up to this many entries, `row_totals` sums in a dictionary, because
 # np.unique costs more than the loop on the few rows of a small batch.
 _DICT_TOTALS_MAX = 64
+# The ring of negatives keeps about this many points, 12 bytes each, or 4
+# per item where the catalog is larger. Both evaluation files stay below it,
+# so their negatives are drawn as without the limit.
+RING_MIN_POINTS = 1 << 20
+RING_POINTS_PER_ITEM = 4
 
 
 def row_totals(rows: IntArray, values: FloatArray) -> FloatArray:
@@ -200,7 +205,10 @@ class ImplicitMF:
             self._events_since_sampler = 0
             self._sampler_items = self._n_items
             weights = (self._counts[: self._n_items] + 1.0) ** self.sampling_power
-            self._sampler.rebuild(self.catalog.hashes[: self._n_items], weights)
+            # The counts never decay, so without a limit the ring would grow
+            # with the traffic even over a fixed catalog.
+            limit = max(RING_MIN_POINTS, RING_POINTS_PER_ITEM * self._n_items)
+            self._sampler.rebuild(self.catalog.hashes[: self._n_items], weights, limit)
         return self._sampler.draw(keys ^ self._negative_salt, self.negatives)
 
     def learn(self, batch: EventBatch) -> None:

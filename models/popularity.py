@@ -280,6 +280,9 @@ class CategoryModel:
         out_scores: list[FloatArray] = []
         for position, category in enumerate(recent):
             chosen = items[categories == category]
+            # An item that no user has touched yet gets no opinion, as in
+            # popularity, rather than a score of 0.
+            chosen = chosen[raw[chosen] > 0]
             if len(chosen) == 0:
                 continue
             leader = self.top_of(category, 1)
@@ -288,7 +291,7 @@ class CategoryModel:
                 continue
             out_items.append(chosen)
             factor = self.category_decay**position / best
-            out_scores.append(np.maximum(raw[chosen], 0.0) * factor)
+            out_scores.append(raw[chosen] * factor)
         if not out_items:
             return _EMPTY_ROWS, _EMPTY_SCORES
         return np.concatenate(out_items), np.concatenate(out_scores)

@@ -100,13 +100,27 @@ class KeyedSampler:
     def __len__(self) -> int:
         return len(self._positions)
 
-    def rebuild(self, item_hashes: UInt64Array, weights: FloatArray | None = None) -> None:
-        """Place the points of every item row; ``weights`` of None gives each row one point."""
+    def rebuild(
+        self,
+        item_hashes: UInt64Array,
+        weights: FloatArray | None = None,
+        max_points: int | None = None,
+    ) -> None:
+        """Place the points of every item row; ``weights`` of None gives each row one point.
+
+        With ``max_points``, a point stands for more weight than ``unit``
+        where the weights would need more points, so the ring keeps about
+        that many points, plus one for each item whose weight rounds to none.
+        """
         n_items = len(item_hashes)
         if weights is None:
             points = np.ones(n_items, dtype=np.int64)
         else:
-            points = np.maximum(1, np.rint(weights[:n_items] / self.unit)).astype(np.int64)
+            weights = weights[:n_items]
+            unit = self.unit
+            if max_points is not None:
+                unit = max(unit, float(weights.sum()) / max_points)
+            points = np.maximum(1, np.rint(weights / unit)).astype(np.int64)
         rows = np.repeat(np.arange(n_items, dtype=np.int64), points)
         starts = np.cumsum(points) - points
         number = np.arange(len(rows), dtype=np.uint64) - np.repeat(starts, points).astype(np.uint64)

@@ -227,3 +227,13 @@ def test_strategy_hits_independent_of_others() -> None:
         alone = evaluate(stream, config, every=2, strategies=[name]).to_json()["results"][name]
         for order, results in together.items():
             assert alone == results[name], (name, order)
+
+
+def test_strategy_figures_ignore_other_strategies() -> None:
+    # With a fixed-weight default, matrix factorization scored alone must get
+    # the figures it gets next to the learned fusion.
+    stream = list(generate_events(1500, n_users=40, n_items=200, seed=3))
+    config = EngineConfig(repeat_purchases="allow", fusion="weighted")
+    alone = evaluate(stream, config, every=2, strategies=["mf"]).to_json()["results"]["mf"]
+    together = evaluate(stream, config, every=2, strategies=["mf", "learned"])
+    assert alone == together.to_json()["results"]["mf"]

@@ -78,3 +78,44 @@ def test_scores_ignore_batch_cuts(rows: list[Row], batch: int) -> None:
             actual_items, actual = batched.models[name].score(user, items)
             assert actual_items.tolist() == expected_items.tolist(), (name, user)
             assert np.allclose(_relative(actual), _relative(expected), rtol=1e-6), (name, user)
+
+
+def test_late_retouch_keeps_newest_item() -> None:
+    # The user views i1 to i5, one a second. A view of i5 stamped before all
+    # of them arrives last, as from a retried producer. i5 is still the
+    # user's newest item, as when the same events arrive in time order.
+    views = [Event(f"e{n}", "view", "u", f"i{n}", T0 + n * 1000) for n in range(1, 6)]
+    late = Event("late", "view", "u", "i5", T0)
+    arrival = Recommender(EngineConfig(fusion_learn_every=0))
+    arrival.learn([*views, late])
+    in_order = Recommender(EngineConfig(fusion_learn_every=0))
+    in_order.learn([late, *views])
+
+    for name in ("covisit", "title"):
+        expected = [in_order.catalog.ids[row] for row in in_order.models[name].user_items("u")]
+        actual = [arrival.catalog.ids[row] for row in arrival.models[name].user_items("u")]
+        assert expected[0] == "i5", name
+        assert actual == expected, name
+
+
+def test_context_category_ignores_batch_cuts() -> None:
+    # Item a carries category c1 on u's event and c2 on v's later event.
+    # u's positive example must use c1, the category as of u's event,
+    # whether or not v's event is learned in the same batch.
+    events = [
+        Event("e0", "view", "u", "x", T0),
+        Event("e1", "view", "u", "a", T0 + 1000, category="c1"),
+        Event("e2", "view", "v", "a", T0 + 2000, category="c2"),
+    ]
+    config = EngineConfig(fusion_learn_every=0)
+    single = Recommender(config)
+    for event in events:
+        single.learn([event])
+    batched = Recommender(config)
+    batched.learn(events)
+
+    def category_weights(engine: Recommender) -> dict[str, float]:
+        weights = engine.models["context"].classifier._weights  # type: ignore[attr-defined]
+        return {key: value for key, value in weights.items() if key.startswith("category=")}
+
+    assert category_weights(batched) == category_weights(single)

@@ -994,3 +994,26 @@ def test_counted_purchase_of_new_user_leaves_list():
     listed = [entry.item_id for entry in engine.recommend(["buyer"])[0]]
     assert engine.has_user("buyer")
     assert "hot" not in listed
+
+
+def test_category_untouched_item_no_opinion() -> None:
+    # "new" gets category c1 and a title from an item update, and no user
+    # has touched it. The title model proposes it to u, whose category is c1.
+    # Its user count is 0, so the category model, like popularity, must have
+    # no opinion on it rather than a score of 0.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn(
+        [
+            Event("e1", "view", "u", "old", T0, category="c1", title="red mug"),
+            Event("e2", "view", "u", "x", T0 + 1000, category="c1"),
+        ]
+    )
+    engine.update_item(ItemUpdate("new", T0 + 2000, category="c1", title="red mug"))
+    new = engine.catalog.index["new"]
+    model = engine.models["category"]
+
+    assert new not in model.candidates("u", 10).tolist()
+    scored, _ = model.score("u", np.array([new], dtype=np.int64))
+    assert scored.tolist() == []
+    served = {entry.item_id: entry.sources for entry in engine.recommend(["u"])[0]}
+    assert "category" not in served["new"]

@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models import mf as mf_module
 from models.engine import EngineConfig, Recommender
 from models.mf import ImplicitMF, row_totals
 from schemas import Event
@@ -128,3 +129,21 @@ def test_mf_dropped_negatives_leave_rates() -> None:
         tables.append((model._user_factors[:1].copy(), model.item_factors().copy()))
     assert np.array_equal(tables[0][0], tables[1][0])
     assert np.array_equal(tables[0][1], tables[1][1])
+
+
+def test_negative_ring_stays_bounded(monkeypatch):
+    # The item counts behind the ring never decay. Ten times the events over
+    # the same 4 items must not grow the ring past its limit.
+    monkeypatch.setattr(mf_module, "RING_MIN_POINTS", 200)
+    engine = Recommender(EngineConfig(fusion_learn_every=0, learn_chunk=1000))
+    model = engine.models["mf"]
+    assert isinstance(model, ImplicitMF)
+    for first in range(0, 40_000, 1000):
+        engine.learn(
+            [
+                Event(f"e{n}", "purchase", f"u{n % 3}", f"i{n % 4}", T0 + n)
+                for n in range(first, first + 1000)
+            ]
+        )
+    assert len(engine.catalog) == 4
+    assert len(model._sampler) <= 200 + 4

@@ -45,7 +45,9 @@ def _context_by_definition(model: ContextModel, user_id: str, items: np.ndarray)
     context = model._users[user_id]
     return np.array(
         [
-            model.classifier.predict_proba_one(model._features(context, int(item)))[True]
+            model.classifier.predict_proba_one(
+                model._features(context, int(item), int(model.catalog.categories[item]))
+            )[True]
             for item in items
         ]
     )
