@@ -1174,6 +1174,10 @@ class Worker:
             await wakeup.wait()
             wakeup.clear()
             while self.dirty and not self._stopping:
+                # Lists computed already go out first, so that the thousands
+                # that a sale rewrites at once do not wait behind the
+                # recomputation of those it left short.
+                await self._require_sink().wait_below(self.settings.redis_write_batch)
                 # A checkpoint pickles the live state in a thread while it
                 # holds the lock, and scoring may touch model caches.
                 async with self.lock:

@@ -74,6 +74,8 @@ class RedisSink:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set whenever a batch has been written, and at close.
+        self._progress = asyncio.Event()
         self._closing = False
         self._outage_started: float | None = None
         self.outages = 0
@@ -183,6 +185,7 @@ class RedisSink:
             await self._discard_connections()
             raise
         self._in_flight = {}
+        self._progress.set()
         self.metrics.redis_write_seconds.observe(time.perf_counter() - started)
         # Only user lists count, and a SET XX over an expired key wrote nothing.
         user_prefix = f"{self.settings.redis_key_prefix}user:"
@@ -202,9 +205,19 @@ class RedisSink:
             return False
         return True
 
+    async def wait_below(self, count: int) -> None:
+        """Wait until fewer than ``count`` writes are queued, or the sink closes.
+
+        During a Redis outage nothing is written, so this waits until it ends.
+        """
+        while len(self.pending) >= count and not self._closing:
+            self._progress.clear()
+            await self._progress.wait()
+
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is pending (up to ``timeout_s``), then close the client."""
         self._closing = True
+        self._progress.set()
         self._wakeup.set()
         if not await self.wait_idle(timeout_s):
             logger.error("closing with %d lists not written to Redis", len(self.pending))

@@ -62,6 +62,9 @@ class _Sink:
     def owed_keys(self) -> list[str]:
         return list(self.pending)
 
+    async def wait_below(self, count: int) -> None:
+        return None
+
 
 def _worker(tmp_path, monkeypatch, topic: _Topic) -> Worker:
     settings = replace(

@@ -324,3 +324,42 @@ def test_restarted_redis_gets_every_list_again(tmp_path):
     assert {f"recs:user:user-{n}" for n in range(3)} <= set(fake.values)
     assert "recs:popular" in fake.values
     assert worker.metrics.errors.labels(kind="redis_restarted")._value.get() == 1
+
+
+def test_refresher_waits_for_queued_writes(tmp_path):
+    # Thousands of lists rewritten at once by a sale are queued. The refresher
+    # computes the lists of users with new events only once fewer than one
+    # write batch is left, so the rewrites do not wait behind it.
+    settings = replace(_settings(tmp_path), redis_write_batch=100)
+    worker = Worker(settings)
+    sink, fake = _sink(settings)
+    worker.sink = sink
+    # Each write takes a while, as over a network, and lets other tasks run.
+    fake.gate = asyncio.Event()
+    asyncio.run(worker.on_event_batch([_view(0, "kim", "hot")]))
+    queued_at_refresh: list[int] = []
+    refresh = worker.refresh_some
+
+    def recording_refresh(limit: int | None = None) -> int:
+        queued_at_refresh.append(len(sink.pending))
+        return refresh(limit)
+
+    worker.refresh_some = recording_refresh  # type: ignore[method-assign]
+    for n in range(450):
+        sink.put_existing(f"recs:user:other-{n}", b"{}")
+
+    async def run() -> None:
+        writer = asyncio.create_task(sink.run())
+        refresher = asyncio.create_task(worker.refresher())
+        while worker.dirty or sink.pending:
+            await asyncio.sleep(0.005)
+            if fake.gate is None:
+                fake.gate = asyncio.Event()
+            fake.gate.set()
+        for task in (writer, refresher):
+            task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=30))
+
+    assert queued_at_refresh
+    assert max(queued_at_refresh) < 100
