@@ -243,6 +243,9 @@ class Processor:
                 update = decode_item_update(
                     message.value, max_bytes=self.settings.max_message_bytes
                 )
+                if message.key is None and self.settings.check_key:
+                    msg = "message has no key; expected the UTF-8 bytes of item_id as the Kafka key"
+                    raise SchemaError("key_mismatch", msg, "item_id")
                 if message.key is not None and message.key != update.item_id.encode():
                     key = _quoted(message.key.decode("utf-8", "replace"))
                     msg = (

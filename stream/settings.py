@@ -508,7 +508,9 @@ SETTINGS_DOC: dict[str, str] = {
     "max_future_skew_s": (
         "Events and forget requests stamped further ahead of the worker clock are rejected."
     ),
-    "check_key": "Reject events whose Kafka key is not their user_id.",
+    "check_key": (
+        "Reject events whose Kafka key is not their user_id, and item updates without a key."
+    ),
     "dedup_window_s": (
         "Event time span over which event ids are remembered, in seconds; at least the "
         "checkpoint interval plus 86400."

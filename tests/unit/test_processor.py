@@ -843,3 +843,14 @@ def test_restore_keeps_hashed_session_ids():
     restored.load_state(pickle.loads(pickle.dumps(processor.state())))
 
     assert restored.engine._users[user].session_id == stored
+
+
+def test_keyless_item_update_rejected():
+    processor = _processor()
+    update = {"item_id": "i1", "timestamp": NOW_MS - 1000, "in_stock": False}
+    message = Message("items.updates", 0, 0, None, orjson.dumps(update))
+    outcome = processor.process_item_updates([message])
+    record = orjson.loads(outcome.dead_letters[0][1])
+    assert record["reason"] == "key_mismatch"
+    assert "expected the UTF-8 bytes of item_id" in record["detail"]
+    assert outcome.applied == 0
