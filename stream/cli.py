@@ -129,9 +129,9 @@ def build_faust_worker(
 
 
 def _recs(args: argparse.Namespace) -> int:
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, ResponseError
 
-    from stream.reader import read_list
+    from stream.reader import ListFormatError, read_list
 
     if bool(args.user) == args.popular:
         print("fusionrec recs: give either a user id or --popular", file=sys.stderr)
@@ -139,6 +139,17 @@ def _recs(args: argparse.Namespace) -> int:
     settings = Settings.from_env(services=Service.REDIS)
     try:
         value = asyncio.run(read_list(settings, args.user, popular=args.popular))
+    except ListFormatError as exc:
+        print(f"fusionrec recs: {exc}", file=sys.stderr)
+        return 1
+    except ResponseError as exc:
+        # Redis replied, so it runs: the key holds another type, such as a hash.
+        print(
+            f"fusionrec recs: Redis refused to read the list: {exc}; expected a string key"
+            " that the worker wrote",
+            file=sys.stderr,
+        )
+        return 1
     except (RedisError, OSError) as exc:
         url = settings.masked()["FUSIONREC_REDIS_URL"]
         reason = str(exc).rstrip(".")

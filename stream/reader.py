@@ -9,7 +9,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from jsonschema.exceptions import best_match
 
+from schemas import validator
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.privacy import load_pseudonymizer
 from stream.settings import Settings
@@ -28,15 +30,37 @@ def list_key(settings: Settings, user_id: str) -> str:
     return f"{settings.redis_key_prefix}user:{user_id}"
 
 
+class ListFormatError(ValueError):
+    """A value in Redis that is not a list in the shape that the worker writes."""
+
+
 async def read_list(settings: Settings, user_id: str, *, popular: bool = False) -> Any:
-    """Return the parsed list of ``user_id`` (or ``recs:popular``), or None when absent."""
+    """Return the parsed list of ``user_id`` (or ``recs:popular``), or None when absent.
+
+    Raises `ListFormatError` when the key holds something else than a list
+    that recommendations.schema.json describes.
+    """
     key = f"{settings.redis_key_prefix}popular" if popular else list_key(settings, user_id)
     client = redis_client(settings)
     try:
         raw = await client.get(key)
     finally:
         await client.aclose()
-    return None if raw is None else orjson.loads(raw)
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        msg = f"the value of {key} is not JSON ({exc}); expected a list that the worker wrote"
+        raise ListFormatError(msg) from exc
+    error = best_match(validator("recommendations.schema.json").iter_errors(value))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "the value"
+        msg = (
+            f"the value of {key} is not a list that the worker writes: at {where}, {error.message}"
+        )
+        raise ListFormatError(msg)
+    return value
 
 
 class ForgetError(RuntimeError):

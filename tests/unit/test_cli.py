@@ -283,3 +283,32 @@ def test_worker_gives_up_on_absent_broker(tmp_path: Path) -> None:
 
     with pytest.raises(BrokerUnreachableError, match="no Kafka broker at 127.0.0.1:9 replied"):
         asyncio.run(worker._wait_for_topics(wait_s=0.5))
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (b"garbage", "is not JSON"),
+        (b'{"items": [{"item_id": 1}]}', "is not a list that the worker writes"),
+    ],
+    ids=["not json", "wrong shape"],
+)
+def test_recs_invalid_stored_value_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stored: bytes,
+    expected: str,
+) -> None:
+    class _Client:
+        async def get(self, key: str) -> bytes:
+            return stored
+
+        async def aclose(self) -> None:
+            return None
+
+    monkeypatch.setattr("stream.reader.redis_client", lambda settings: _Client())
+    assert main(["recs", "u1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "the value of recs:user:u1" in err
+    assert expected in err
