@@ -128,10 +128,13 @@ class ReplaySummary:
     # Where a replay that stopped on failed deliveries can resume, as the
     # --skip value: every event before it was delivered.
     resume_from: int | None = None
+    # Why the replay stopped early, and its exit code then.
+    error: str | None = None
+    exit_code: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return the summary as one JSON-ready object with nested counts."""
-        return {
+        out = {
             "path": self.path,
             "format": self.fmt,
             "dry_run": self.dry_run,
@@ -150,7 +153,11 @@ class ReplaySummary:
             "elapsed_s": round(self.elapsed_s, 3),
             "skip": self.skip,
             "resume_from": self.resume_from,
+            "exit_code": self.exit_code,
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
     def to_text(self) -> str:
         """Return the summary as lines for a terminal."""
@@ -285,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
         except ReplayError as exc:
             print(f"fusionrec replay: {exc}", file=sys.stderr)
             summary.elapsed_s = time.monotonic() - started
+            summary.error, summary.exit_code = str(exc), 1
+            if summary.resume_from is None:
+                # Nothing was delivered, as when no broker could be reached.
+                summary.resume_from = summary.skip + summary.produced
             _print_summary(summary, as_json=args.json)
             return 1
         except KeyboardInterrupt:
@@ -293,11 +304,13 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             summary.elapsed_s = time.monotonic() - started
+            summary.exit_code = 130
             _print_summary(summary, as_json=args.json)
             return 130
     summary.elapsed_s = time.monotonic() - started
+    summary.exit_code = 1 if summary.failed else 0
     _print_summary(summary, as_json=args.json)
-    return 1 if summary.failed else 0
+    return summary.exit_code
 
 
 async def produce_events(

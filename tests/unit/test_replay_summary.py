@@ -3,11 +3,13 @@
 import asyncio
 from collections import Counter
 
+import orjson
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 
 from schemas import Event
 from stream import replay
+from stream.cli import main
 from stream.replay import ReplaySummary
 from stream.settings import Settings
 
@@ -122,3 +124,21 @@ def test_replay_gives_up_on_silent_broker(monkeypatch) -> None:
 
     assert summary.produced == 30
     assert summary.failed == {"DeliveryTimeout": 20}
+
+
+def test_unreachable_broker_json_names_error(monkeypatch, tmp_path, capsys) -> None:
+    async def unreachable(settings: Settings, bootstrap: str) -> None:
+        raise replay.ReplayError(f"cannot connect to Kafka at {bootstrap}")
+
+    monkeypatch.setattr(replay, "_start_producer", unreachable)
+    path = tmp_path / "events.jsonl"
+    event = Event("e1", "view", "u1", "i1", 1_700_000_000_000)
+    path.write_bytes(orjson.dumps(event.to_json()) + b"\n")
+
+    code = main(["replay", str(path), "--format", "jsonl", "--skip", "0", "--json"])
+
+    report = orjson.loads(capsys.readouterr().out)
+    assert code == 1
+    assert report["exit_code"] == 1
+    assert report["error"].startswith("cannot connect to Kafka")
+    assert report["resume_from"] == 0
