@@ -491,10 +491,12 @@ def parse_timestamp(value: object, field: str = "timestamp") -> int:
         )
         raise SchemaError("wrong_type", msg, field)
     if millis < MIN_TIMESTAMP_MS:
-        msg = (
-            f"{field} {_shown(value)} is before 2000-01-01; "
-            "expected a later time in epoch milliseconds, not seconds"
-        )
+        if isinstance(value, str):
+            expected = "a time from 2000-01-01T00:00:00Z on"
+        else:
+            # A number this small is most often epoch seconds.
+            expected = "a later time in epoch milliseconds, not seconds"
+        msg = f"{field} {_shown(value)} is before 2000-01-01; expected {expected}"
         raise SchemaError("timestamp_too_old", msg, field)
     if millis > MAX_TIMESTAMP_MS:
         msg = (
@@ -588,8 +590,13 @@ def _optional_text(obj: dict[str, Any], field: str, max_length: int) -> str | No
 
 
 def _quantity(value: object) -> int:
-    # JSON Schema counts 2.0 as an integer, so the decoder does too.
+    # JSON Schema counts 2.0 as an integer, so the decoder does too. A number
+    # beyond the limit keeps the form it arrived in for the message, because
+    # a large float converted to an integer shows digits that were not sent.
     if isinstance(value, float) and value.is_integer():
+        if abs(value) > MAX_QUANTITY:
+            msg = f"quantity {_shown(value)} is beyond the limit of ±{MAX_QUANTITY}"
+            raise SchemaError("invalid_quantity", msg, "quantity")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and not math.isfinite(value):

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, AnyStr, overload
 
 import orjson
@@ -550,9 +551,11 @@ class Processor:
     def _check_not_future(self, timestamp_ms: int, now_ms: int) -> None:
         if timestamp_ms > now_ms + int(self.settings.max_future_skew_s * 1000):
             ahead_s = (timestamp_ms - now_ms) / 1000
+            moment = datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat(timespec="seconds")
             msg = (
-                f"timestamp {timestamp_ms} is {ahead_s:.0f} s ahead of the worker clock; "
-                f"expected at most {self.settings.max_future_skew_s:.0f} s ahead"
+                f"timestamp {timestamp_ms} ({moment.replace('+00:00', 'Z')}) is {ahead_s:.0f} s "
+                f"ahead of the worker clock; expected at most "
+                f"{self.settings.max_future_skew_s:.0f} s ahead"
             )
             raise SchemaError("timestamp_in_future", msg, "timestamp")
 

@@ -2,6 +2,7 @@
 
 import math
 import pickle
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -854,3 +855,13 @@ def test_keyless_item_update_rejected():
     assert record["reason"] == "key_mismatch"
     assert "expected the UTF-8 bytes of item_id" in record["detail"]
     assert outcome.applied == 0
+
+
+def test_future_timestamp_detail_shows_date():
+    processor = _processor()
+    event = Event("e1", "view", "u1", "i1", NOW_MS + 86_400_000)
+    outcome = processor.process_events([_message(event, 0)])
+    detail = orjson.loads(outcome.dead_letters[0][1])["detail"]
+    moment = datetime.fromtimestamp(NOW_MS / 1000 + 86_400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"({moment})" in detail
+    assert "86400 s ahead" in detail

@@ -439,3 +439,24 @@ def test_impossible_date_time_detail_says_expected(timestamp):
     assert caught.value.reason == "invalid_timestamp"
     assert timestamp in caught.value.detail
     assert "expected" in caught.value.detail
+
+
+def test_early_iso_timestamp_detail_fits_text():
+    # An ISO date-time before 2000 is no epoch-seconds mix-up, so the hint
+    # about seconds does not fit it.
+    event = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1"}
+    raw = orjson.dumps(event | {"timestamp": "2000-01-01T00:30:00+01:00"})
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == "timestamp_too_old"
+    assert "expected a time from 2000-01-01T00:00:00Z on" in caught.value.detail
+    assert "seconds" not in caught.value.detail
+
+
+def test_huge_quantity_detail_shows_value_sent():
+    event = {"event_id": "e1", "type": "purchase", "user_id": "u1", "item_id": "i1"}
+    raw = orjson.dumps(event | {"timestamp": 1_700_000_000_000, "quantity": 1e30})
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == "invalid_quantity"
+    assert "quantity 1e+30 is beyond" in caught.value.detail
