@@ -784,6 +784,9 @@ class Recommender:
         the buyer's list must still leave out what they bought, and a refund
         must bring the item back. Only the buyer's balance of units changes.
         """
+        # The scores kept for the last user scored may leave out an item
+        # bought now, or keep out one refunded now.
+        self._last_scored = None
         for event in events:
             if event.type != "purchase":
                 continue

@@ -1017,3 +1017,14 @@ def test_category_untouched_item_no_opinion() -> None:
     assert scored.tolist() == []
     served = {entry.item_id: entry.sources for entry in engine.recommend(["u"])[0]}
     assert "category" not in served["new"]
+
+
+def test_counted_purchase_of_last_scored_user_leaves_list():
+    # The buyer was the last user scored, so the engine holds their
+    # candidate scores, which were computed before the purchase.
+    engine = Recommender(EngineConfig(fusion_learn_every=0))
+    engine.learn([Event(f"e{n}", "view", f"u{n}", "hot", T0 + n) for n in range(5)])
+    engine.learn([Event("b1", "view", "buyer", "hot", T0 + 10)])
+    assert "hot" in [entry.item_id for entry in engine.recommend(["buyer"])[0]]
+    engine.count_purchases([Event("p1", "purchase", "buyer", "hot", T0 + 20, quantity=1)])
+    assert "hot" not in [entry.item_id for entry in engine.recommend(["buyer"])[0]]
