@@ -59,6 +59,10 @@ logger = logging.getLogger(__name__)
 _POPULAR_EVERY_S = 5.0
 _BROKER_PROBE_EVERY_S = 5.0
 _BROKER_PROBE_TIMEOUT_S = 2.0
+# The time that one refresh batch may hold the event loop, and the fewest
+# users that a batch takes when lists are slower than that to compute.
+_REFRESH_SLICE_S = 0.1
+_REFRESH_MIN_USERS = 8
 _COMMIT_TIMEOUT_S = 10.0
 # Time limit of the broker calls of the rebalance hook, which Faust waits for,
 # and the pause between its tries while the broker cannot be reached.
@@ -1170,18 +1174,27 @@ class Worker:
         wakeup = self._refresh_wakeup = asyncio.Event()
         # Lists owed by a restored checkpoint are due before any new event.
         self._wake_refresher()
+        size = self.settings.refresh_batch
         while not self._stopping:
             await wakeup.wait()
             wakeup.clear()
             while self.dirty and not self._stopping:
                 # Lists computed already go out first, so that the thousands
-                # that a sale rewrites at once do not wait behind the
-                # recomputation of those it left short.
-                await self._require_sink().wait_below(self.settings.redis_write_batch)
+                # that a sale rewrites at once, and the popular list, do not
+                # wait behind the recomputation of those it left short.
+                await self._require_sink().wait_drained()
                 # A checkpoint pickles the live state in a thread while it
                 # holds the lock, and scoring may touch model caches.
                 async with self.lock:
-                    self.refresh_some(self.settings.refresh_batch)
+                    started = time.perf_counter()
+                    done = self.refresh_some(size)
+                    elapsed = time.perf_counter() - started
+                # A batch holds the event loop, so the next one is sized to
+                # take about _REFRESH_SLICE_S, which leaves the loop free for
+                # health checks, the broker and Redis between batches.
+                if done and elapsed > 0:
+                    fitting = int(done * _REFRESH_SLICE_S / elapsed)
+                    size = max(_REFRESH_MIN_USERS, min(self.settings.refresh_batch, fitting))
                 await asyncio.sleep(0)
 
     def refresh_some(self, limit: int | None = None) -> int:
@@ -1826,8 +1839,14 @@ async def _broker_replies(settings: Settings) -> bool:
     """Return whether a bootstrap broker replies to a metadata request in time.
 
     A TCP connection alone is not enough: the kernel accepts connections
-    for a broker process that is frozen.
+    for a broker process that is frozen. The probe runs in a thread with
+    an event loop of its own, so that a long recomputation of lists, which
+    holds the worker's loop for a while, does not time it out.
     """
+    return await asyncio.to_thread(asyncio.run, _probe_brokers(settings))
+
+
+async def _probe_brokers(settings: Settings) -> bool:
     client = AIOKafkaClient(
         bootstrap_servers=settings.kafka_bootstrap,
         request_timeout_ms=int(_BROKER_PROBE_TIMEOUT_S * 1000),

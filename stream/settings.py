@@ -502,7 +502,10 @@ SETTINGS_DOC: dict[str, str] = {
     "seed": "Random seed of the models.",
     "event_batch": "Most events taken from Kafka per model update.",
     "event_batch_wait_ms": "Longest wait for a batch to fill, in milliseconds.",
-    "refresh_batch": "Users whose lists are recomputed in one batched call.",
+    "refresh_batch": (
+        "Users whose lists are recomputed in one batched call, at most: fewer when"
+        " a batch would hold the worker for more than about 0.1 s."
+    ),
     "spare_items": "Items ranked below the cut of each list, to replace sold-out items at once.",
     "max_message_bytes": "Messages larger than this go to the dead-letter topic.",
     "max_future_skew_s": (

@@ -205,12 +205,12 @@ class RedisSink:
             return False
         return True
 
-    async def wait_below(self, count: int) -> None:
-        """Wait until fewer than ``count`` writes are queued, or the sink closes.
+    async def wait_drained(self) -> None:
+        """Wait until every queued write has reached Redis, or the sink closes.
 
         During a Redis outage nothing is written, so this waits until it ends.
         """
-        while len(self.pending) >= count and not self._closing:
+        while (self.pending or self._in_flight) and not self._closing:
             self._progress.clear()
             await self._progress.wait()
 

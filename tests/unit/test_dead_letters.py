@@ -62,7 +62,7 @@ class _Sink:
     def owed_keys(self) -> list[str]:
         return list(self.pending)
 
-    async def wait_below(self, count: int) -> None:
+    async def wait_drained(self) -> None:
         return None
 
 

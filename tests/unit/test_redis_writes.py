@@ -328,8 +328,8 @@ def test_restarted_redis_gets_every_list_again(tmp_path):
 
 def test_refresher_waits_for_queued_writes(tmp_path):
     # Thousands of lists rewritten at once by a sale are queued. The refresher
-    # computes the lists of users with new events only once fewer than one
-    # write batch is left, so the rewrites do not wait behind it.
+    # computes the lists of users with new events only once Redis has taken
+    # them all, so the rewrites do not wait behind it.
     settings = replace(_settings(tmp_path), redis_write_batch=100)
     worker = Worker(settings)
     sink, fake = _sink(settings)
@@ -362,4 +362,37 @@ def test_refresher_waits_for_queued_writes(tmp_path):
     asyncio.run(asyncio.wait_for(run(), timeout=30))
 
     assert queued_at_refresh
-    assert max(queued_at_refresh) < 100
+    assert max(queued_at_refresh) == 0
+
+
+def test_refresher_shrinks_slow_batches(tmp_path):
+    # Lists that take 5 ms each would hold the event loop for over a second
+    # in a batch of 256, so later batches take about 0.1 s of them.
+    settings = _settings(tmp_path)
+    worker = Worker(settings)
+    sink, _ = _sink(settings)
+    worker.sink = sink
+    worker.dirty = {f"user-{n}": f"user-{n}" for n in range(600)}
+    limits: list[int] = []
+
+    def slow_refresh(limit: int | None = None) -> int:
+        assert limit is not None
+        limits.append(limit)
+        chunk = list(worker.dirty)[:limit]
+        for pseudonym in chunk:
+            del worker.dirty[pseudonym]
+        time.sleep(0.005 * len(chunk))
+        return len(chunk)
+
+    worker.refresh_some = slow_refresh  # type: ignore[method-assign]
+
+    async def run() -> None:
+        refresher = asyncio.create_task(worker.refresher())
+        while worker.dirty:
+            await asyncio.sleep(0.01)
+        refresher.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+    assert limits[0] == settings.refresh_batch
+    assert max(limits[1:]) <= 25

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from aiokafka.errors import GroupAuthorizationFailedError
 from faust.types import TP
 
+from stream import app as app_module
 from stream.app import RegistryKeyError, Worker
 from stream.settings import Settings
 
@@ -304,3 +307,24 @@ def test_registry_retries_back_off(tmp_path):
     assert client.calls == 1
     assert worker._registry_pause_s == 2.0
     assert worker.metrics.errors.labels(kind="redis_forget_registry")._value.get() == 1
+
+
+def test_broker_probe_survives_busy_loop(monkeypatch):
+    # The worker's loop is held for longer than the probe's time limit, as
+    # by a recomputation of thousands of lists. The probe runs on a loop of
+    # its own, so it still sees the broker reply.
+    async def replies_soon(settings: Settings) -> bool:
+        # On the worker's own loop, the held loop would count against the
+        # time limit.
+        await asyncio.wait_for(asyncio.sleep(0.05), 1.0)
+        return threading.current_thread() is not threading.main_thread()
+
+    monkeypatch.setattr(app_module, "_probe_brokers", replies_soon)
+
+    async def run() -> bool:
+        probe = asyncio.create_task(app_module._broker_replies(Settings()))
+        await asyncio.sleep(0.01)
+        time.sleep(1.5)
+        return await probe
+
+    assert asyncio.run(run()) is True
