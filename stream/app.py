@@ -1189,7 +1189,7 @@ class Worker:
                     started = time.perf_counter()
                     done = self.refresh_some(size)
                     elapsed = time.perf_counter() - started
-                # A batch holds the event loop, so the next one is sized to
+                # A batch blocks the event loop, so the next one is sized to
                 # take about _REFRESH_SLICE_S, which leaves the loop free for
                 # health checks, the broker and Redis between batches.
                 if done and elapsed > 0:
@@ -1841,7 +1841,7 @@ async def _broker_replies(settings: Settings) -> bool:
     A TCP connection alone is not enough: the kernel accepts connections
     for a broker process that is frozen. The probe runs in a thread with
     an event loop of its own, so that a long recomputation of lists, which
-    holds the worker's loop for a while, does not time it out.
+    blocks the worker's loop for a while, does not time it out.
     """
     return await asyncio.to_thread(asyncio.run, _probe_brokers(settings))
 

@@ -143,7 +143,7 @@ def _recs(args: argparse.Namespace) -> int:
         print(f"fusionrec recs: {exc}", file=sys.stderr)
         return 1
     except ResponseError as exc:
-        # Redis replied, so it runs: the key holds another type, such as a hash.
+        # Redis replied, so it runs: the key is of another type, such as a hash.
         print(
             f"fusionrec recs: Redis refused to read the list: {exc}; expected a string key"
             " that the worker wrote",

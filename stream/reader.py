@@ -37,8 +37,8 @@ class ListFormatError(ValueError):
 async def read_list(settings: Settings, user_id: str, *, popular: bool = False) -> Any:
     """Return the parsed list of ``user_id`` (or ``recs:popular``), or None when absent.
 
-    Raises `ListFormatError` when the key holds something else than a list
-    that recommendations.schema.json describes.
+    Raises `ListFormatError` when the value of the key is not a list as
+    recommendations.schema.json describes it.
     """
     key = f"{settings.redis_key_prefix}popular" if popular else list_key(settings, user_id)
     client = redis_client(settings)

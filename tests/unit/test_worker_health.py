@@ -310,9 +310,9 @@ def test_registry_retries_back_off(tmp_path):
 
 
 def test_broker_probe_survives_busy_loop(monkeypatch):
-    # The worker's loop is held for longer than the probe's time limit, as
-    # by a recomputation of thousands of lists. The probe runs on a loop of
-    # its own, so it still sees the broker reply.
+    # The worker's loop is blocked for longer than the probe's time limit,
+    # as by a recomputation of thousands of lists. The probe runs on a loop
+    # of its own, so it still gets the broker's reply.
     async def replies_soon(settings: Settings) -> bool:
         # On the worker's own loop, the held loop would count against the
         # time limit.
