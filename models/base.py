@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,9 @@ FloatArray = npt.NDArray[np.float64]
 UInt64Array = npt.NDArray[np.uint64]
 
 NO_CATEGORY = -1
+# The time of an item that a state of an older version kept without one:
+# older than any event.
+OLDEST_MS = -(2**63)
 # Scaled decayed scores are rescaled once their multiplier passes 2**60, far
 # below the float64 limit of about 2**1023, so no stored value can overflow.
 _MAX_DECAY_EXPONENT = 60.0
@@ -325,30 +329,63 @@ class DecayedScores:
         logger.debug("rescaled decayed scores to reference %d", time_ms)
 
 
-def add_in_time_order(recent: list[tuple[int, int]], item: int, time_ms: int, keep: int) -> None:
+def add_in_time_order(recent: array[int], item: int, time_ms: int, keep: int) -> None:
     """Move ``item`` to its place by ``time_ms`` in ``recent``, oldest first, keeping ``keep``.
 
-    A late event takes its place by time instead of becoming the newest
-    item, and one older than all the items kept drops out. An item kept
-    already keeps the newer of its two times.
+    ``recent`` lists pairs of an item row and its time, flat, because an
+    array of 64-bit integers takes far less memory per user than a list of
+    tuples. A late event takes its place by time instead of becoming the
+    newest item, and one older than all the items kept drops out. An item
+    kept already keeps the newer of its two times.
 
-    >>> recent = [(1, 10), (2, 30)]
+    >>> recent = array("q", [1, 10, 2, 30])
     >>> add_in_time_order(recent, 3, 20, keep=3)
     >>> add_in_time_order(recent, 1, 40, keep=3)
     >>> add_in_time_order(recent, 2, 5, keep=3)
-    >>> recent
-    [(3, 20), (2, 30), (1, 40)]
+    >>> recent.tolist()
+    [3, 20, 2, 30, 1, 40]
     """
-    for position, (previous, previous_ms) in enumerate(recent):
-        if previous == item:
-            del recent[position]
-            time_ms = max(time_ms, previous_ms)
+    for position in range(0, len(recent), 2):
+        if recent[position] == item:
+            time_ms = max(time_ms, recent[position + 1])
+            del recent[position : position + 2]
             break
     position = len(recent)
-    while position and recent[position - 1][1] > time_ms:
-        position -= 1
-    recent.insert(position, (item, time_ms))
-    del recent[:-keep]
+    while position and recent[position - 1] > time_ms:
+        position -= 2
+    recent[position:position] = array("q", (item, time_ms))
+    del recent[: max(0, len(recent) - 2 * keep)]
+
+
+def newest_items(recent: array[int]) -> list[int]:
+    """Return the items of pairs kept by `add_in_time_order`, newest first.
+
+    >>> newest_items(array("q", [3, 20, 2, 30, 1, 40]))
+    [1, 2, 3]
+    """
+    return recent[-2::-2].tolist()
+
+
+def pairs_in_time_order(recent: Iterable[Any]) -> array[int]:
+    """Return the flat pairs of ``recent`` as saved by an older version.
+
+    Older states kept a list of ``(item, time)`` tuples, or of bare items,
+    which count as older than any event.
+
+    >>> pairs_in_time_order([(1, 10), (2, 30)]).tolist()
+    [1, 10, 2, 30]
+    >>> pairs_in_time_order([7]).tolist()[1] == OLDEST_MS
+    True
+    """
+    if isinstance(recent, array):
+        return recent
+    flat = array("q")
+    for entry in recent:
+        if isinstance(entry, tuple):
+            flat.extend(entry)
+        else:
+            flat.extend((entry, OLDEST_MS))
+    return flat
 
 
 def find_sorted(rows: IntArray, items: IntArray) -> tuple[IntArray, npt.NDArray[np.bool_]]:

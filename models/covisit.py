@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
+from typing import Any
 
 from models.base import (
     EventBatch,
@@ -13,6 +15,8 @@ from models.base import (
     UserNeighbourScores,
     add_in_time_order,
     neighbour_row,
+    newest_items,
+    pairs_in_time_order,
     sum_by_row,
 )
 
@@ -72,7 +76,8 @@ class CoVisitationModel(UserNeighbourScores):
         self.reference_ms: int | None = None
         self._rows: dict[int, dict[int, float]] = {}
         self._totals: dict[int, float] = {}
-        self._recent: dict[str, list[tuple[int, int]]] = {}
+        # Each user's last items and their times, as `add_in_time_order` keeps them.
+        self._recent: dict[str, array[int]] = {}
 
     def learn(self, batch: EventBatch) -> None:
         """Add the pairs that each event forms with the user's recent items."""
@@ -90,9 +95,12 @@ class CoVisitationModel(UserNeighbourScores):
                 self._rescale(time_ms)
                 exponent = 0.0
             scale = weight * math.exp2(exponent)
-            recent = self._recent.setdefault(event.user_id, [])
+            recent = self._recent.get(event.user_id)
+            if recent is None:
+                recent = self._recent[event.user_id] = array("q")
             gap = 0
-            for previous, previous_ms in reversed(recent):
+            for position in range(len(recent) - 2, -1, -2):
+                previous, previous_ms = recent[position], recent[position + 1]
                 gap += 1
                 # The gap is taken both ways, because an event stamped long
                 # before the user's last items can arrive after them.
@@ -123,9 +131,16 @@ class CoVisitationModel(UserNeighbourScores):
             self._totals[source] *= factor
         self.reference_ms = time_ms
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        recent = state.get("_recent", {})
+        for user_id, items in recent.items():
+            recent[user_id] = pairs_in_time_order(items)
+        self.__dict__.update(state)
+
     def user_items(self, user_id: str) -> list[int]:
         """Return the user's last items, newest first."""
-        return [item for item, _ in reversed(self._recent.get(user_id, ()))]
+        recent = self._recent.get(user_id)
+        return [] if recent is None else newest_items(recent)
 
     def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []
@@ -146,7 +161,7 @@ class CoVisitationModel(UserNeighbourScores):
         self._drop_kept_scores()
 
     def state_bytes(self) -> int:
-        """Return an estimate: about 100 bytes per stored pair and per recent item."""
+        """Return an estimate: 100 bytes per stored pair, 100 per user and 16 per recent item."""
         pairs = sum(len(row) for row in self._rows.values())
-        recent = sum(len(items) for items in self._recent.values())
-        return 100 * (pairs + recent + len(self._rows))
+        recent = sum(100 + 8 * len(items) for items in self._recent.values())
+        return 100 * (pairs + len(self._rows)) + recent

@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import re
+from array import array
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from models.base import (
     ModelError,
     UserNeighbourScores,
     add_in_time_order,
+    newest_items,
+    pairs_in_time_order,
     sum_by_row,
 )
 
@@ -25,8 +28,6 @@ logger = logging.getLogger(__name__)
 # A word is a run of three or more letters. Digits, punctuation and shorter
 # runs such as "of" or sizes like "6" would link too many unrelated items.
 _WORD = re.compile(r"[^\W\d_]{3,}")
-# The event time given to the items of a state saved before times were kept.
-_OLDEST_MS = -(2**63)
 
 
 def title_words(title: str) -> list[str]:
@@ -106,7 +107,8 @@ class TitleModel(UserNeighbourScores):
         self._norms = np.zeros(0, dtype=np.float64)
         self._norms_at = 0
         # Each user's last items with their event times, oldest first.
-        self._recent: dict[str, list[tuple[int, int]]] = {}
+        # Each user's last items and their times, as `add_in_time_order` keeps them.
+        self._recent: dict[str, array[int]] = {}
 
     @property
     def n_titled(self) -> int:
@@ -203,20 +205,21 @@ class TitleModel(UserNeighbourScores):
         for event, item, weight, time_ms in zip(batch.events, items, weights, times, strict=True):
             if weight <= 0:
                 continue
-            recent = self._recent.setdefault(event.user_id, [])
+            recent = self._recent.get(event.user_id)
+            if recent is None:
+                recent = self._recent[event.user_id] = array("q")
             add_in_time_order(recent, item, time_ms, self.recent_items)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # States saved before the times were kept list bare items, which
-        # count as older than any event.
-        for user_id, recent in state.get("_recent", {}).items():
-            if recent and isinstance(recent[0], int):
-                state["_recent"][user_id] = [(item, _OLDEST_MS) for item in recent]
+        recent = state.get("_recent", {})
+        for user_id, items in recent.items():
+            recent[user_id] = pairs_in_time_order(items)
         self.__dict__.update(state)
 
     def user_items(self, user_id: str) -> list[int]:
         """Return the user's last items, newest first."""
-        return [item for item, _ in reversed(self._recent.get(user_id, ()))]
+        recent = self._recent.get(user_id)
+        return [] if recent is None else newest_items(recent)
 
     def _compute_user_scores(self, user_id: str) -> tuple[IntArray, FloatArray]:
         parts: list[tuple[IntArray, FloatArray]] = []
@@ -250,7 +253,7 @@ class TitleModel(UserNeighbourScores):
         self._drop_kept_scores()
 
     def state_bytes(self) -> int:
-        """Return an estimate: about 100 bytes per word, indexed title word and recent item."""
+        """Return an estimate: 100 bytes per word and indexed word, 100 per user, 16 per item."""
         indexed = sum(len(words) for words in self._item_words.values())
-        recent = sum(len(items) for items in self._recent.values())
-        return 100 * (len(self._vocabulary) + 2 * indexed + recent) + self._norms.nbytes
+        recent = sum(100 + 8 * len(items) for items in self._recent.values())
+        return 100 * (len(self._vocabulary) + 2 * indexed) + recent + self._norms.nbytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from models.covisit import CoVisitationModel
 from models.engine import HOUR_MS, Recommender
 from schemas import Event
 
@@ -48,3 +49,19 @@ def test_late_event_not_newest_item() -> None:
 
     items = engine.models["covisit"].user_items("u1")
     assert [engine.catalog.ids[row] for row in items] == ["c", "mid", "b", "a", "old"]
+
+
+def test_state_with_recent_pairs_as_tuples_restores() -> None:
+    # Older states kept each user's recent items as (item, time) tuples.
+    engine = Recommender()
+    engine.learn([Event(f"e{n}", "view", "u1", item, T0 + n) for n, item in enumerate("ab")])
+    covisit = engine.models["covisit"]
+    state = covisit.__dict__.copy()
+    flat = covisit._recent["u1"].tolist()
+    state["_recent"] = {"u1": list(zip(flat[::2], flat[1::2], strict=True))}
+    restored = CoVisitationModel.__new__(CoVisitationModel)
+    restored.__setstate__(state)
+
+    restored.learn(engine._batch([Event("e5", "view", "u1", "c", T0 + 5)]))
+
+    assert [engine.catalog.ids[row] for row in restored.user_items("u1")] == ["c", "b", "a"]
