@@ -367,7 +367,7 @@ def newest_items(recent: array[int]) -> list[int]:
 
 
 def pairs_in_time_order(recent: Iterable[Any]) -> array[int]:
-    """Return the flat pairs of ``recent`` as saved by an older version.
+    """Return ``recent`` as flat pairs, converting the forms that older versions saved.
 
     Older states kept a list of ``(item, time)`` tuples, or of bare items,
     which count as older than any event.
