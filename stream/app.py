@@ -816,8 +816,8 @@ class Worker:
             # The sink notices an outage and retries on its own.
             logger.debug("Redis run id not read: %r", exc)
             return True
-        kept = run_id == self._redis_run_id
-        if not kept:
+        same_server = run_id == self._redis_run_id
+        if not same_server:
             self._redis_run_id = run_id
             async with self.lock:
                 self._rewrite_all_lists()
@@ -833,11 +833,11 @@ class Worker:
                     "at the next check",
                     exc,
                 )
-                return kept
+                return same_server
             self._forgotten_scan_owed = False
             if deleted:
                 logger.info("deleted %d lists of forgotten users found in Redis", deleted)
-        return kept
+        return same_server
 
     async def _delete_forgotten_lists(self) -> int:
         """Delete every list in Redis whose user a forget request erased; return how many."""

@@ -167,7 +167,7 @@ class Processor:
         outcome = BatchOutcome()
         accepted: list[Event] = []
         # Purchases that the flood limits keep out of the models.
-        held: list[Event] = []
+        limited_purchases: list[Event] = []
         now_ms = int(self.clock() * 1000)
 
         consumed: Counter[str] = Counter()
@@ -203,7 +203,7 @@ class Processor:
             event.user_id = pseudonym
             if event.session_id is not None:
                 event.session_id = self.session_token(event.session_id)
-            (accepted if learn else held).append(event)
+            (accepted if learn else limited_purchases).append(event)
 
         if self._limited_since_sweep >= _SWEEP_EVERY_EVENTS:
             # Without this, the limiter would keep a budget for every user
@@ -226,9 +226,9 @@ class Processor:
                 self.counts[f"applied:{event_type}"] += count
             self.counts["applied"] += len(accepted)
             outcome.applied = len(accepted)
-        if held:
+        if limited_purchases:
             # After the batch is learned, so that the items are in the catalog.
-            self.engine.count_purchases(held)
+            self.engine.count_purchases(limited_purchases)
         return outcome
 
     # -- item updates and forget requests -----------------------------------

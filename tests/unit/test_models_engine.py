@@ -1020,7 +1020,7 @@ def test_category_untouched_item_no_opinion() -> None:
 
 
 def test_counted_purchase_of_last_scored_user_leaves_list():
-    # The buyer was the last user scored, so the engine holds their
+    # The buyer was the last user scored, so the engine keeps their
     # candidate scores, which were computed before the purchase.
     engine = Recommender(EngineConfig(fusion_learn_every=0))
     engine.learn([Event(f"e{n}", "view", f"u{n}", "hot", T0 + n) for n in range(5)])

@@ -744,7 +744,7 @@ def test_dead_letter_hides_user_id_without_its_key(key, extra, caplog):
     ],
     ids=["parsed", "unparsed"],
 )
-def test_dead_letter_keeps_words_that_contain_short_user_id(raw):
+def test_short_user_id_spares_longer_words(raw):
     processor = _processor()
     outcome = processor.process_events([Message("events.click", 0, 0, b"view", raw)])
     payload = orjson.dumps(orjson.loads(outcome.dead_letters[0][1])["payload"]).decode()

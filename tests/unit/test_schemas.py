@@ -431,7 +431,7 @@ def test_stored_list_with_bad_entry_rejected(entry, reason):
 )
 def test_impossible_date_time_detail_says_expected(timestamp):
     # The text has the ISO 8601 shape but names no real moment, and the
-    # detail says what to send instead.
+    # detail names what to send instead.
     event = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1"}
     raw = orjson.dumps(event | {"timestamp": timestamp})
     with pytest.raises(SchemaError) as caught:
