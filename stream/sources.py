@@ -71,6 +71,7 @@ _FAMILY_LENGTH = 4
 EXAMPLES_PER_REASON = 3
 # Characters of a field value quoted in a rejection's detail.
 _SHOWN_CHARACTERS = 64
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SourceError(ValueError):
@@ -137,7 +138,7 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
     Parameters
     ----------
     path
-        The file; a name ending in ``.gz`` is read through gzip.
+        The file, or a pipe; a gzip stream is known by its first bytes.
     fmt
         One of `FORMATS`.
     refunds
@@ -149,12 +150,16 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         msg = f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}"
         raise SourceError(msg)
     file_path = Path(path)
+    path_text = printable(str(file_path))
     if file_path.is_dir():
-        msg = f"{file_path} is a directory; expected an event file"
+        msg = f"{path_text} is a directory; expected an event file"
         raise SourceError(msg)
-    if not file_path.is_file():
-        msg = f"no such file: {file_path}"
+    # A pipe, such as the one of a shell's process substitution, is read as
+    # a file is; only a path that names nothing is missing.
+    if not file_path.exists():
+        msg = f"no such file: {path_text}"
         raise SourceError(msg)
+    name = printable(file_path.name)
 
     result = LoadResult(events=[])
     readers = {
@@ -165,7 +170,7 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
     }
     try:
         with _open_text(file_path) as handle:
-            for item in readers[fmt](handle, file_path.name, result):
+            for item in readers[fmt](handle, name, result):
                 if isinstance(item, Rejection):
                     result.skip(item)
                 elif not refunds and item.is_refund:
@@ -178,12 +183,12 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
                     result.events.append(item)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         msg = (
-            f"{file_path.name} is not a complete gzip file ({exc}) after {result.rows_read} "
-            "rows; expected a whole gzip stream, or a name without .gz for plain text"
+            f"{name} is not a complete gzip file ({exc}) after {result.rows_read} "
+            "rows; expected a whole gzip stream"
         )
         raise SourceError(msg) from exc
     if not result.rows_read:
-        msg = f"{file_path.name} has no rows; expected at least one {fmt} event"
+        msg = f"{name} has no rows; expected at least one {fmt} event"
         raise SourceError(msg)
     if not result.events:
         reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped.most_common())
@@ -191,14 +196,14 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         # first example is the first skipped row, even one without a line.
         first = next(iter(result.examples.values()))[0] if result.examples else None
         msg = (
-            f"none of the {result.rows_read} rows of {file_path.name} is a valid {fmt} event "
+            f"none of the {result.rows_read} rows of {name} is a valid {fmt} event "
             f"(skipped: {reasons}; first: {first}); check the --format and the file's "
             "columns and values"
         )
         raise SourceError(msg)
     result.events.sort(key=_event_time)
     if result.skipped:
-        logger.info("skipped rows of %s by reason: %s", file_path.name, dict(result.skipped))
+        logger.info("skipped rows of %s by reason: %s", name, dict(result.skipped))
     return result
 
 
@@ -213,13 +218,56 @@ def _event_time(event: Event) -> int:
     return event.timestamp_ms
 
 
+def printable(text: str) -> str:
+    r"""Return ``text`` with the bytes that are not UTF-8 written as escapes.
+
+    A file name or a header that is not UTF-8 reaches Python with lone
+    surrogates in place of those bytes, which neither JSON nor a Kafka
+    message can carry. A text that is UTF-8 comes back as it is.
+
+    >>> printable("k\udce4ufe.csv"), printable("käufe.csv")
+    ('k\\xe4ufe.csv', 'käufe.csv')
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A surrogate that stands for no byte, as from a JSON escape.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _open_text(path: Path) -> IO[str]:
     # utf-8-sig drops a byte-order mark. Bytes that are not UTF-8 become lone
-    # surrogates, so that only their row is skipped, as `not_utf8`.
-    options = {"encoding": "utf-8-sig", "errors": "surrogateescape", "newline": ""}
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), **options)
-    return open(path, **options)  # noqa: SIM115 - the caller closes it
+    # surrogates, so that only their row is skipped, as `not_utf8`. A gzip
+    # stream is known by its first two bytes, whatever the file is called, and
+    # peeking at them leaves a pipe readable from its start.
+    raw = open(path, "rb")  # noqa: SIM115 - the caller closes it through the wrapper
+    try:
+        compressed = raw.peek(2)[:2] == _GZIP_MAGIC
+    except OSError:
+        raw.close()
+        raise
+    stream: ClosingGzip | io.BufferedReader = ClosingGzip(raw, "rb") if compressed else raw
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+class ClosingGzip(gzip.GzipFile):
+    """A gzip stream over ``raw`` that closes ``raw`` too, which `gzip.GzipFile` leaves open.
+
+    An empty name and an ``mtime`` of 0 keep the header of a written
+    stream the same on every run.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase, mode: str) -> None:
+        super().__init__(filename="", mode=mode, fileobj=raw, mtime=0)
+        self._raw = raw
+
+    def close(self) -> None:
+        """Close the gzip stream, then the file under it."""
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def _is_utf8(text: str) -> bool:
@@ -344,7 +392,7 @@ def _header(
     missing = [column for column in expected if column not in columns]
     if missing:
         msg = (
-            f"{name} has columns {', '.join(header)}; expected {', '.join(expected)} "
+            f"{name} has columns {printable(', '.join(header))}; expected {', '.join(expected)} "
             f"(missing {', '.join(missing)})"
         )
         raise SourceError(msg)
@@ -366,10 +414,11 @@ def _taobao_rows(handle: IO[str], name: str, result: LoadResult) -> Iterator[Eve
         if isinstance(row, Rejection):
             yield row
             continue
-        event_type = TAOBAO_TYPES.get(row[type_col])
+        behavior = row[type_col].strip()
+        event_type = TAOBAO_TYPES.get(behavior)
         if event_type is None:
             detail = (
-                f"behavior_type {_quote(row[type_col])} is unknown; "
+                f"behavior_type {_quote(behavior)} is unknown; "
                 f"expected one of {', '.join(TAOBAO_TYPES)}"
             )
             yield Rejection("unknown_behavior_type", detail, line_no)

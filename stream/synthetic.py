@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import heapq
-import io
 import itertools
 import logging
 import math
@@ -30,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from io import BufferedIOBase
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +37,7 @@ import orjson
 from schemas import Event
 from schemas.events import MIN_TIMESTAMP_MS
 from stream.logs import configure_logging
+from stream.sources import ClosingGzip
 
 logger = logging.getLogger("stream.synthetic")
 
@@ -187,26 +187,12 @@ def write_jsonl(path: str | Path, events: Iterable[Event]) -> int:
     return count
 
 
-def _open_binary(path: Path, *, gzipped: bool) -> io.BufferedIOBase:
+def _open_binary(path: Path, *, gzipped: bool) -> BufferedIOBase:
     raw = open(path, "wb")  # noqa: SIM115
     if not gzipped:
         return raw
-    # An empty name and mtime=0 keep the gzip header, and so the file, the
-    # same on every run. GzipFile leaves a passed file object open, so the
-    # wrapper closes both.
-    return _ClosingGzip(raw)
-
-
-class _ClosingGzip(gzip.GzipFile):
-    def __init__(self, raw: io.BufferedIOBase) -> None:
-        super().__init__(filename="", mode="wb", fileobj=raw, mtime=0)
-        self._raw = raw
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._raw.close()
+    # The fixed gzip header keeps the file the same on every run.
+    return ClosingGzip(raw, "wb")
 
 
 def _check_sizes(n_events: int, n_users: int, n_items: int, span_ms: int) -> None:

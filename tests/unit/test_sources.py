@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
+import orjson
 import pytest
 
 from stream.sources import EXAMPLES_PER_REASON, SourceError, read_events, retail_family
@@ -515,3 +517,70 @@ def test_quoted_diginetica_fields_unquoted(tmp_path: Path) -> None:
     )
     [event] = read_events(path, "diginetica").events
     assert (event.user_id, event.item_id, event.session_id) == ("session-1", "2", "1")
+
+
+TAOBAO_ROWS = TAOBAO_HEADER + "".join(f"{n % 3},{n % 5},7,pv,{1511544070 + n}\n" for n in range(30))
+
+
+@pytest.mark.parametrize("name", ["export.csv", "export.CSV.GZ", "export.csv.gz"])
+def test_gzip_detected_by_content(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(TAOBAO_ROWS.encode()))
+
+    assert len(read_events(path, "taobao").events) == 30
+
+
+def test_plain_file_named_gz(tmp_path: Path) -> None:
+    path = tmp_path / "mislabelled.csv.gz"
+    path.write_text(TAOBAO_ROWS, encoding="utf-8")
+
+    assert len(read_events(path, "taobao").events) == 30
+
+
+def test_latin1_file_name_event_ids(tmp_path: Path) -> None:
+    # A Latin-1 file name reaches Python with a lone surrogate for "ä".
+    path = os.fsdecode(os.fsencode(tmp_path) + b"/k\xe4ufe.csv")
+    Path(path).write_text(TAOBAO_ROWS, encoding="utf-8")
+
+    events = read_events(path, "taobao").events
+
+    assert events[0].event_id.startswith("k\\xe4ufe.csv:2:")
+    for event in events:
+        orjson.dumps(event.to_json())
+
+
+def test_latin1_header_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(
+        b"user_id,item_id,kategorie_\xe4,behavior_type,timestamp\n1,2,3,pv,1511544070\n"
+    )
+
+    with pytest.raises(SourceError, match=r"kategorie_\\xe4") as caught:
+        read_events(path, "taobao")
+
+    orjson.dumps(str(caught.value))
+
+
+def test_read_from_pipe(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, gzip.compress(TAOBAO_ROWS.encode()))
+    os.close(write_fd)
+    try:
+        events = read_events(f"/dev/fd/{read_fd}", "taobao").events
+    finally:
+        os.close(read_fd)
+
+    assert len(events) == 30
+
+
+def test_taobao_comma_space_separators(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "spaced.csv",
+        "user_id, item_id, category_id, behavior_type, timestamp\n"
+        "1, 2, 3, pv, 1511544070\n"
+        "1, 3, 3, buy, 1511544071\n",
+    )
+
+    events = read_events(path, "taobao").events
+
+    assert [(event.type, event.item_id) for event in events] == [("view", "2"), ("purchase", "3")]
