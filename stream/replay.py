@@ -23,6 +23,7 @@ import bisect
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from schemas import Event
 from stream.kafka import CONNECT_TIMEOUT_S, client_options
 from stream.settings import Service, Settings, SettingsError, check_bootstrap
-from stream.sources import FORMATS, LoadResult, Rejection, SourceError, read_events
+from stream.sources import FORMATS, LoadResult, Rejection, SourceError, printable, read_events
 from stream.topics import EVENT_TOPICS
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class ReplaySummary:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``fusionrec replay`` to ``parser``."""
-    parser.add_argument("path", help="file to replay, plain or gzip (name ending in .gz)")
+    parser.add_argument("path", help="file or pipe to replay, plain or gzip")
     parser.add_argument("--format", dest="fmt", required=True, choices=FORMATS, help="file format")
     parser.add_argument(
         "--rate",
@@ -257,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = read_events(args.path, args.fmt)
     except (SourceError, OSError, UnicodeDecodeError) as exc:
-        return _reject(args, f"cannot read {args.path}: {exc}")
+        return _reject(args, f"cannot read {printable(args.path)}: {exc}")
+    except KeyboardInterrupt:
+        print("fusionrec replay: interrupted while reading; nothing was sent", file=sys.stderr)
+        return 130
     _skip_future(loaded, time.time() + settings.max_future_skew_s)
     if not loaded.events:
         first = loaded.examples["timestamp_in_future"][0]
@@ -299,14 +303,9 @@ def run(args: argparse.Namespace) -> int:
             _print_summary(summary, as_json=args.json)
             return 1
         except KeyboardInterrupt:
-            print(
-                "fusionrec replay: interrupted; the summary counts the deliveries confirmed",
-                file=sys.stderr,
-            )
-            summary.elapsed_s = time.monotonic() - started
-            summary.exit_code = 130
-            _print_summary(summary, as_json=args.json)
-            return 130
+            return _interrupted(args, summary, started, "interrupted", 130)
+        except asyncio.CancelledError:
+            return _interrupted(args, summary, started, "terminated", 143)
     summary.elapsed_s = time.monotonic() - started
     summary.exit_code = 1 if summary.failed else 0
     _print_summary(summary, as_json=args.json)
@@ -331,7 +330,11 @@ async def produce_events(
     the file to a broker that takes nothing. ``summary.resume_from`` then gives the
     --skip value that resumes it: every event before that one was
     delivered, and of those after it, only the ones of the same batch may
-    be sent twice, which the worker drops as duplicates by event id.
+    be sent twice. A batch spans at most the worker's de-duplication window
+    of event time (``FUSIONREC_DEDUP_WINDOW_S``), so the worker still
+    remembers their ids and drops them. A replay cancelled by Ctrl-C or
+    SIGTERM counts the deliveries confirmed by then and sets
+    ``summary.resume_from`` the same way before the cancellation goes on.
 
     Raises
     ------
@@ -341,14 +344,28 @@ async def produce_events(
 
     """
     producer = await _start_producer(settings, bootstrap)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        # SIGTERM ends a replay as Ctrl-C does, with a summary of what was delivered.
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    in_flight: list[tuple[asyncio.Future[Any], str, int]] = []
+    next_index = summary.skip
     try:
         await _check_topics(producer, settings, bootstrap)
         bucket = TokenBucket(rate_per_s, burst=max(1.0, rate_per_s / 10)) if rate_per_s else None
-        in_flight: list[tuple[asyncio.Future[Any], str, int]] = []
+        window_ms = int(settings.dedup_window_s * 1000)
+        batch_size = min(MAX_IN_FLIGHT, settings.dedup_max_entries)
+        batch_start_ms = 0
         with tqdm(
             total=len(events), unit="ev", file=sys.stderr, disable=not progress, smoothing=0.1
         ) as bar:
             for index, event in enumerate(events, start=summary.skip):
+                if in_flight and event.timestamp_ms - batch_start_ms > window_ms:
+                    await _collect(in_flight, summary, bar, delivery_timeout_s)
+                    _stop_on_failure(summary)
+                if not in_flight:
+                    batch_start_ms = event.timestamp_ms
                 if bucket is not None:
                     wait_s = bucket.take()
                     if wait_s > 0:
@@ -362,24 +379,69 @@ async def produce_events(
                     )
                 except KafkaError as exc:
                     # Not taken at all, as when no broker gives the metadata.
-                    failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    failed: asyncio.Future[Any] = loop.create_future()
                     failed.set_exception(exc)
                     future = failed
                 in_flight.append((future, topic, index))
-                if len(in_flight) >= MAX_IN_FLIGHT or future.done() and future.exception():
+                next_index = index + 1
+                if len(in_flight) >= batch_size or future.done() and future.exception():
                     await _collect(in_flight, summary, bar, delivery_timeout_s)
                     _stop_on_failure(summary)
             await _collect(in_flight, summary, bar, delivery_timeout_s)
             _stop_on_failure(summary)
+    except asyncio.CancelledError:
+        # Stopping first lets the producer deliver what it holds, within its wait.
+        await _stop_producer(producer, delivery_timeout_s)
+        _count_interrupted(in_flight, summary, next_index)
+        raise
     finally:
-        # Stopping flushes what the producer still contains, which waits for as
-        # long as the broker stays away, and what it contains then is counted as
-        # failed already.
-        stop_s = min(delivery_timeout_s, _STOP_WAIT_S)
-        try:
-            await asyncio.wait_for(producer.stop(), stop_s)
-        except TimeoutError:
-            logger.warning("producer not stopped within %.0f s; leaving it", stop_s)
+        if task is not None:
+            loop.remove_signal_handler(signal.SIGTERM)
+        await _stop_producer(producer, delivery_timeout_s)
+
+
+async def _stop_producer(producer: AIOKafkaProducer, delivery_timeout_s: float) -> None:
+    # Stopping flushes what the producer still contains, which waits for as
+    # long as the broker stays away, and what it contains then is counted as
+    # failed already. A second call returns at once.
+    stop_s = min(delivery_timeout_s, _STOP_WAIT_S)
+    try:
+        await asyncio.wait_for(producer.stop(), stop_s)
+    except TimeoutError:
+        logger.warning("producer not stopped within %.0f s; leaving it", stop_s)
+
+
+def _count_interrupted(
+    in_flight: list[tuple[asyncio.Future[Any], str, int]], summary: ReplaySummary, next_index: int
+) -> None:
+    """Count the confirmed deliveries of a cancelled replay and set where it resumes.
+
+    The replay resumes at the first event whose delivery is not confirmed,
+    or after the last event sent when every one was.
+    """
+    resume_from = next_index
+    for future, topic, index in in_flight:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            summary.produced += 1
+            summary.by_topic[topic] += 1
+        else:
+            resume_from = min(resume_from, index)
+    in_flight.clear()
+    if summary.resume_from is None or resume_from < summary.resume_from:
+        summary.resume_from = resume_from
+
+
+def _interrupted(
+    args: argparse.Namespace, summary: ReplaySummary, started: float, how: str, code: int
+) -> int:
+    """Report a replay stopped by Ctrl-C or SIGTERM with its resume point; return ``code``."""
+    resume = "" if summary.resume_from is None else f"; resume with --skip {summary.resume_from}"
+    message = f"{how} after {summary.produced} delivered events{resume}"
+    print(f"fusionrec replay: {message}", file=sys.stderr)
+    summary.elapsed_s = time.monotonic() - started
+    summary.error, summary.exit_code = message, code
+    _print_summary(summary, as_json=args.json)
+    return code
 
 
 def _stop_on_failure(summary: ReplaySummary) -> None:
@@ -504,7 +566,7 @@ def _event_time(event: Event) -> int:
 
 def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:
     return ReplaySummary(
-        path=str(args.path),
+        path=printable(str(args.path)),
         fmt=args.fmt,
         dry_run=args.dry_run,
         rows_read=loaded.rows_read,
@@ -516,6 +578,7 @@ def _summary_of(args: argparse.Namespace, loaded: LoadResult) -> ReplaySummary:
 
 def _reject(args: argparse.Namespace, message: str) -> int:
     """Report input that the replay cannot use, also as JSON with --json; return 2."""
+    message = printable(message)
     print(f"fusionrec replay: {message}", file=sys.stderr)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps({"error": message, "exit_code": 2}) + b"\n")

@@ -1,6 +1,7 @@
 """The summary that ``fusionrec replay`` prints, and where a failed replay stops."""
 
 import asyncio
+import signal
 from collections import Counter
 
 import orjson
@@ -142,3 +143,117 @@ def test_unreachable_broker_json_names_error(monkeypatch, tmp_path, capsys) -> N
     assert report["exit_code"] == 1
     assert report["error"].startswith("cannot connect to Kafka")
     assert report["resume_from"] == 0
+
+
+class _StoppedByUser:
+    """Confirms ``before`` deliveries, then the user sends ``signum`` to the replay."""
+
+    def __init__(self, before: int, signum: signal.Signals) -> None:
+        self.before = before
+        self.signum = signum
+        self.sent = 0
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        if self.sent == self.before:
+            signal.raise_signal(self.signum)
+            await asyncio.sleep(5)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        self.sent += 1
+        return future
+
+    async def stop(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_reports_resume_point(
+    monkeypatch, tmp_path, capsys, signum: signal.Signals, code: int
+) -> None:
+    producer = _StoppedByUser(before=10, signum=signum)
+
+    async def start(settings: Settings, bootstrap: str) -> _StoppedByUser:
+        return producer
+
+    async def topics_exist(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(replay, "_start_producer", start)
+    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+    path = tmp_path / "events.jsonl"
+    lines = [
+        orjson.dumps(Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n).to_json())
+        for n in range(50)
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    exit_code = main(
+        ["replay", str(path), "--format", "jsonl", "--skip", "5", "--json", "--no-progress"]
+    )
+
+    captured = capsys.readouterr()
+    report = orjson.loads(captured.out)
+    assert exit_code == code
+    assert report["exit_code"] == code
+    assert report["produced"] == 10
+    assert report["resume_from"] == 15
+    assert "after 10 delivered events; resume with --skip 15" in report["error"]
+    assert "resume with --skip 15" in captured.err
+
+
+class _FirstDeliveryFailsLate:
+    """Every delivery succeeds except the first, whose failure the broker reports later,
+    as when one partition has lost its leader while the others take their batches."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self.sent == 0:
+            loop.call_later(0.05, future.set_exception, KafkaTimeoutError("batch expired"))
+        else:
+            future.set_result(None)
+        self.sent += 1
+        return future
+
+    async def stop(self) -> None:
+        return None
+
+
+def test_resend_within_dedup_window(monkeypatch) -> None:
+    # One event an hour, as in a sparse purchase file: 60 events span more
+    # than the worker's de-duplication window of event time (26 h).
+    producer = _FirstDeliveryFailsLate()
+
+    async def start(settings: Settings, bootstrap: str) -> _FirstDeliveryFailsLate:
+        return producer
+
+    async def topics_exist(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(replay, "_start_producer", start)
+    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+    hour = 3_600_000
+    events = [
+        Event(f"e{n}", "purchase", f"u{n}", "i1", 1_700_000_000_000 + n * hour) for n in range(60)
+    ]
+    summary = ReplaySummary(path="retail.csv", fmt="online-retail", dry_run=False)
+    settings = Settings()
+
+    with pytest.raises(replay.ReplayError, match="resume with --skip 0"):
+        asyncio.run(
+            replay.produce_events(
+                events, settings, "127.0.0.1:9", summary, progress=False, delivery_timeout_s=1
+            )
+        )
+
+    # On resuming, the delivered events of the failed batch are sent again.
+    # The batch ended before its events spanned more than the window, so the
+    # worker still holds their ids.
+    delivered = events[1 : 1 + summary.produced]
+    assert delivered
+    assert producer.sent == 1 + summary.produced
+    newest_ms = delivered[-1].timestamp_ms
+    assert newest_ms - events[0].timestamp_ms <= settings.dedup_window_s * 1000
