@@ -52,6 +52,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import Event, RecommendationList, RecommendedItem
+from stream.cli import output_problem
 from stream.kafka import client_options
 from stream.metrics import WorkerMetrics
 from stream.runner import WorkerProcess, free_port, settings_env
@@ -1593,13 +1594,19 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``fusionrec bench``; return 0 on success, 1 when a step failed, 2 on bad options."""
+    """Run ``fusionrec bench`` and return the exit code.
+
+    The code is 0 on success, 1 when a step of the run failed, and 2 on bad
+    options or an output file that cannot be written.
+    """
     if args.child in ("ceiling", "naive"):
         asyncio.run(_child_main(args.child, args.ready_file))
         return 0
@@ -1609,6 +1616,12 @@ def run(args: argparse.Namespace) -> int:
         sizes = sizes_from_args(args)
     except BenchError as exc:
         print(f"fusionrec bench: {exc}", file=sys.stderr)
+        return 2
+
+    # The outputs are checked before a run of many minutes, not after it.
+    problem = _output_problem(args)
+    if problem is not None:
+        print(f"fusionrec bench: {problem}", file=sys.stderr)
         return 2
 
     started = time.monotonic()
@@ -1621,16 +1634,53 @@ def run(args: argparse.Namespace) -> int:
             return 1
     result["elapsed_s"] = time.monotonic() - started
 
-    if args.plot is not None:
-        write_plot(result, args.plot)
+    # The results go to stdout before the files, so that a file that cannot
+    # be written after all does not lose them.
     encoded = orjson.dumps(result, option=orjson.OPT_INDENT_2)
-    if args.output is not None:
-        args.output.write_bytes(encoded + b"\n")
     if args.json:
         sys.stdout.buffer.write(encoded + b"\n")
     else:
         print(format_text(result))
-    return 0
+    sys.stdout.flush()
+    code = 0
+    if args.output is not None:
+        try:
+            args.output.write_bytes(encoded + b"\n")
+        except OSError as exc:
+            _report_unwritten("--output", args.output, exc)
+            code = 2
+    if args.plot is not None:
+        try:
+            write_plot(result, args.plot)
+        except OSError as exc:
+            _report_unwritten("--plot", args.plot, exc)
+            code = 2
+    return code
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Return why --output or --plot cannot be written, or None."""
+    if args.plot is not None:
+        # write_plot creates the plot's folder, so the check creates it first.
+        try:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            return f"--plot {args.plot}: cannot create the folder {args.plot.parent} ({reason})"
+    for option, target in (("--output", args.output), ("--plot", args.plot)):
+        problem = None if target is None else output_problem(option, target)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _report_unwritten(option: str, path: Path, exc: OSError) -> None:
+    reason = exc.strerror or type(exc).__name__
+    print(
+        f"fusionrec bench: cannot write {option} {path} ({reason}); the results were"
+        " printed to stdout",
+        file=sys.stderr,
+    )
 
 
 def _keep_logs(folder: Path) -> None:

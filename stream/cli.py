@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
@@ -111,6 +112,30 @@ def _local_problem(settings: Settings) -> str | None:
                 f"FUSIONREC_WEB_PORT is {settings.web_port}, which cannot be bound on "
                 f"{settings.web_host} ({reason}); stop what uses it or choose another port"
             )
+    return None
+
+
+def output_problem(option: str, path: Path) -> str | None:
+    """Return why the file ``path`` given to ``option`` cannot be written, or None.
+
+    Commands call this before a long run, so that a bad path does not cost
+    the run's results. The file is opened for appending, which keeps the
+    content of an existing file, and a file that the check created is removed.
+    """
+    if not path.parent.is_dir():
+        return f"{option} {path}: no folder {path.parent}"
+    if path.is_dir():
+        return f"{option} {path} is a folder; expected a file name"
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return f"{option} {path} cannot be written ({reason}); choose another file"
+    if not existed:
+        # resolve() follows a symbolic link to the file that open() created.
+        path.resolve().unlink(missing_ok=True)
     return None
 
 

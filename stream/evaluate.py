@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from models.engine import EngineConfig
 from models.evaluation import Evaluation, default_strategies, evaluate, strategy_kind
+from stream.cli import output_problem
 from stream.sources import FORMATS, SourceError, read_events
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # The outputs are checked before a run of minutes, not after it.
     for option, target in (("--plot", args.plot), ("--markdown", args.markdown)):
-        if target is None:
-            continue
-        if not target.parent.is_dir():
-            print(f"error: {option} {target}: no folder {target.parent}", file=sys.stderr)
-            return 2
-        if target.is_dir():
-            print(f"error: {option} {target} is a folder; expected a file name", file=sys.stderr)
+        problem = None if target is None else output_problem(option, target)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         print(f"error: --plot {args.plot}: expected a file name ending in .png", file=sys.stderr)
@@ -126,15 +123,40 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 1),
         "load": loaded.summary(),
     }
-    if args.plot:
-        write_plot(result, args.plot, title=f"{args.path.name}, every {args.every}")
-    if args.markdown:
-        args.markdown.write_text(markdown_tables(report), encoding="utf-8")
+    # The results go to stdout before the files, so that a file that cannot
+    # be written after all does not lose them.
     if args.json:
         sys.stdout.write(orjson.dumps(report).decode() + "\n")
     else:
         sys.stdout.write(text_table(report))
-    return 0
+    sys.stdout.flush()
+    return _write_outputs(args, result, report)
+
+
+def _write_outputs(args: argparse.Namespace, result: Evaluation, report: dict[str, Any]) -> int:
+    """Write the --plot and --markdown files, and return 2 when one of them failed, else 0."""
+    code = 0
+    if args.plot:
+        try:
+            write_plot(result, args.plot, title=f"{args.path.name}, every {args.every}")
+        except OSError as exc:
+            _report_unwritten("--plot", args.plot, exc)
+            code = 2
+    if args.markdown:
+        try:
+            args.markdown.write_text(markdown_tables(report), encoding="utf-8")
+        except OSError as exc:
+            _report_unwritten("--markdown", args.markdown, exc)
+            code = 2
+    return code
+
+
+def _report_unwritten(option: str, path: Path, exc: OSError) -> None:
+    reason = exc.strerror or type(exc).__name__
+    print(
+        f"error: cannot write {option} {path} ({reason}); the results were printed to stdout",
+        file=sys.stderr,
+    )
 
 
 def _cell(metrics: dict[str, Any], key: str = "hr@10") -> str:
@@ -218,8 +240,10 @@ def write_plot(result: Evaluation, path: Path, title: str) -> None:
     axes.legend(ncol=2, fontsize="small")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
     logger.info("wrote plot %s", path)
 
 

@@ -312,3 +312,16 @@ def test_recs_invalid_stored_value_one_line(
     assert err.count("\n") == 1
     assert "the value of recs:user:u1" in err
     assert expected in err
+
+
+def test_output_check_through_link_leaves_no_file(tmp_path: Path) -> None:
+    from stream.cli import output_problem
+
+    target = tmp_path / "results" / "result.json"
+    target.parent.mkdir()
+    link = tmp_path / "result.json"
+    link.symlink_to(target)
+
+    assert output_problem("--output", link) is None
+    assert link.is_symlink()
+    assert not target.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ import pytest
 from stream.evaluate import add_arguments, run
 
 T0 = 1_700_000_000_000
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests of `fusionrec` itself point the root logger at the stderr that
+    # pytest captured for them and has closed since, so the run's log lines
+    # would end in "--- Logging error ---" tracebacks on stderr here.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
 
 
 def _write_stream(path: Path) -> None:
@@ -127,3 +136,81 @@ def test_negative_seed_rejected(tmp_path: Path) -> None:
     source = tmp_path / "events.jsonl"
     _write_stream(source)
     assert run(_parse([str(source), "--format", "jsonl", "--seed", "-1"])) == 2
+
+
+@pytest.mark.parametrize(("option", "name"), [("--markdown", "t.md"), ("--plot", "hr.png")])
+def test_unwritable_output_rejected_first(
+    option: str,
+    name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import stream.evaluate
+
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    # The folder exists, but the file cannot be created, because it is a
+    # link into a folder that does not exist.
+    target = tmp_path / name
+    target.symlink_to(tmp_path / "missing" / name)
+    evaluated: list[int] = []
+    real = stream.evaluate.evaluate
+
+    def recording(events, config, **options):
+        evaluated.append(len(events))
+        return real(events, config, **options)
+
+    monkeypatch.setattr(stream.evaluate, "evaluate", recording)
+
+    code = run(_parse([str(source), "--format", "jsonl", option, str(target)]))
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert evaluated == []
+    assert f"{option} {target} cannot be written" in err
+    assert "Traceback" not in err
+
+
+def test_output_check_keeps_existing_file(tmp_path: Path) -> None:
+    absent_source = tmp_path / "absent.jsonl"
+    markdown = tmp_path / "tables.md"
+    markdown.write_text("earlier tables\n", encoding="utf-8")
+    plot = tmp_path / "hr.png"
+
+    # The outputs are checked before the event file is read, and the missing
+    # event file then stops the run before anything is written.
+    argv = [str(absent_source), "--format", "jsonl", "--markdown", str(markdown)]
+    code = run(_parse([*argv, "--plot", str(plot)]))
+
+    assert code == 2
+    assert markdown.read_text(encoding="utf-8") == "earlier tables\n"
+    assert not plot.exists()
+
+
+def test_output_lost_after_run_keeps_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import stream.evaluate
+
+    source = tmp_path / "events.jsonl"
+    _write_stream(source)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    markdown = folder / "tables.md"
+    real = stream.evaluate.evaluate
+
+    def removing_folder(events, config, **options):
+        result = real(events, config, **options)
+        folder.rmdir()
+        return result
+
+    monkeypatch.setattr(stream.evaluate, "evaluate", removing_folder)
+
+    code = run(_parse([str(source), "--format", "jsonl", "--json", "--markdown", str(markdown)]))
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert json.loads(captured.out)["events"] == 30
+    assert f"cannot write --markdown {markdown}" in captured.err
+    assert "Traceback" not in captured.err
