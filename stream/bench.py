@@ -58,7 +58,7 @@ from stream.metrics import WorkerMetrics
 from stream.runner import WorkerProcess, free_port, settings_env
 from stream.settings import Settings
 from stream.sink import RedisSink, redis_client
-from stream.sources import FORMATS, read_events
+from stream.sources import FORMATS, SourceError, read_events
 from stream.topics import ALL_TOPICS, EVENT_TOPICS, create_topics, topic_partitions
 
 logger = logging.getLogger(__name__)
@@ -1447,7 +1447,9 @@ def _source(args: argparse.Namespace, sizes: Sizes) -> tuple[Iterator[Event], st
     return iter(loaded.events), f"{args.replay} ({args.fmt})"
 
 
-async def _bench(args: argparse.Namespace, sizes: Sizes, folder: Path) -> dict[str, Any]:
+async def _bench(
+    args: argparse.Namespace, sizes: Sizes, folder: Path, source: Iterator[Event], label: str
+) -> dict[str, Any]:
     base = Settings.from_env()
     legs = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
     unknown = sorted(set(legs) - set(LEGS))
@@ -1455,7 +1457,6 @@ async def _bench(args: argparse.Namespace, sizes: Sizes, folder: Path) -> dict[s
         msg = f"--legs names unknown legs {unknown}; expected some of {', '.join(LEGS)}"
         raise BenchError(msg)
 
-    source, label = _source(args, sizes)
     pool = EventPool(source)
     if pool.ensure(sizes.events) < sizes.events:
         logger.warning(
@@ -1623,11 +1624,17 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"fusionrec bench: {problem}", file=sys.stderr)
         return 2
+    # A file that cannot be read stops the command before it contacts Kafka or Redis.
+    try:
+        source, label = _source(args, sizes)
+    except (SourceError, OSError, UnicodeDecodeError) as exc:
+        print(f"fusionrec bench: cannot read {args.replay}: {exc}", file=sys.stderr)
+        return 2
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as folder:
         try:
-            result = asyncio.run(_bench(args, sizes, Path(folder)))
+            result = asyncio.run(_bench(args, sizes, Path(folder), source, label))
         except BenchError as exc:
             print(f"fusionrec bench: {exc}", file=sys.stderr)
             _keep_logs(Path(folder))

@@ -74,3 +74,34 @@ def test_output_lost_after_run_keeps_results(
     assert orjson.loads(captured.out)["ratios"] == {}
     assert f"cannot write --output {output}" in captured.err
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read"),
+        ("", "cannot read"),
+        ("user_id,item_id,category_id,behavior_type,timestamp\n", "no rows"),
+    ],
+    ids=["missing", "empty", "header only"],
+)
+def test_unreadable_replay_file_one_line(
+    content: str | None,
+    expected: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ran = _fake_run(monkeypatch)
+    path = tmp_path / "events.csv"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+
+    code = main(["bench", "--replay", str(path), "--format", "taobao", "--quick"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert ran == []
+    assert err.startswith(f"fusionrec bench: cannot read {path}: ")
+    assert expected in err
+    assert err.count("\n") == 1
