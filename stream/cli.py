@@ -153,6 +153,22 @@ def build_faust_worker(
     return faust_worker
 
 
+def _user_id_problem(user_id: str) -> str | None:
+    """Return why ``user_id`` cannot be sent to Kafka or Redis, or None.
+
+    Python decodes argument bytes that are not valid UTF-8 into lone
+    surrogates, which neither orjson nor redis-py can encode.
+    """
+    try:
+        user_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return (
+            f"user id {user_id!r} is not valid UTF-8 text; give the id in UTF-8, for example"
+            " from a terminal with a UTF-8 locale"
+        )
+    return None
+
+
 def _recs(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError, ResponseError
 
@@ -160,6 +176,10 @@ def _recs(args: argparse.Namespace) -> int:
 
     if bool(args.user) == args.popular:
         print("fusionrec recs: give either a user id or --popular", file=sys.stderr)
+        return 2
+    problem = _user_id_problem(args.user)
+    if problem is not None:
+        print(f"fusionrec recs: {problem}", file=sys.stderr)
         return 2
     settings = Settings.from_env(services=Service.REDIS)
     try:
@@ -218,6 +238,10 @@ def _forget(args: argparse.Namespace) -> int:
     from stream.reader import ForgetError, request_forget
 
     settings = Settings.from_env(services=Service.KAFKA)
+    problem = _user_id_problem(args.user)
+    if problem is not None:
+        print(f"fusionrec: invalid forget request: {problem}", file=sys.stderr)
+        return 2
     # The worker would reject an invalid request to the dead-letter topic, so
     # it is checked here first, with the same decoder.
     request = orjson.dumps({"user_id": args.user, "timestamp": int(time.time() * 1000)})

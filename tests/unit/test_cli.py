@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
@@ -325,3 +326,40 @@ def test_output_check_through_link_leaves_no_file(tmp_path: Path) -> None:
     assert output_problem("--output", link) is None
     assert link.is_symlink()
     assert not target.exists()
+
+
+def test_forget_rejects_non_utf8_user(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A terminal in Latin-1 passes "jürgen" as bytes that are not UTF-8, and
+    # Python decodes them with a lone surrogate for the invalid byte.
+    user = os.fsdecode(b"j\xfcrgen")
+    monkeypatch.setenv("FUSIONREC_KAFKA_BOOTSTRAP", f"127.0.0.1:{_closed_port()}")
+
+    code = main(["forget", user])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "invalid forget request" in err
+    assert f"user id {user!r} is not valid UTF-8" in err
+    assert "Traceback" not in err
+
+
+def test_recs_rejects_non_utf8_user(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = os.fsdecode(b"j\xfcrgen")
+    read: list[str] = []
+
+    async def recording(settings: Settings, user_id: str, **kwargs: object) -> None:
+        read.append(user_id)
+
+    monkeypatch.setattr("stream.reader.read_list", recording)
+
+    code = main(["recs", user])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert read == []
+    assert f"user id {user!r} is not valid UTF-8" in err
+    assert "Traceback" not in err
