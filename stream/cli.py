@@ -27,6 +27,7 @@ import orjson
 
 from schemas import SchemaError, decode_forget
 from stream.logs import configure_logging
+from stream.settings import _LOG_LEVELS as LOG_LEVELS
 from stream.settings import SETTINGS_DOC, Service, Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -298,7 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusionrec",
         description="Streaming recommender: Kafka events in, fused top-k lists in Redis out.",
     )
-    parser.add_argument("--log-level", default=None, help="override FUSIONREC_LOG_LEVEL")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="log level (default: FUSIONREC_LOG_LEVEL, or info when it is unset)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     worker = commands.add_parser("worker", help="run the Faust worker")

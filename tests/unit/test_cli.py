@@ -363,3 +363,16 @@ def test_recs_rejects_non_utf8_user(
     assert read == []
     assert f"user id {user!r} is not valid UTF-8" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["degub", "verbose", ""])
+def test_log_level_flag_rejects_unknown(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # FUSIONREC_LOG_LEVEL with such a value stops with exit code 2, and so
+    # does the flag that overrides it.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--log-level", value, "settings"])
+
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"invalid choice: {value!r}" in err
+    assert "'debug', 'info', 'warning', 'error'" in err
