@@ -270,10 +270,10 @@ def _settings(args: argparse.Namespace) -> int:
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from stream.topics import main as topics_main
+    from stream.topics import run as topics_run
 
     with _client_logs_quiet():
-        return topics_main(["--create"] if args.create else ["--list"])
+        return topics_run(create=args.create, list_names=not args.create)
 
 
 @contextlib.contextmanager

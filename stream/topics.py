@@ -78,12 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create", action="store_true", help="create missing topics")
     parser.add_argument("--list", action="store_true", help="print the topic names")
     args = parser.parse_args(argv)
-    configure_logging("info")
-    settings = Settings.from_env(services=Service.KAFKA if args.create else Service.NONE)
-    if args.list or not args.create:
+    logging_settings = Settings.from_env(services=Service.NONE)
+    configure_logging(logging_settings.log_level, logging_settings.log_format)
+    return run(create=args.create, list_names=args.list or not args.create)
+
+
+def run(*, create: bool, list_names: bool) -> int:
+    """Print the topic names, create the missing topics, or both, and return the exit code.
+
+    The caller configures logging, so that ``fusionrec --log-level`` and
+    FUSIONREC_LOG_FORMAT apply to the lines logged here.
+    """
+    settings = Settings.from_env(services=Service.KAFKA if create else Service.NONE)
+    if list_names:
         for name in ALL_TOPICS:
             print(settings.topic(name))
-    if args.create:
+    if create:
         try:
             created = asyncio.run(create_topics(settings, timeout_s=CONNECT_TIMEOUT_S))
         except (KafkaError, OSError, TimeoutError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from pathlib import Path
@@ -376,3 +377,21 @@ def test_log_level_flag_rejects_unknown(value: str, capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 2
     assert f"invalid choice: {value!r}" in err
     assert "'debug', 'info', 'warning', 'error'" in err
+
+
+def test_topics_keeps_log_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stream.logs import JsonFormatter
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setenv("FUSIONREC_LOG_FORMAT", "json")
+
+    assert main(["--log-level", "debug", "topics"]) == 0
+
+    assert root.level == logging.DEBUG
+    assert len(root.handlers) == 1
+    assert isinstance(root.handlers[0].formatter, JsonFormatter)
+    assert "events.view" in capsys.readouterr().out.split()
