@@ -226,13 +226,23 @@ def _recs(args: argparse.Namespace) -> int:
     for rank, entry in enumerate(value["items"], start=1):
         sources = ",".join(entry["sources"])
         print(f"{rank:>4}  {entry['item_id']:<24} {entry['score']:>10.4f}  {sources}")
-    computed_at_ms = value["computed_at"]
-    computed_at = datetime.datetime.fromtimestamp(computed_at_ms / 1000, datetime.UTC)
-    print(
-        f"computed_at={computed_at.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
-        f" ({computed_at_ms} ms) model_version={value['model_version']}"
-    )
+    print(f"{_computed_at_text(value['computed_at'])} model_version={value['model_version']}")
     return 0
+
+
+def _computed_at_text(computed_at_ms: int) -> str:
+    """Format epoch milliseconds as UTC time and milliseconds, or as milliseconds alone.
+
+    The schema allows any non-negative integer, but datetime ends with the
+    year 9999.
+    """
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    try:
+        computed_at = epoch + datetime.timedelta(milliseconds=computed_at_ms)
+    except OverflowError:
+        return f"computed_at={computed_at_ms} ms (after the year 9999, so not shown as a date)"
+    iso = computed_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"computed_at={iso} ({computed_at_ms} ms)"
 
 
 def _forget(args: argparse.Namespace) -> int:

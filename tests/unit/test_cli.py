@@ -395,3 +395,29 @@ def test_topics_keeps_log_settings(
     assert len(root.handlers) == 1
     assert isinstance(root.handlers[0].formatter, JsonFormatter)
     assert "events.view" in capsys.readouterr().out.split()
+
+
+def test_recs_table_shows_out_of_range_computed_at(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The schema takes any non-negative integer, and 10**17 ms lies after
+    # the year 9999, the last one that datetime represents.
+    stored = {
+        "items": [{"item_id": "i1", "score": 0.5, "sources": ["popular"]}],
+        "computed_at": 10**17,
+        "model_version": "v",
+    }
+
+    async def present(*args: object, **kwargs: object) -> dict[str, object]:
+        return stored
+
+    monkeypatch.setattr("stream.reader.read_list", present)
+
+    assert main(["recs", "u1"]) == 0
+
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == (
+        "computed_at=100000000000000000 ms (after the year 9999, so not shown as a date)"
+        " model_version=v"
+    )
+    assert "Traceback" not in captured.err
