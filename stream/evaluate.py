@@ -15,7 +15,7 @@ from tqdm import tqdm
 from models.engine import EngineConfig
 from models.evaluation import Evaluation, default_strategies, evaluate, strategy_kind
 from stream.cli import output_problem
-from stream.sources import FORMATS, SourceError, read_events
+from stream.sources import FORMATS, SourceError, printable, read_events
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = read_events(args.path, args.format, refunds=False)
     except (SourceError, OSError) as exc:
-        print(f"error: cannot read {args.path}: {exc}", file=sys.stderr)
+        print(f"error: cannot read {printable(str(args.path))}: {exc}", file=sys.stderr)
         return 2
     loaded_s = time.perf_counter() - started
     logger.info("read %d events from %s in %.1f s", len(loaded.events), args.path, loaded_s)
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = result.to_json()
     report["run"] = {
-        "path": str(args.path),
+        # A file name that is not UTF-8 cannot go into JSON as it is.
+        "path": printable(str(args.path)),
         "format": args.format,
         "every": args.every,
         "repeat_purchases": args.repeat_purchases,
@@ -138,7 +139,7 @@ def _write_outputs(args: argparse.Namespace, result: Evaluation, report: dict[st
     code = 0
     if args.plot:
         try:
-            write_plot(result, args.plot, title=f"{args.path.name}, every {args.every}")
+            write_plot(result, args.plot, title=f"{printable(args.path.name)}, every {args.every}")
         except OSError as exc:
             _report_unwritten("--plot", args.plot, exc)
             code = 2

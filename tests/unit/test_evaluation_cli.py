@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,14 @@ def test_output_lost_after_run_keeps_results(
     assert json.loads(captured.out)["events"] == 30
     assert f"cannot write --markdown {markdown}" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_latin1_file_name_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = Path(os.fsdecode(os.fsencode(tmp_path) + b"/k\xe4ufe.jsonl"))
+    _write_stream(source)
+
+    code = run(_parse([str(source), "--format", "jsonl", "--json", "--strategies", "popular"]))
+
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["run"]["path"].endswith("k\\xe4ufe.jsonl")
