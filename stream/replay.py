@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,61 +345,99 @@ async def produce_events(
         a delivery failed.
 
     """
-    producer = await _start_producer(settings, bootstrap)
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        # SIGTERM ends a replay as Ctrl-C does, with a summary of what was delivered.
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
     in_flight: list[tuple[asyncio.Future[Any], str, int]] = []
-    next_index = summary.skip
+    with _sigterm_cancels(asyncio.get_running_loop()):
+        producer = await _start_producer(settings, bootstrap)
+        try:
+            await _check_topics(producer, settings, bootstrap)
+            await _send_events(
+                producer,
+                events,
+                settings,
+                summary,
+                in_flight,
+                rate_per_s,
+                progress,
+                delivery_timeout_s,
+            )
+        except asyncio.CancelledError:
+            # Stopping first lets the producer deliver what it holds, within
+            # its wait. A second signal may cut that wait short, and the
+            # count still runs.
+            try:
+                await _stop_producer(producer, delivery_timeout_s)
+            finally:
+                _count_interrupted(in_flight, summary)
+            raise
+        finally:
+            await _stop_producer(producer, delivery_timeout_s)
+
+
+async def _send_events(
+    producer: AIOKafkaProducer,
+    events: Sequence[Event],
+    settings: Settings,
+    summary: ReplaySummary,
+    in_flight: list[tuple[asyncio.Future[Any], str, int]],
+    rate_per_s: float | None,
+    progress: bool,
+    delivery_timeout_s: float,
+) -> None:
+    """Send ``events`` in batches, keeping the deliveries not yet counted in ``in_flight``."""
+    bucket = TokenBucket(rate_per_s, burst=max(1.0, rate_per_s / 10)) if rate_per_s else None
+    window_ms = int(settings.dedup_window_s * 1000)
+    batch_size = min(MAX_IN_FLIGHT, settings.dedup_max_entries)
+    batch_start_ms = 0
+    with tqdm(
+        total=len(events), unit="ev", file=sys.stderr, disable=not progress, smoothing=0.1
+    ) as bar:
+        for index, event in enumerate(events, start=summary.skip):
+            if in_flight and event.timestamp_ms - batch_start_ms > window_ms:
+                await _collect(in_flight, summary, bar, delivery_timeout_s)
+                _stop_on_failure(summary)
+            if not in_flight:
+                batch_start_ms = event.timestamp_ms
+            if bucket is not None:
+                wait_s = bucket.take()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+            topic = settings.topic(EVENT_TOPICS[event.type])
+            try:
+                future = await producer.send(
+                    topic,
+                    orjson.dumps(event.to_json()),
+                    key=event.user_id.encode("utf-8"),
+                )
+            except KafkaError as exc:
+                # Not taken at all, as when no broker gives the metadata.
+                failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                future = failed
+            in_flight.append((future, topic, index))
+            if len(in_flight) >= batch_size or future.done() and future.exception():
+                await _collect(in_flight, summary, bar, delivery_timeout_s)
+                _stop_on_failure(summary)
+        await _collect(in_flight, summary, bar, delivery_timeout_s)
+        _stop_on_failure(summary)
+
+
+@contextlib.contextmanager
+def _sigterm_cancels(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Let SIGTERM cancel the current task, as Ctrl-C does, and restore the handler after.
+
+    Only the main thread can take signals, so elsewhere this does nothing.
+    """
+    task = asyncio.current_task(loop)
+    if task is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        await _check_topics(producer, settings, bootstrap)
-        bucket = TokenBucket(rate_per_s, burst=max(1.0, rate_per_s / 10)) if rate_per_s else None
-        window_ms = int(settings.dedup_window_s * 1000)
-        batch_size = min(MAX_IN_FLIGHT, settings.dedup_max_entries)
-        batch_start_ms = 0
-        with tqdm(
-            total=len(events), unit="ev", file=sys.stderr, disable=not progress, smoothing=0.1
-        ) as bar:
-            for index, event in enumerate(events, start=summary.skip):
-                if in_flight and event.timestamp_ms - batch_start_ms > window_ms:
-                    await _collect(in_flight, summary, bar, delivery_timeout_s)
-                    _stop_on_failure(summary)
-                if not in_flight:
-                    batch_start_ms = event.timestamp_ms
-                if bucket is not None:
-                    wait_s = bucket.take()
-                    if wait_s > 0:
-                        await asyncio.sleep(wait_s)
-                topic = settings.topic(EVENT_TOPICS[event.type])
-                try:
-                    future = await producer.send(
-                        topic,
-                        orjson.dumps(event.to_json()),
-                        key=event.user_id.encode("utf-8"),
-                    )
-                except KafkaError as exc:
-                    # Not taken at all, as when no broker gives the metadata.
-                    failed: asyncio.Future[Any] = loop.create_future()
-                    failed.set_exception(exc)
-                    future = failed
-                in_flight.append((future, topic, index))
-                next_index = index + 1
-                if len(in_flight) >= batch_size or future.done() and future.exception():
-                    await _collect(in_flight, summary, bar, delivery_timeout_s)
-                    _stop_on_failure(summary)
-            await _collect(in_flight, summary, bar, delivery_timeout_s)
-            _stop_on_failure(summary)
-    except asyncio.CancelledError:
-        # Stopping first lets the producer deliver what it holds, within its wait.
-        await _stop_producer(producer, delivery_timeout_s)
-        _count_interrupted(in_flight, summary, next_index)
-        raise
+        yield
     finally:
-        if task is not None:
-            loop.remove_signal_handler(signal.SIGTERM)
-        await _stop_producer(producer, delivery_timeout_s)
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _stop_producer(producer: AIOKafkaProducer, delivery_timeout_s: float) -> None:
@@ -412,20 +452,24 @@ async def _stop_producer(producer: AIOKafkaProducer, delivery_timeout_s: float) 
 
 
 def _count_interrupted(
-    in_flight: list[tuple[asyncio.Future[Any], str, int]], summary: ReplaySummary, next_index: int
+    in_flight: list[tuple[asyncio.Future[Any], str, int]], summary: ReplaySummary
 ) -> None:
-    """Count the confirmed deliveries of a cancelled replay and set where it resumes.
+    """Count the deliveries of a cancelled replay and set where it resumes.
 
-    The replay resumes at the first event whose delivery is not confirmed,
-    or after the last event sent when every one was.
+    Every batch before ``in_flight`` was delivered whole, or the replay
+    would have stopped on it. It resumes at the first event of
+    ``in_flight`` whose delivery is not confirmed, or after the last one.
     """
-    resume_from = next_index
+    resume_from = summary.skip + summary.produced + len(in_flight)
     for future, topic, index in in_flight:
-        if future.done() and not future.cancelled() and future.exception() is None:
+        error = future.exception() if future.done() and not future.cancelled() else None
+        if future.done() and not future.cancelled() and error is None:
             summary.produced += 1
             summary.by_topic[topic] += 1
-        else:
-            resume_from = min(resume_from, index)
+            continue
+        if error is not None:
+            summary.failed[type(error).__name__] += 1
+        resume_from = min(resume_from, index)
     in_flight.clear()
     if summary.resume_from is None or resume_from < summary.resume_from:
         summary.resume_from = resume_from
@@ -435,8 +479,12 @@ def _interrupted(
     args: argparse.Namespace, summary: ReplaySummary, started: float, how: str, code: int
 ) -> int:
     """Report a replay stopped by Ctrl-C or SIGTERM with its resume point; return ``code``."""
-    resume = "" if summary.resume_from is None else f"; resume with --skip {summary.resume_from}"
-    message = f"{how} after {summary.produced} delivered events{resume}"
+    if summary.resume_from is None:
+        # Stopped before the first send, as while connecting to the broker.
+        summary.resume_from = summary.skip + summary.produced
+    message = (
+        f"{how} after {summary.produced} delivered events; resume with --skip {summary.resume_from}"
+    )
     print(f"fusionrec replay: {message}", file=sys.stderr)
     summary.elapsed_s = time.monotonic() - started
     summary.error, summary.exit_code = message, code
@@ -472,6 +520,9 @@ async def _start_producer(settings: Settings, bootstrap: str) -> AIOKafkaProduce
             await producer.stop()
             logger.warning("broker does not support idempotent producers; sending without")
             continue
+        except asyncio.CancelledError:
+            await producer.stop()
+            raise
         except (KafkaError, OSError, TimeoutError) as exc:
             await producer.stop()
             msg = (

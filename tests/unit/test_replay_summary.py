@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import threading
 from collections import Counter
 
 import orjson
@@ -257,3 +258,115 @@ def test_resend_within_dedup_window(monkeypatch) -> None:
     assert producer.sent == 1 + summary.produced
     newest_ms = delivered[-1].timestamp_ms
     assert newest_ms - events[0].timestamp_ms <= settings.dedup_window_s * 1000
+
+
+def _events(count: int) -> list[Event]:
+    return [Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n) for n in range(count)]
+
+
+class _SignalledTwice:
+    """Confirms ``before`` deliveries, then gets SIGTERM, and SIGTERM again while it stops."""
+
+    def __init__(self, before: int) -> None:
+        self.before = before
+        self.sent = 0
+        self.stops = 0
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        if self.sent == self.before:
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(5)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        self.sent += 1
+        return future
+
+    async def stop(self) -> None:
+        self.stops += 1
+        if self.stops == 1:
+            # An impatient operator or a supervisor sends the signal again
+            # while the producer flushes.
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+
+
+def _use_producer(monkeypatch, producer: object) -> None:
+    async def start(settings: Settings, bootstrap: str) -> object:
+        return producer
+
+    async def topics_exist(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(replay, "_start_producer", start)
+    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+
+
+def test_second_sigterm_keeps_resume_point(monkeypatch, tmp_path, capsys) -> None:
+    _use_producer(monkeypatch, _SignalledTwice(before=10))
+    path = tmp_path / "events.jsonl"
+    lines = [orjson.dumps(event.to_json()) for event in _events(50)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    code = main(
+        ["replay", str(path), "--format", "jsonl", "--skip", "5", "--json", "--no-progress"]
+    )
+
+    report = orjson.loads(capsys.readouterr().out)
+    assert code == 143
+    assert report["produced"] == 10
+    assert report["resume_from"] == 15
+
+
+class _Confirming:
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    async def stop(self) -> None:
+        return None
+
+
+def _produce(summary: ReplaySummary) -> None:
+    asyncio.run(
+        replay.produce_events(
+            _events(5), Settings(), "127.0.0.1:9", summary, progress=False, delivery_timeout_s=1
+        )
+    )
+
+
+def test_replay_off_main_thread(monkeypatch) -> None:
+    _use_producer(monkeypatch, _Confirming())
+    summary = ReplaySummary(path="events.jsonl", fmt="jsonl", dry_run=False)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _produce(summary)
+        except BaseException as exc:  # noqa: BLE001 - the test reports any error
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(10)
+
+    assert errors == []
+    assert summary.produced == 5
+
+
+def test_replay_restores_sigterm_handler(monkeypatch) -> None:
+    _use_producer(monkeypatch, _Confirming())
+    summary = ReplaySummary(path="events.jsonl", fmt="jsonl", dry_run=False)
+
+    def previous(signum: int, frame: object) -> None:
+        return None
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        _produce(summary)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+    assert summary.produced == 5
+    assert after is previous
