@@ -239,16 +239,60 @@ def printable(text: str) -> str:
 def _open_text(path: Path) -> IO[str]:
     # utf-8-sig drops a byte-order mark. Bytes that are not UTF-8 become lone
     # surrogates, so that only their row is skipped, as `not_utf8`. A gzip
-    # stream is known by its first two bytes, whatever the file is called, and
-    # peeking at them leaves a pipe readable from its start.
-    raw = open(path, "rb")  # noqa: SIM115 - the caller closes it through the wrapper
+    # stream is known by its first two bytes, whatever the file is called.
+    # They are read, not peeked at, because a pipe may deliver one byte
+    # alone, and then handed back to the reader, as a pipe cannot seek.
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes it through the wrapper
     try:
-        compressed = raw.peek(2)[:2] == _GZIP_MAGIC
+        head = _read_exactly(raw, len(_GZIP_MAGIC))
     except OSError:
         raw.close()
         raise
-    stream: ClosingGzip | io.BufferedReader = ClosingGzip(raw, "rb") if compressed else raw
+    whole = io.BufferedReader(_Prefixed(head, raw))
+    stream: ClosingGzip | io.BufferedReader[_Prefixed] = (
+        ClosingGzip(whole, "rb") if head == _GZIP_MAGIC else whole
+    )
     return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _read_exactly(raw: io.FileIO, size: int) -> bytes:
+    """Return the first ``size`` bytes of ``raw``, or fewer at its end."""
+    head = b""
+    while len(head) < size:
+        chunk = raw.read(size - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+class _Prefixed(io.RawIOBase):
+    """The bytes ``head`` already read from ``raw``, followed by the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: io.FileIO) -> None:
+        self._head = head
+        self._raw = raw
+
+    def readable(self) -> bool:
+        """Return True: the stream is read only."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` from the bytes read ahead first, then from the file."""
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        # Only a file opened without blocking returns None, and this one blocks.
+        return self._raw.readinto(buffer) or 0
+
+    def close(self) -> None:
+        """Close the file under the stream too."""
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 class ClosingGzip(gzip.GzipFile):

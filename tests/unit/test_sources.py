@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -584,3 +586,25 @@ def test_taobao_comma_space_separators(tmp_path: Path) -> None:
     events = read_events(path, "taobao").events
 
     assert [(event.type, event.item_id) for event in events] == [("view", "2"), ("purchase", "3")]
+
+
+def _write_first_byte_alone(fifo: Path, data: bytes) -> None:
+    with open(fifo, "wb", buffering=0) as pipe:
+        pipe.write(data[:1])
+        time.sleep(0.3)
+        pipe.write(data[1:])
+
+
+def test_gzip_pipe_first_byte_alone(tmp_path: Path) -> None:
+    fifo = tmp_path / "events"
+    os.mkfifo(fifo)
+    data = gzip.compress(TAOBAO_ROWS.encode())
+    writer = threading.Thread(target=_write_first_byte_alone, args=(fifo, data))
+    writer.start()
+    try:
+        loaded = read_events(fifo, "taobao")
+    finally:
+        writer.join(5)
+
+    assert loaded.rows_read == 30
+    assert len(loaded.events) == 30
