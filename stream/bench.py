@@ -58,7 +58,7 @@ from stream.metrics import WorkerMetrics
 from stream.runner import WorkerProcess, free_port, settings_env
 from stream.settings import Settings
 from stream.sink import RedisSink, redis_client
-from stream.sources import FORMATS, SourceError, read_events
+from stream.sources import FORMATS, SourceError, printable, read_events
 from stream.topics import ALL_TOPICS, EVENT_TOPICS, create_topics, topic_partitions
 
 logger = logging.getLogger(__name__)
@@ -1451,11 +1451,7 @@ async def _bench(
     args: argparse.Namespace, sizes: Sizes, folder: Path, source: Iterator[Event], label: str
 ) -> dict[str, Any]:
     base = Settings.from_env()
-    legs = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
-    unknown = sorted(set(legs) - set(LEGS))
-    if unknown:
-        msg = f"--legs names unknown legs {unknown}; expected some of {', '.join(LEGS)}"
-        raise BenchError(msg)
+    legs = legs_of(args)
 
     pool = EventPool(source)
     if pool.ensure(sizes.events) < sizes.events:
@@ -1619,8 +1615,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fusionrec bench: {exc}", file=sys.stderr)
         return 2
 
-    # The outputs are checked before a run of many minutes, not after it.
-    problem = _output_problem(args)
+    # The options are checked before a run of many minutes, not after it.
+    problem = _input_problem(args) or _output_problem(args)
     if problem is not None:
         print(f"fusionrec bench: {problem}", file=sys.stderr)
         return 2
@@ -1628,7 +1624,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         source, label = _source(args, sizes)
     except (SourceError, OSError, UnicodeDecodeError) as exc:
-        print(f"fusionrec bench: cannot read {args.replay}: {exc}", file=sys.stderr)
+        print(f"fusionrec bench: cannot read {printable(str(args.replay))}: {exc}", file=sys.stderr)
         return 2
 
     started = time.monotonic()
@@ -1665,8 +1661,42 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+def legs_of(args: argparse.Namespace) -> list[str]:
+    """Return the legs that ``--legs`` names.
+
+    Raises
+    ------
+    BenchError
+        If a name is not one of `LEGS`.
+
+    """
+    legs = [leg.strip() for leg in args.legs.split(",") if leg.strip()]
+    unknown = sorted(set(legs) - set(LEGS))
+    if unknown:
+        msg = f"--legs names unknown legs {unknown}; expected some of {', '.join(LEGS)}"
+        raise BenchError(msg)
+    return legs
+
+
+def _input_problem(args: argparse.Namespace) -> str | None:
+    """Return why --legs or --replay cannot be used, or None."""
+    try:
+        legs_of(args)
+    except BenchError as exc:
+        return str(exc)
+    replay = args.replay
+    if replay is not None and Path(replay).exists() and not Path(replay).is_file():
+        # The in-process phase reads the file again in a child process, and
+        # a pipe gives its events only once.
+        return (
+            f"--replay {printable(str(replay))} is not a regular file; the bench reads it "
+            "twice, so write the events to a file first"
+        )
+    return None
+
+
 def _output_problem(args: argparse.Namespace) -> str | None:
-    """Return why --output or --plot cannot be written, or None."""
+    """Return why --output, --plot or --profile-worker cannot be written, or None."""
     if args.plot is not None:
         # write_plot creates the plot's folder, so the check creates it first.
         try:
@@ -1674,7 +1704,12 @@ def _output_problem(args: argparse.Namespace) -> str | None:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             return f"--plot {args.plot}: cannot create the folder {args.plot.parent} ({reason})"
-    for option, target in (("--output", args.output), ("--plot", args.plot)):
+    targets = (
+        ("--output", args.output),
+        ("--plot", args.plot),
+        ("--profile-worker", args.profile_worker),
+    )
+    for option, target in targets:
         problem = None if target is None else output_problem(option, target)
         if problem is not None:
             return problem

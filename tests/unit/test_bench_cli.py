@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,44 @@ def test_unreadable_replay_file_one_line(
     assert err.startswith(f"fusionrec bench: cannot read {path}: ")
     assert expected in err
     assert err.count("\n") == 1
+
+
+def test_pipe_replay_rejected_before_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran = _fake_run(monkeypatch)
+    fifo = tmp_path / "events"
+    os.mkfifo(fifo)
+
+    code = main(["bench", "--replay", str(fifo), "--format", "jsonl"])
+
+    assert code == 2
+    assert ran == []
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_unknown_leg_rejected_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran = _fake_run(monkeypatch)
+    read: list[object] = []
+    monkeypatch.setattr(bench, "read_events", lambda *args: read.append(args))
+
+    code = main(["bench", "--legs", "wroker", "--replay", str(tmp_path / "x"), "--format", "jsonl"])
+
+    assert code == 2
+    assert ran == []
+    assert read == []
+    assert "unknown legs ['wroker']" in capsys.readouterr().err
+
+
+def test_unwritable_profile_rejected_before_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran = _fake_run(monkeypatch)
+
+    code = main(["bench", "--profile-worker", str(tmp_path / "gone" / "worker.prof")])
+
+    assert code == 2
+    assert ran == []
+    assert "--profile-worker" in capsys.readouterr().err
