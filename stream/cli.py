@@ -120,24 +120,49 @@ def output_problem(option: str, path: Path) -> str | None:
     """Return why the file ``path`` given to ``option`` cannot be written, or None.
 
     Commands call this before a long run, so that a bad path does not cost
-    the run's results. The file is opened for appending, which keeps the
-    content of an existing file, and a file that the check created is removed.
+    the run's results. The check creates the file only where none exists,
+    and removes what it created, so a file that exists or that another
+    program creates meanwhile keeps its content. An existing file is opened
+    for appending without blocking, so a named pipe without a reader is
+    reported instead of waiting.
     """
     if not path.parent.is_dir():
         return f"{option} {path}: no folder {path.parent}"
     if path.is_dir():
         return f"{option} {path} is a folder; expected a file name"
-    existed = path.exists()
     try:
-        with path.open("ab"):
-            pass
+        created = _open_for_check(path)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return f"{option} {path} cannot be written ({reason}); choose another file"
-    if not existed:
-        # resolve() follows a symbolic link to the file that open() created.
+    if created:
         path.resolve().unlink(missing_ok=True)
     return None
+
+
+def _open_for_check(path: Path) -> bool:
+    """Open ``path`` for writing and close it; return True when this created the file."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        pass
+    else:
+        return True
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+    except FileNotFoundError:
+        if not path.is_symlink():
+            raise
+    else:
+        return False
+    # O_EXCL refuses every symbolic link, and this one names a file that
+    # does not exist yet. Another program may create it meanwhile, and
+    # then its file is kept.
+    try:
+        os.close(os.open(path.resolve(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return False
+    return True
 
 
 def build_faust_worker(
@@ -311,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
+        # DEBUG and debug are one level, as they were before the flag had choices.
+        type=str.lower,
         choices=LOG_LEVELS,
         default=None,
         help="log level (default: FUSIONREC_LOG_LEVEL, or info when it is unset)",

@@ -329,6 +329,38 @@ def test_output_check_through_link_leaves_no_file(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_output_check_keeps_file_made_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream import cli
+
+    target = tmp_path / "report.md"
+    real_open = os.open
+
+    def open_after_other_program(path: object, flags: int, *args: int) -> int:
+        # Another program creates and fills the file just before the check.
+        if not target.exists():
+            target.write_bytes(b"report of another run\n")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(cli.os, "open", open_after_other_program)
+
+    assert cli.output_problem("--markdown", target) is None
+    assert target.read_bytes() == b"report of another run\n"
+
+
+def test_output_check_fifo_without_reader(tmp_path: Path) -> None:
+    from stream.cli import output_problem
+
+    fifo = tmp_path / "results"
+    os.mkfifo(fifo)
+
+    problem = output_problem("--output", fifo)
+
+    assert problem is not None
+    assert "cannot be written" in problem
+
+
 def test_forget_rejects_non_utf8_user(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -377,6 +409,11 @@ def test_log_level_flag_rejects_unknown(value: str, capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 2
     assert f"invalid choice: {value!r}" in err
     assert "'debug', 'info', 'warning', 'error'" in err
+
+
+def test_log_level_flag_any_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--log-level", "WARNING", "settings"]) == 0
+    assert logging.getLogger().getEffectiveLevel() == logging.WARNING
 
 
 def test_topics_keeps_log_settings(
