@@ -224,3 +224,14 @@ def test_empty_session_id_splits_sessions_by_gap():
     groups = engine.candidate_scores("u1").groups.tolist()
     # "a" was touched in an earlier session (2), "b" in the current one (1).
     assert sorted(groups) == [1, 2]
+
+
+def test_session_memory_bounded() -> None:
+    engine = Recommender()
+    model = engine.models["basket"]
+    engine.learn([_line(n, "u1", f"i{n}", "web") for n in range(3_000)])
+
+    session = model._sessions["u1"]
+    assert len(session.seen) <= 1_000
+    assert set(session.items) <= session.seen
+    assert len(session.items) == 50
