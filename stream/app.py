@@ -200,6 +200,8 @@ class Worker:
         self._restart_check: asyncio.Task[bool] | None = None
         # Whether a bootstrap broker replied to a metadata request at the last probe.
         self.broker_reachable = True
+        # The end offset of each assigned partition at the last broker probe.
+        self._probed_ends: dict[tuple[str, int], int] = {}
         self._interval_checkpoint: asyncio.Task[None] | None = None
         # Aligns, seeks and resumes partitions held paused after a rebalance.
         self._align_retry: asyncio.Task[None] | None = None
@@ -1421,7 +1423,9 @@ class Worker:
         The consumer runs in Faust's own thread and only logs when it loses
         the broker, so readiness needs this separate probe.
         """
-        reachable = await _broker_replies(self.settings)
+        partitions = [TopicPartition(tp.topic, tp.partition) for tp in self.assigned]
+        reachable, ends = await _broker_replies(self.settings, partitions)
+        self._probed_ends = ends
         if not reachable:
             self.metrics.errors.labels(kind="kafka_unreachable").inc()
         if reachable != self.broker_reachable:
@@ -1604,14 +1608,22 @@ class Worker:
         )
 
     def _update_lag(self) -> None:
+        # The high watermark comes with each fetch, and while the worker
+        # works through a backlog its fetched records wait in a buffer, so
+        # no new fetch brings the end of what was produced since. The
+        # broker probe asks for the end offsets every few seconds, and the
+        # larger of the two is the nearer to the truth.
         consumer = self.app.consumer
         for tp in self.assigned:
             try:
-                end = consumer.highwater(tp)
+                fetched = consumer.highwater(tp)
             except Exception:  # noqa: BLE001 - a partition without a fetch yet has no end offset
+                fetched = None
+            probed = self._probed_ends.get((tp.topic, tp.partition))
+            known = [end for end in (fetched, probed) if end is not None]
+            if not known:
                 continue
-            if end is None:
-                continue
+            end = max(known)
             done = self.processor.offsets.get((tp.topic, tp.partition), 0)
             self.metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
                 max(0, end - done)
@@ -1835,18 +1847,23 @@ class Worker:
         return app
 
 
-async def _broker_replies(settings: Settings) -> bool:
-    """Return whether a bootstrap broker replies to a metadata request in time.
+async def _broker_replies(
+    settings: Settings, partitions: Sequence[TopicPartition] = ()
+) -> tuple[bool, dict[tuple[str, int], int]]:
+    """Return whether a bootstrap broker replies in time, and the end offsets of ``partitions``.
 
     A TCP connection alone is not enough: the kernel accepts connections
     for a broker process that is frozen. The probe runs in a thread with
     an event loop of its own, so that a long recomputation of lists, which
-    blocks the worker's loop for a while, does not time it out.
+    blocks the worker's loop for a while, does not time it out. End offsets
+    that the broker did not give in time are left out.
     """
-    return await asyncio.to_thread(asyncio.run, _probe_brokers(settings))
+    return await asyncio.to_thread(asyncio.run, _probe_brokers(settings, partitions))
 
 
-async def _probe_brokers(settings: Settings) -> bool:
+async def _probe_brokers(
+    settings: Settings, partitions: Sequence[TopicPartition]
+) -> tuple[bool, dict[tuple[str, int], int]]:
     client = AIOKafkaClient(
         bootstrap_servers=settings.kafka_bootstrap,
         request_timeout_ms=int(_BROKER_PROBE_TIMEOUT_S * 1000),
@@ -1855,10 +1872,35 @@ async def _probe_brokers(settings: Settings) -> bool:
     try:
         await asyncio.wait_for(client.bootstrap(), _BROKER_PROBE_TIMEOUT_S)
     except (KafkaError, OSError, TimeoutError):
-        return False
+        return False, {}
     finally:
         await client.close()
-    return True
+    if not partitions:
+        return True, {}
+    return True, await _end_offsets(settings, partitions)
+
+
+async def _end_offsets(
+    settings: Settings, partitions: Sequence[TopicPartition]
+) -> dict[tuple[str, int], int]:
+    """Return the end offset of each of ``partitions``, or none after an error or a timeout."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        request_timeout_ms=int(_BROKER_PROBE_TIMEOUT_S * 1000),
+        **client_options(settings),
+    )
+    try:
+        await asyncio.wait_for(consumer.start(), _BROKER_PROBE_TIMEOUT_S)
+        ends = await asyncio.wait_for(
+            consumer.end_offsets(list(partitions)), _BROKER_PROBE_TIMEOUT_S
+        )
+    except (KafkaError, OSError, TimeoutError) as exc:
+        logger.debug("end offsets not read at the broker probe: %r", exc)
+        return {}
+    finally:
+        await consumer.stop()
+    return {(tp.topic, tp.partition): int(end) for tp, end in ends.items()}
 
 
 def _messages(events: Sequence[Any]) -> list[Message]:

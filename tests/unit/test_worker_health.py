@@ -313,11 +313,11 @@ def test_broker_probe_survives_busy_loop(monkeypatch):
     # The worker's loop is blocked for longer than the probe's time limit,
     # as by a recomputation of thousands of lists. The probe runs on a loop
     # of its own, so it still gets the broker's reply.
-    async def replies_soon(settings: Settings) -> bool:
+    async def replies_soon(settings: Settings, partitions: object) -> tuple[bool, dict]:
         # On the worker's own loop, the held loop would count against the
         # time limit.
         await asyncio.wait_for(asyncio.sleep(0.05), 1.0)
-        return threading.current_thread() is not threading.main_thread()
+        return threading.current_thread() is not threading.main_thread(), {}
 
     monkeypatch.setattr(app_module, "_probe_brokers", replies_soon)
 
@@ -325,6 +325,31 @@ def test_broker_probe_survives_busy_loop(monkeypatch):
         probe = asyncio.create_task(app_module._broker_replies(Settings()))
         await asyncio.sleep(0.01)
         time.sleep(1.5)
-        return await probe
+        reachable, _ = await probe
+        return reachable
 
     assert asyncio.run(run()) is True
+
+
+def test_lag_uses_probed_end_offsets(tmp_path, monkeypatch):
+    # The last fetch saw offset 120, and the producer has gone on to 500
+    # since; the fetched records still wait in the consumer's buffer.
+    worker = _worker(tmp_path, "127.0.0.1:9")
+    tp = TP("events.view", 0)
+    worker.assigned = {tp}
+    worker.processor.offsets[("events.view", 0)] = 100
+    monkeypatch.setattr(worker.app.consumer, "highwater", lambda partition: 120)
+
+    async def probe(settings: Settings, partitions: object) -> tuple[bool, dict]:
+        return True, {("events.view", 0): 500}
+
+    monkeypatch.setattr(app_module, "_probe_brokers", probe)
+
+    worker._update_lag()
+    fetched_only = worker.metrics.lag.labels(topic="events.view", partition="0")._value.get()
+    asyncio.run(worker.check_brokers())
+    worker._update_lag()
+    probed = worker.metrics.lag.labels(topic="events.view", partition="0")._value.get()
+
+    assert fetched_only == 20
+    assert probed == 400
