@@ -4,6 +4,7 @@ import asyncio
 import signal
 import threading
 from collections import Counter
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,6 +15,27 @@ from stream import replay
 from stream.cli import main
 from stream.replay import ReplaySummary
 from stream.settings import Settings
+
+
+def _events(count: int) -> list[Event]:
+    return [Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n) for n in range(count)]
+
+
+def _use_producer(monkeypatch, producer: object) -> None:
+    async def start(settings: Settings, bootstrap: str) -> object:
+        return producer
+
+    async def topics_exist(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(replay, "_start_producer", start)
+    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+
+
+def _jsonl_file(tmp_path: Path, count: int = 50) -> Path:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(event.to_json()) for event in _events(count)) + b"\n")
+    return path
 
 
 def _count_column(lines: list[str], names: list[str]) -> set[int]:
@@ -74,18 +96,10 @@ class _FailingProducer:
 
 
 def _replay(monkeypatch, producer: _FailingProducer, summary: ReplaySummary) -> None:
-    async def start(settings: Settings, bootstrap: str) -> _FailingProducer:
-        return producer
-
-    async def topics_exist(*args: object) -> None:
-        return None
-
-    monkeypatch.setattr(replay, "_start_producer", start)
-    monkeypatch.setattr(replay, "_check_topics", topics_exist)
-    events = [Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n) for n in range(50)]
+    _use_producer(monkeypatch, producer)
     asyncio.run(
         replay.produce_events(
-            events[summary.skip :],
+            _events(50)[summary.skip :],
             Settings(),
             "127.0.0.1:9",
             summary,
@@ -147,11 +161,15 @@ def test_unreachable_broker_json_names_error(monkeypatch, tmp_path, capsys) -> N
 
 
 class _StoppedByUser:
-    """Confirms ``before`` deliveries, then the user sends ``signum`` to the replay."""
+    """Confirms ``before`` deliveries, then the user sends ``signum`` to the replay.
 
-    def __init__(self, before: int, signum: signal.Signals) -> None:
+    With ``again`` the user sends it once more while the producer flushes.
+    """
+
+    def __init__(self, before: int, signum: signal.Signals, *, again: bool = False) -> None:
         self.before = before
         self.signum = signum
+        self.again = again
         self.sent = 0
 
     async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
@@ -164,29 +182,18 @@ class _StoppedByUser:
         return future
 
     async def stop(self) -> None:
-        return None
+        if self.again:
+            self.again = False
+            signal.raise_signal(self.signum)
+            await asyncio.sleep(1)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_reports_resume_point(
     monkeypatch, tmp_path, capsys, signum: signal.Signals, code: int
 ) -> None:
-    producer = _StoppedByUser(before=10, signum=signum)
-
-    async def start(settings: Settings, bootstrap: str) -> _StoppedByUser:
-        return producer
-
-    async def topics_exist(*args: object) -> None:
-        return None
-
-    monkeypatch.setattr(replay, "_start_producer", start)
-    monkeypatch.setattr(replay, "_check_topics", topics_exist)
-    path = tmp_path / "events.jsonl"
-    lines = [
-        orjson.dumps(Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n).to_json())
-        for n in range(50)
-    ]
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    _use_producer(monkeypatch, _StoppedByUser(before=10, signum=signum))
+    path = _jsonl_file(tmp_path)
 
     exit_code = main(
         ["replay", str(path), "--format", "jsonl", "--skip", "5", "--json", "--no-progress"]
@@ -227,15 +234,7 @@ def test_resend_within_dedup_window(monkeypatch) -> None:
     # One event an hour, as in a sparse purchase file: 60 events span more
     # than the worker's de-duplication window of event time (26 h).
     producer = _FirstDeliveryFailsLate()
-
-    async def start(settings: Settings, bootstrap: str) -> _FirstDeliveryFailsLate:
-        return producer
-
-    async def topics_exist(*args: object) -> None:
-        return None
-
-    monkeypatch.setattr(replay, "_start_producer", start)
-    monkeypatch.setattr(replay, "_check_topics", topics_exist)
+    _use_producer(monkeypatch, producer)
     hour = 3_600_000
     events = [
         Event(f"e{n}", "purchase", f"u{n}", "i1", 1_700_000_000_000 + n * hour) for n in range(60)
@@ -260,52 +259,9 @@ def test_resend_within_dedup_window(monkeypatch) -> None:
     assert newest_ms - events[0].timestamp_ms <= settings.dedup_window_s * 1000
 
 
-def _events(count: int) -> list[Event]:
-    return [Event(f"e{n}", "view", f"u{n % 3}", "i1", 1_700_000_000_000 + n) for n in range(count)]
-
-
-class _SignalledTwice:
-    """Confirms ``before`` deliveries, then gets SIGTERM, and SIGTERM again while it stops."""
-
-    def __init__(self, before: int) -> None:
-        self.before = before
-        self.sent = 0
-        self.stops = 0
-
-    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
-        if self.sent == self.before:
-            signal.raise_signal(signal.SIGTERM)
-            await asyncio.sleep(5)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        self.sent += 1
-        return future
-
-    async def stop(self) -> None:
-        self.stops += 1
-        if self.stops == 1:
-            # An impatient operator or a supervisor sends the signal again
-            # while the producer flushes.
-            signal.raise_signal(signal.SIGTERM)
-            await asyncio.sleep(1)
-
-
-def _use_producer(monkeypatch, producer: object) -> None:
-    async def start(settings: Settings, bootstrap: str) -> object:
-        return producer
-
-    async def topics_exist(*args: object) -> None:
-        return None
-
-    monkeypatch.setattr(replay, "_start_producer", start)
-    monkeypatch.setattr(replay, "_check_topics", topics_exist)
-
-
 def test_second_sigterm_keeps_resume_point(monkeypatch, tmp_path, capsys) -> None:
-    _use_producer(monkeypatch, _SignalledTwice(before=10))
-    path = tmp_path / "events.jsonl"
-    lines = [orjson.dumps(event.to_json()) for event in _events(50)]
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    _use_producer(monkeypatch, _StoppedByUser(before=10, signum=signal.SIGTERM, again=True))
+    path = _jsonl_file(tmp_path)
 
     code = main(
         ["replay", str(path), "--format", "jsonl", "--skip", "5", "--json", "--no-progress"]
