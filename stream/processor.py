@@ -26,6 +26,7 @@ import orjson
 
 from models.engine import Recommender
 from schemas import (
+    MAX_ID_LENGTH,
     Event,
     RecommendationList,
     RecommendedItem,
@@ -73,6 +74,12 @@ _USER_ID_IN_TEXT = re.compile(
 # Keys shorter than this are not searched for in the text of a payload,
 # because replacing every "7" or "42" would garble it.
 _MIN_KEY_TO_REDACT = 3
+# A valid id has at most MAX_ID_LENGTH characters of up to 4 bytes each, so
+# a longer key or user_id value is nobody's id. Searching a letter for it
+# would cost time in proportion to its length on the worker's event loop.
+# Such a value is not hidden, and a dead letter keeps at most this many
+# bytes of a key.
+_MAX_ID_BYTES = 4 * MAX_ID_LENGTH
 # User ids shorter than this are replaced only where they form a whole word.
 _WORD_ID_LENGTH = 8
 # Marks a state whose session ids are keyed hashes from Processor.session_token.
@@ -645,11 +652,14 @@ class Processor:
         return self._dead_letter(message, SchemaError(f"{stage}_failed", detail), now_ms)
 
     def _redact_key(self, message: Message, user_ids: list[str]) -> bytes:
-        text = (message.key or b"").decode("utf-8", "replace")
+        key = message.key or b""
+        text = key.decode("utf-8", "replace")
         # An item update is keyed by its item id, but an event sent to the
-        # item topic by mistake is keyed by its user id.
+        # item topic by mistake is keyed by its user id. A key longer than
+        # any id is cut, so that the letter stays far below the producer's
+        # size limit.
         if message.topic == self.settings.topic(ITEMS_TOPIC) and text not in user_ids:
-            return message.key or b""
+            return key[:_MAX_ID_BYTES]
         return self.pseudonymize(text).encode()
 
     def _parsed_value(self, message: Message) -> Any:
@@ -688,7 +698,8 @@ class Processor:
                     break
                 found.add(match.group(4).decode("utf-8", "replace"))
         # Replacing every "7" or "42" would garble the text.
-        return sorted((u for u in found if len(u) >= _MIN_KEY_TO_REDACT), key=len, reverse=True)
+        hidden = (u for u in found if _MIN_KEY_TO_REDACT <= len(u) <= _MAX_ID_BYTES)
+        return sorted(hidden, key=len, reverse=True)
 
     def _redacted_payload(
         self, message: Message, parsed: Any, user_ids: list[str]
@@ -739,7 +750,7 @@ class Processor:
     def _user_key(self, message: Message) -> str | None:
         """Return the message key as the user id to hide, or None when it is no user's id."""
         key = message.key
-        if not key or len(key) < _MIN_KEY_TO_REDACT:
+        if not key or not _MIN_KEY_TO_REDACT <= len(key) <= _MAX_ID_BYTES:
             return None
         if message.topic == self.settings.topic(ITEMS_TOPIC):
             return None

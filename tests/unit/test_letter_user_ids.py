@@ -2,6 +2,7 @@
 
 import orjson
 
+from stream import processor as processor_module
 from stream.privacy import Pseudonymizer
 from stream.processor import _PAYLOAD_PREVIEW, Message, Processor
 from stream.settings import Settings
@@ -115,3 +116,44 @@ def test_cut_inside_ascii_id_is_hidden():
     outcome = processor.process_events([Message("events.view", 0, 0, encoded, raw)])
     payload = orjson.loads(outcome.dead_letters[0][1])["payload"]
     assert "Juergen" not in payload
+
+
+def test_huge_item_key_cut_in_letter():
+    # The broker takes a key of about 1 MB, and more when compressed.
+    processor = _processor()
+    value = orjson.dumps({"item_id": "i1", "timestamp": NOW_MS, "price": 5})
+    message = Message("items.updates", 0, 0, b"k" * 1_000_200, value)
+
+    outcome = processor.process_item_updates([message])
+
+    key, letter = outcome.dead_letters[0]
+    assert orjson.loads(letter)["reason"] == "key_mismatch"
+    assert key is not None
+    assert len(key) <= 1024
+    assert len(letter) < 10_000
+
+
+def test_huge_event_keys_not_searched(monkeypatch):
+    # Searching a letter for a key of 1 MB took about 1.5 s on the event loop.
+    processor = _processor()
+    searched: list[int] = []
+    real_pattern = processor_module._whole_id_pattern
+
+    def recording(user_id):
+        searched.append(len(user_id))
+        return real_pattern(user_id)
+
+    monkeypatch.setattr(processor_module, "_whole_id_pattern", recording)
+    messages = [
+        Message("events.view", 0, n, b"%03d" % n + b"k" * 1_000_000, orjson.dumps(_event()))
+        for n in range(3)
+    ]
+
+    outcome = processor.process_events(messages)
+
+    assert len(outcome.dead_letters) == 3
+    assert max(searched) <= 1024
+    for key, letter in outcome.dead_letters:
+        assert key is not None
+        assert len(key) < 100
+        assert b"alice" not in letter
