@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from faust.types import TP
 from faust.web import Request, Response, View
 from redis.exceptions import RedisError
@@ -109,6 +109,13 @@ class BrokerUnreachableError(RuntimeError):
 
 # How long a starting worker waits for its broker, as when both start together.
 _START_WAIT_S = 60.0
+
+
+# The note that replaces the payload of a dead letter too large for the
+# dead-letter topic, and the lengths of detail and key that it keeps then.
+_PAYLOAD_LEFT_OUT = "<left out: the letter was too large for the dead-letter topic>"
+_SHRUNK_DETAIL_CHARS = 512
+_SHRUNK_KEY_BYTES = 256
 
 
 @dataclass(slots=True)
@@ -1287,13 +1294,15 @@ class Worker:
                 if letter.delivery is not None or seq not in self.dead_letters:
                     continue
                 try:
-                    sending = await self.deadletter_topic.send(key=letter.key, value=letter.value)
+                    sending = await self._send_letter(seq, letter)
                 except Exception as exc:  # noqa: BLE001 - the letters stay queued for the next try
                     self.metrics.errors.labels(kind="dead_letter_send").inc()
                     logger.warning(
                         "dead letters not handed to the producer (%r), so they stay queued", exc
                     )
                     return
+                if sending is None:
+                    continue
                 letter.delivery = asyncio.ensure_future(sending)
                 letter.delivery.add_done_callback(self._wake_letter_sender)
 
@@ -1305,7 +1314,10 @@ class Worker:
                 delivery = letter.delivery
                 if delivery is None or not delivery.done():
                     continue
-                if delivery.cancelled() or delivery.exception() is not None:
+                error = None if delivery.cancelled() else delivery.exception()
+                if isinstance(error, MessageSizeTooLargeError):
+                    self._shrink_letter(seq, letter, error)
+                elif delivery.cancelled() or error is not None:
                     letter.delivery = None
                     failed += 1
                 else:
@@ -1314,6 +1326,57 @@ class Worker:
             self.metrics.errors.labels(kind="dead_letter_send").inc(failed)
             logger.warning("%d dead letters not delivered, so they are queued again", failed)
         return failed
+
+    async def _send_letter(self, seq: int, letter: _Letter) -> Awaitable[Any] | None:
+        """Hand ``letter`` to the producer; return its delivery, or None once it is dropped.
+
+        A letter that the producer refuses as too large can never be sent as
+        it is, and the others must not wait behind it, so it is sent again
+        at once without its payload.
+        """
+        while seq in self.dead_letters:
+            try:
+                return await self.deadletter_topic.send(key=letter.key, value=letter.value)
+            except MessageSizeTooLargeError as exc:
+                self._shrink_letter(seq, letter, exc)
+        return None
+
+    def _shrink_letter(self, seq: int, letter: _Letter, error: Exception) -> None:
+        """Queue ``letter`` again without its payload, or drop it if it had none.
+
+        The producer or the topic refused it as too large. The letters that
+        the worker writes stay far below the producer's default limit of
+        1,000,000 bytes, so this happens only where the dead-letter topic's
+        max.message.bytes is set lower.
+        """
+        record = orjson.loads(letter.value)
+        source = record.get("source", {})
+        where = f"{source.get('topic')}[{source.get('partition')}]@{source.get('offset')}"
+        if record.get("payload") == _PAYLOAD_LEFT_OUT:
+            del self.dead_letters[seq]
+            self.metrics.errors.labels(kind="dead_letter_dropped").inc()
+            logger.error(
+                "the dead letter of %s (%s) is too large for topic %s even without its "
+                "payload (%r), so it is dropped; raise the topic's max.message.bytes",
+                where,
+                record.get("reason"),
+                self.deadletter_topic.get_topic_name(),
+                error,
+            )
+            return
+        record["payload"] = _PAYLOAD_LEFT_OUT
+        record["detail"] = record["detail"][:_SHRUNK_DETAIL_CHARS]
+        letter.value = orjson.dumps(record)
+        letter.key = None if letter.key is None else letter.key[:_SHRUNK_KEY_BYTES]
+        letter.delivery = None
+        self.metrics.errors.labels(kind="dead_letter_too_large").inc()
+        logger.warning(
+            "the dead letter of %s is too large for topic %s (%r); it is sent again "
+            "without its payload",
+            where,
+            self.deadletter_topic.get_topic_name(),
+            error,
+        )
 
     def _drop_letters_of_forgotten(self) -> None:
         """Drop the queued dead letters of every user named by a forget request.

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 import orjson
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.types import TP
 
 from stream.app import Worker
@@ -23,9 +23,10 @@ class _Topic:
     ``hang`` (the send waits for metadata that never comes).
     """
 
-    def __init__(self, *outcomes: str) -> None:
+    def __init__(self, *outcomes: str, max_bytes: int = 1_000_000) -> None:
         self.outcomes = list(outcomes)
         self.delivered: list[bytes] = []
+        self.max_bytes = max_bytes
 
     def get_topic_name(self) -> str:
         return "events.deadletter"
@@ -34,6 +35,8 @@ class _Topic:
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome == "raise":
             raise KafkaTimeoutError("no metadata for the topic")
+        if len(value) > self.max_bytes:
+            raise MessageSizeTooLargeError(f"{len(value)} bytes")
         if outcome == "hang":
             await asyncio.sleep(3600)
         delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -388,3 +391,50 @@ def test_letters_of_user_named_by_registry_dropped(tmp_path, monkeypatch):
     asyncio.run(worker._merge_registry())
 
     assert _queued(worker) == [b"b"]
+
+
+def _letter(detail: str, payload: object) -> bytes:
+    record = {
+        "reason": "key_mismatch",
+        "detail": detail,
+        "field": None,
+        "source": {"topic": "items.updates", "partition": 0, "offset": 7},
+        "received_at": 1,
+        "payload": payload,
+    }
+    return orjson.dumps(record)
+
+
+def test_too_large_letter_sent_without_payload(tmp_path, monkeypatch):
+    # The dead-letter topic takes at most 2,000 bytes per message here.
+    topic = _Topic(max_bytes=2000)
+    worker = _worker(tmp_path, monkeypatch, topic)
+    big = _letter("key differs", {"title": "x" * 5000})
+    worker.queue_dead_letters([(b"k" * 3000, big), (None, b"small")])
+
+    delivered = asyncio.run(worker.deliver_dead_letters(1.0))
+
+    assert delivered is True
+    assert worker.dead_letters == {}
+    (shrunk,) = [orjson.loads(value) for value in topic.delivered if value != b"small"]
+    assert shrunk["payload"].startswith("<left out")
+    assert shrunk["detail"] == "key differs"
+    assert shrunk["source"]["offset"] == 7
+    assert b"small" in topic.delivered
+    assert _errors(worker, "dead_letter_too_large") == 1
+
+
+def test_letter_too_large_without_payload_dropped(tmp_path, monkeypatch):
+    topic = _Topic(max_bytes=300)
+    worker = _worker(tmp_path, monkeypatch, topic)
+    worker.queue_dead_letters([(None, _letter("d" * 2000, "p")), (None, b"small")])
+
+    async def run() -> None:
+        await worker.deliver_dead_letters(1.0)
+        await worker.deliver_dead_letters(1.0)
+
+    asyncio.run(run())
+
+    assert topic.delivered == [b"small"]
+    assert worker.dead_letters == {}
+    assert _errors(worker, "dead_letter_dropped") == 1
