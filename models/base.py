@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ OLDEST_MS = -(2**63)
 _MAX_DECAY_EXPONENT = 60.0
 # The smallest value that a rescale leaves the largest decayed score at.
 _MIN_RESCALED = 1e-250
+# The lowest multiplier exponent of an event older than the reference time,
+# so that an event over about a thousand half-lives older than the newest
+# one still adds a positive amount: a full 2 ** -1075 would round to 0.
+_MIN_DECAY_EXPONENT = math.log2(_MIN_RESCALED)
 
 
 class ModelError(ValueError):
@@ -300,7 +305,10 @@ class DecayedScores:
         if exponent.max() > _MAX_DECAY_EXPONENT:
             self._rescale(int(times.max()))
             exponent = (times.astype(np.float64) - self.reference_ms) / self.half_life_ms
-        amounts = weights * np.exp2(exponent)
+        # A backfill of old events after live traffic must still rank its
+        # items behind the new ones, not drop them, so the multiplier stops
+        # at a floor. Items older than that floor rank by their counts.
+        amounts = weights * np.exp2(np.maximum(exponent, _MIN_DECAY_EXPONENT))
         # A score is clamped at 0 right after each subtraction, as if the
         # events came one by one. Clamping once after the whole batch would
         # let a refund larger than the score cancel later events of the batch.

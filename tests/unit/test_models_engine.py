@@ -705,6 +705,19 @@ def test_popular_list_full_after_backfill_gap() -> None:
     assert ids == ["fresh"] + [f"i{item}" for item in range(29, 10, -1)]
 
 
+def test_popular_list_full_after_late_backfill() -> None:
+    # Live traffic first, then a backfill of events nine years older.
+    engine = Recommender()
+    engine.learn([Event("live", "view", "now", "fresh", T0 + 9 * 365 * 86_400_000)])
+    old = [Event(f"old{n}", "view", f"u{n}", f"i{n % 5}", T0 + n) for n in range(15)]
+    engine.learn(old)
+
+    ids = [entry.item_id for entry in engine.popular(6)]
+
+    assert ids[0] == "fresh"
+    assert sorted(ids[1:]) == [f"i{item}" for item in range(5)]
+
+
 def test_decayed_scores_never_negative() -> None:
     scores = DecayedScores(half_life_ms=1000)
     scores.add(np.array([0, 0]), np.array([1.0, -5.0]), np.array([0, 0]))
