@@ -517,6 +517,12 @@ def _iso_to_millis(text: str, field: str) -> int:
             "expected ISO 8601 with an offset such as +00:00 or Z"
         )
         raise SchemaError("invalid_timestamp", msg, field)
+    if text.isascii() and text.lstrip("-").isdigit():
+        msg = (
+            f"{field} {_shown(text)} is a string of digits; expected epoch milliseconds "
+            "as a JSON number, or an ISO 8601 date-time such as 2024-05-01T10:00:00+02:00"
+        )
+        raise SchemaError("invalid_timestamp", msg, field)
     if not _ISO_DATE_TIME.match(text):
         msg = (
             f"{field} {_shown(text)} is not an ISO 8601 date-time; "

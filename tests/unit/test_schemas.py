@@ -441,6 +441,17 @@ def test_impossible_date_time_detail_says_expected(timestamp):
     assert "expected" in caught.value.detail
 
 
+def test_digit_string_timestamp_detail():
+    # A producer that quotes epoch milliseconds sends a string of digits.
+    event = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1"}
+    raw = orjson.dumps(event | {"timestamp": "1700000000000"})
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == "invalid_timestamp"
+    assert "string of digits" in caught.value.detail
+    assert "epoch milliseconds as a JSON number" in caught.value.detail
+
+
 def test_early_iso_timestamp_detail_fits_text():
     # An ISO date-time before 2000 is no epoch-seconds mix-up, so the hint
     # about seconds does not fit it.
