@@ -111,9 +111,9 @@ class BrokerUnreachableError(RuntimeError):
 _START_WAIT_S = 60.0
 
 
-# The note that replaces the payload of a dead letter too large for the
-# dead-letter topic, and the lengths of detail and key that it keeps then.
-_PAYLOAD_LEFT_OUT = "<left out: the letter was too large for the dead-letter topic>"
+# The note that replaces the payload of a dead letter larger than the
+# producer's request limit, and the lengths of detail and key it keeps then.
+_PAYLOAD_LEFT_OUT = "<left out: the letter was larger than the producer takes>"
 _SHRUNK_DETAIL_CHARS = 512
 _SHRUNK_KEY_BYTES = 256
 
@@ -127,6 +127,16 @@ class _Letter:
     # Wall-clock time when the letter was first queued, kept over restarts.
     queued_at: float
     delivery: asyncio.Future[Any] | None = None
+
+
+def _too_large(error: BaseException) -> bool:
+    """Tell whether ``error``, or an error that caused it, says a message is too large."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MessageSizeTooLargeError):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _partition_names(tps: list[TopicPartition]) -> str:
@@ -1314,10 +1324,7 @@ class Worker:
                 delivery = letter.delivery
                 if delivery is None or not delivery.done():
                     continue
-                error = None if delivery.cancelled() else delivery.exception()
-                if isinstance(error, MessageSizeTooLargeError):
-                    self._shrink_letter(seq, letter, error)
-                elif delivery.cancelled() or error is not None:
+                if delivery.cancelled() or delivery.exception() is not None:
                     letter.delivery = None
                     failed += 1
                 else:
@@ -1330,25 +1337,30 @@ class Worker:
     async def _send_letter(self, seq: int, letter: _Letter) -> Awaitable[Any] | None:
         """Hand ``letter`` to the producer; return its delivery, or None once it is dropped.
 
-        A letter that the producer refuses as too large can never be sent as
-        it is, and the others must not wait behind it, so it is sent again
-        at once without its payload.
+        A letter larger than the producer's request limit can never be sent
+        as it is, and the others must not wait behind it, so it is sent
+        again at once without its payload. Faust's producer reports that
+        limit as a ProducerSendError caused by MessageSizeTooLargeError.
         """
         while seq in self.dead_letters:
             try:
                 return await self.deadletter_topic.send(key=letter.key, value=letter.value)
-            except MessageSizeTooLargeError as exc:
+            except Exception as exc:
+                if not _too_large(exc):
+                    raise
                 self._shrink_letter(seq, letter, exc)
         return None
 
     def _shrink_letter(self, seq: int, letter: _Letter, error: Exception) -> None:
         """Queue ``letter`` again without its payload, or drop it if it had none.
 
-        The producer or the topic refused it as too large. The letters that
-        the worker writes stay far below the producer's default limit of
-        1,000,000 bytes, so this happens only where the dead-letter topic's
-        max.message.bytes is set lower.
+        The producer refused it as larger than its request limit of
+        1,000,000 bytes. The letters that this worker writes stay far below
+        that, but a checkpoint of an earlier version may carry larger ones.
+        A letter that a forget request dropped meanwhile is left alone.
         """
+        if seq not in self.dead_letters:
+            return
         record = orjson.loads(letter.value)
         source = record.get("source", {})
         where = f"{source.get('topic')}[{source.get('partition')}]@{source.get('offset')}"
@@ -1356,11 +1368,10 @@ class Worker:
             del self.dead_letters[seq]
             self.metrics.errors.labels(kind="dead_letter_dropped").inc()
             logger.error(
-                "the dead letter of %s (%s) is too large for topic %s even without its "
-                "payload (%r), so it is dropped; raise the topic's max.message.bytes",
+                "the dead letter of %s (%s) is larger than the producer's request limit "
+                "even without its payload (%r), so it is dropped",
                 where,
                 record.get("reason"),
-                self.deadletter_topic.get_topic_name(),
                 error,
             )
             return
@@ -1371,10 +1382,9 @@ class Worker:
         letter.delivery = None
         self.metrics.errors.labels(kind="dead_letter_too_large").inc()
         logger.warning(
-            "the dead letter of %s is too large for topic %s (%r); it is sent again "
-            "without its payload",
+            "the dead letter of %s is larger than the producer's request limit (%r); "
+            "it is sent again without its payload",
             where,
-            self.deadletter_topic.get_topic_name(),
             error,
         )
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import orjson
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from faust.types import TP
 
 from stream.app import Worker
@@ -36,7 +37,14 @@ class _Topic:
         if outcome == "raise":
             raise KafkaTimeoutError("no metadata for the topic")
         if len(value) > self.max_bytes:
-            raise MessageSizeTooLargeError(f"{len(value)} bytes")
+            # Faust's aiokafka driver wraps the producer's error.
+            cause = MessageSizeTooLargeError(f"{len(value)} bytes")
+            raise ProducerSendError(f"Error while sending: {cause!r}") from cause
+        if outcome == "batch too large":
+            # The broker refuses a whole batch larger than the topic takes.
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(MessageSizeTooLargeError())
+            return failed
         if outcome == "hang":
             await asyncio.sleep(3600)
         delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -406,7 +414,7 @@ def _letter(detail: str, payload: object) -> bytes:
 
 
 def test_too_large_letter_sent_without_payload(tmp_path, monkeypatch):
-    # The dead-letter topic takes at most 2,000 bytes per message here.
+    # The producer takes at most 2,000 bytes per message here.
     topic = _Topic(max_bytes=2000)
     worker = _worker(tmp_path, monkeypatch, topic)
     big = _letter("key differs", {"title": "x" * 5000})
@@ -438,3 +446,22 @@ def test_letter_too_large_without_payload_dropped(tmp_path, monkeypatch):
     assert topic.delivered == [b"small"]
     assert worker.dead_letters == {}
     assert _errors(worker, "dead_letter_dropped") == 1
+
+
+def test_batch_refused_by_topic_keeps_letters_whole(tmp_path, monkeypatch):
+    # Each letter fits alone, but the broker refused the batch they shared.
+    topic = _Topic("batch too large", "batch too large")
+    worker = _worker(tmp_path, monkeypatch, topic)
+    letters = [_letter("key differs", "x" * 100), _letter("key differs", "y" * 100)]
+    worker.queue_dead_letters([(None, value) for value in letters])
+
+    async def run() -> tuple[bool, bool]:
+        first = await worker.deliver_dead_letters(1.0)
+        return first, await worker.deliver_dead_letters(1.0)
+
+    first, second = asyncio.run(run())
+
+    assert first is False
+    assert second is True
+    assert topic.delivered == letters
+    assert _errors(worker, "dead_letter_dropped") == 0
