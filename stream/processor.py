@@ -75,11 +75,14 @@ _USER_ID_IN_TEXT = re.compile(
 # because replacing every "7" or "42" would garble it.
 _MIN_KEY_TO_REDACT = 3
 # A valid id has at most MAX_ID_LENGTH characters of up to 4 bytes each, so
-# a longer key or user_id value is nobody's id. Searching a letter for it
-# would cost time in proportion to its length on the worker's event loop.
-# Such a value is not hidden, and a dead letter keeps at most this many
-# bytes of a key.
+# a longer key is nobody's id. Searching a letter for it would cost time in
+# proportion to its length on the worker's event loop, so such a key is not
+# hidden, and a dead letter keeps at most this many bytes of it.
 _MAX_ID_BYTES = 4 * MAX_ID_LENGTH
+# The longest form of a valid id in the text of a message: each character
+# written as JSON escapes, two of 6 characters for one outside the BMP. A
+# longer user_id value is not hidden, for the same reason.
+_MAX_ID_TEXT = 12 * MAX_ID_LENGTH
 # User ids shorter than this are replaced only where they form a whole word.
 _WORD_ID_LENGTH = 8
 # Marks a state whose session ids are keyed hashes from Processor.session_token.
@@ -698,7 +701,7 @@ class Processor:
                     break
                 found.add(match.group(4).decode("utf-8", "replace"))
         # Replacing every "7" or "42" would garble the text.
-        hidden = (u for u in found if _MIN_KEY_TO_REDACT <= len(u) <= _MAX_ID_BYTES)
+        hidden = (u for u in found if _MIN_KEY_TO_REDACT <= len(u) <= _MAX_ID_TEXT)
         return sorted(hidden, key=len, reverse=True)
 
     def _redacted_payload(

@@ -157,3 +157,18 @@ def test_huge_event_keys_not_searched(monkeypatch):
         assert key is not None
         assert len(key) < 100
         assert b"alice" not in letter
+
+
+def test_long_escaped_id_hidden_as_text():
+    # A valid id of 172 characters is 1,032 characters once each one is
+    # written as a \uXXXX escape, longer than any key of a valid id.
+    user = "customer-" + "a" * 163
+    escaped = "".join(f"\\u{ord(char):04x}" for char in user)
+    # The text ends early, so it is no JSON and is searched as text.
+    value = f'{{"user_id": "{escaped}", "note": "{escaped}", '.encode()
+    processor = _processor()
+
+    outcome = processor.process_events([Message("events.view", 0, 0, None, value)])
+
+    payload = orjson.loads(outcome.dead_letters[0][1])["payload"]
+    assert escaped[:60] not in payload
