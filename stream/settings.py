@@ -39,6 +39,18 @@ class Service(enum.Flag):
     ALL = KAFKA | REDIS
 
 
+# The settings that belong to one service, checked only for commands that
+# connect to it.
+_SERVICE_FIELDS: dict[Service, frozenset[str]] = {
+    Service.KAFKA: frozenset(
+        {"kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mechanism"}
+    ),
+    Service.REDIS: frozenset(
+        {"redis_url", "redis_key_by", "ttl_s", "redis_write_batch", "redis_retry_max_s"}
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Effective configuration of a worker, replay or reader process."""
@@ -118,12 +130,21 @@ class Settings:
         runs whatever ``FUSIONREC_REDIS_URL`` contains.
         """
         env = os.environ if environ is None else environ
+        unchecked = frozenset().union(
+            *(names for service, names in _SERVICE_FIELDS.items() if service not in services)
+        )
         values: dict[str, Any] = {}
         for spec in fields(cls):
             name = PREFIX + spec.name.upper()
             if name not in env:
                 continue
-            values[spec.name] = _convert(name, env[name], spec.default)
+            try:
+                values[spec.name] = _convert(name, env[name], spec.default)
+            except SettingsError:
+                # A number that does not parse, for a service the command
+                # never connects to, keeps its default.
+                if spec.name not in unchecked:
+                    raise
         settings = cls(**values)
         settings.validate(services)
         return settings

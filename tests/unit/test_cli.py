@@ -458,3 +458,10 @@ def test_recs_table_shows_out_of_range_computed_at(
         " model_version=v"
     )
     assert "Traceback" not in captured.err
+
+
+def test_topics_runs_with_unparsed_redis_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `topics` never connects to Redis, so a Redis setting does not stop it.
+    monkeypatch.setenv("FUSIONREC_TTL_S", "abc")
+
+    assert main(["topics"]) == 0
