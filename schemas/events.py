@@ -30,8 +30,8 @@ MAX_MESSAGE_BYTES: Final = 16_384
 # 2000-01-01T00:00:00Z: no shop event is older, and epoch seconds sent by
 # mistake for milliseconds land before it and are caught.
 MIN_TIMESTAMP_MS: Final = 946_684_800_000
-# 3000-01-01T00:00:00Z, the schema's upper bound; the worker also rejects
-# events more than a configured skew ahead of its clock.
+# 3000-01-01T00:00:00Z, the schema's exclusive upper bound; the worker also
+# rejects events more than a configured skew ahead of its clock.
 MAX_TIMESTAMP_MS: Final = 32_503_680_000_000
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -237,7 +237,7 @@ def _timestamp_out_of_range(text: str) -> SchemaError:
         )
         return SchemaError("timestamp_too_old", msg, "timestamp")
     msg = (
-        f"timestamp {_cut(text)} is after the year 3000; "
+        f"timestamp {_cut(text)} is in the year 3000 or later; "
         "expected an earlier time in epoch milliseconds"
     )
     return SchemaError("timestamp_in_future", msg, "timestamp")
@@ -498,11 +498,12 @@ def parse_timestamp(value: object, field: str = "timestamp") -> int:
             expected = "a later time in epoch milliseconds, not seconds"
         msg = f"{field} {_shown(value)} is before 2000-01-01; expected {expected}"
         raise SchemaError("timestamp_too_old", msg, field)
-    if millis > MAX_TIMESTAMP_MS:
-        msg = (
-            f"{field} {_shown(value)} is after the year 3000; "
-            "expected an earlier time in epoch milliseconds"
-        )
+    if millis >= MAX_TIMESTAMP_MS:
+        if isinstance(value, str):
+            expected = "a time before 3000-01-01T00:00:00Z"
+        else:
+            expected = "an earlier time in epoch milliseconds"
+        msg = f"{field} {_shown(value)} is in the year 3000 or later; expected {expected}"
         raise SchemaError("timestamp_in_future", msg, field)
     return millis
 

@@ -159,7 +159,7 @@ _SURROGATE_TITLE = dumps(event(title="caf"))[:-2] + b'\\udce9"}'
             dumps(event(timestamp=0)).replace(b'"timestamp":0', b'"timestamp":1' + b"0" * 400),
             "timestamp_in_future",
             "timestamp",
-            "after the year 3000",
+            "in the year 3000 or later",
         ),
         (b'{"event_id":"e","price":[1,NaN]}', "not_finite", "price", "contains NaN"),
         (_SURROGATE_TITLE, "lone_surrogate", "title", "\\udce9"),
@@ -471,3 +471,22 @@ def test_huge_quantity_detail_shows_value_sent():
         decode_event(raw)
     assert caught.value.reason == "invalid_quantity"
     assert "quantity 1e+30 is beyond" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [32_503_680_000_000, "3000-01-01T00:00:00Z", "2999-12-31T23:30:00-01:00"],
+    ids=["millis", "iso", "iso with offset"],
+)
+def test_year_3000_timestamp_rejected(timestamp):
+    raw = orjson.dumps(
+        {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1", "timestamp": timestamp}
+    )
+    with pytest.raises(SchemaError) as caught:
+        decode_event(raw)
+    assert caught.value.reason == "timestamp_in_future"
+    if isinstance(timestamp, str):
+        assert "before 3000-01-01T00:00:00Z" in caught.value.detail
+    errors = list(validator("event.schema.json").iter_errors(orjson.loads(raw)))
+    if isinstance(timestamp, int):
+        assert errors
