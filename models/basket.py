@@ -26,7 +26,7 @@ _MAX_DECAY_EXPONENT = 60.0
 
 # Distinct items a session remembers, so that an item seen again in it forms
 # no new pairs. The longest invoice of the Online Retail file with a customer
-# holds 541 distinct items. A longer session forgets all but its latest
+# contains 541 distinct items. A longer session forgets all but its latest
 # items, and an older item seen again then pairs once more.
 _SEEN_LIMIT = 1_000
 

@@ -130,7 +130,7 @@ class _Letter:
 
 
 def _too_large(error: BaseException) -> bool:
-    """Tell whether ``error``, or an error that caused it, says a message is too large."""
+    """Tell whether ``error``, or an error that caused it, reports a message as too large."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, MessageSizeTooLargeError):
@@ -1684,8 +1684,8 @@ class Worker:
         # The high watermark comes with each fetch, and while the worker
         # works through a backlog its fetched records wait in a buffer, so
         # no new fetch brings the end of what was produced since. The
-        # broker probe asks for the end offsets every few seconds, and the
-        # larger of the two is the nearer to the truth.
+        # broker probe requests the end offsets every few seconds, and the
+        # larger of the two ends is the more recent one.
         consumer = self.app.consumer
         for tp in self.assigned:
             try:

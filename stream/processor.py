@@ -79,8 +79,8 @@ _MIN_KEY_TO_REDACT = 3
 # proportion to its length on the worker's event loop, so such a key is not
 # hidden, and a dead letter keeps at most this many bytes of it.
 _MAX_ID_BYTES = 4 * MAX_ID_LENGTH
-# The longest form of a valid id in the text of a message: each character
-# written as JSON escapes, two of 6 characters for one outside the BMP. A
+# Maximum length of a valid id written in the text of a message, with each
+# character as JSON escapes: two of 6 characters for one outside the BMP. A
 # longer user_id value is not hidden, for the same reason.
 _MAX_ID_TEXT = 12 * MAX_ID_LENGTH
 # User ids shorter than this are replaced only where they form a whole word.

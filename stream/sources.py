@@ -138,7 +138,7 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
     Parameters
     ----------
     path
-        The file, or a pipe; a gzip stream is known by its first bytes.
+        The file, or a pipe. A gzip stream is detected by its first bytes.
     fmt
         One of `FORMATS`.
     refunds
@@ -155,7 +155,7 @@ def read_events(path: str | Path, fmt: str, *, refunds: bool = True) -> LoadResu
         msg = f"{path_text} is a directory; expected an event file"
         raise SourceError(msg)
     # A pipe, such as the one of a shell's process substitution, is read as
-    # a file is; only a path that names nothing is missing.
+    # a file is, so only a path that names nothing is missing.
     if not file_path.exists():
         msg = f"no such file: {path_text}"
         raise SourceError(msg)

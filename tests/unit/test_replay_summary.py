@@ -250,8 +250,8 @@ def test_resend_within_dedup_window(monkeypatch) -> None:
         )
 
     # On resuming, the delivered events of the failed batch are sent again.
-    # The batch ended before its events spanned more than the window, so the
-    # worker still holds their ids.
+    # The batch ended before its events spanned more than the window, so
+    # their ids are still in the worker's de-duplication window.
     delivered = events[1 : 1 + summary.produced]
     assert delivered
     assert producer.sent == 1 + summary.produced
