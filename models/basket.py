@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 _MAX_DECAY_EXPONENT = 60.0
 
 
-# Distinct items a session remembers, so that an item seen again in it forms
-# no new pairs. The longest invoice of the Online Retail file with a customer
-# contains 541 distinct items. A longer session forgets all but its latest
-# items, and an older item seen again then pairs once more.
+# Maximum number of distinct items a session remembers, so that an item seen
+# again in it forms no new pairs. No Online Retail invoice with a customer
+# has more than 541. A session past this keeps only its latest items, and an
+# older item seen again then pairs once more.
 _SEEN_LIMIT = 1_000
 
 
